@@ -1,0 +1,126 @@
+"""MD4 forward masking and NELBO, pure functions over a `predict_fn`.
+
+Data x in {0..V-1}^L, mask id m = V. Forward process, per position:
+q(z_t | x) = alpha_t delta(x) + (1 - alpha_t) delta(m). The continuous-time
+NELBO (Shi et al., 2024) is
+
+    NELBO(x) = int_0^1 -w(t) E_q[ sum_{i: z_t^i = m} -log mu(z_t, t)_i[x^i] ] dt
+               + L (1 - alpha_0) log V,
+
+with w = alpha' / (1 - alpha). With T steps, t = i/T (i uniform in 1..T),
+s = t - 1/T and -w(t) is replaced by T (alpha_s - alpha_t) / (1 - alpha_t).
+"""
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from md4 import schedule as schedule_lib
+
+Array = jnp.ndarray
+# predict_fn(z [B, ...] int32 with mask id V, t [B] float32) -> logits [B, ..., V]
+PredictFn = Callable[[Array, Array], Array]
+
+
+def check_tokens(x: Array, vocab_size: int, name: str = "x") -> None:
+  """Raises ValueError for a non-integer x, or values outside [0, V) when concrete."""
+  if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+    raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+  if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+    raise ValueError(f"{name} must hold integer token ids, got dtype {x.dtype}")
+  if jnp.ndim(x) < 2:
+    raise ValueError(f"{name} must have shape [B, L, ...], got {jnp.shape(x)}")
+  if not isinstance(x, jax.core.Tracer):
+    low, high = int(jnp.min(x)), int(jnp.max(x))
+    if low < 0 or high >= vocab_size:
+      raise ValueError(
+          f"{name} has token ids in [{low}, {high}], outside [0, {vocab_size}) "
+          f"(vocab_size={vocab_size}; the mask id {vocab_size} is not data)")
+
+
+def sample_times(rng: Array, batch_size: int, antithetic: bool) -> Array:
+  """t in [0, 1) [B]; antithetic draws t_b = (u + b / B) mod 1."""
+  if antithetic:
+    u = jax.random.uniform(rng, ())
+    return jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
+  return jax.random.uniform(rng, (batch_size,))
+
+
+def mask_tokens(rng: Array, x: Array, alpha: Array, mask_id: int) -> Array:
+  """Forward process: keeps each x with probability alpha [B], else mask_id."""
+  alpha = jnp.reshape(alpha, alpha.shape + (1,) * (x.ndim - alpha.ndim))
+  keep = jax.random.uniform(rng, x.shape) < alpha
+  return jnp.where(keep, x, mask_id).astype(jnp.int32)
+
+
+def token_log_prob(logits: Array, x: Array) -> Array:
+  """log softmax(logits)[x] [...], without keeping a second [..., V] array."""
+  logits = logits.astype(jnp.float32)
+  logit_x = jnp.take_along_axis(logits, x[..., None], axis=-1)[..., 0]
+  return logit_x - jax.nn.logsumexp(logits, axis=-1)
+
+
+def time_weight(sch: schedule_lib.Schedule, t: Array, cont_time: bool,
+                timesteps: int) -> Array:
+  """-w(t) >= 0 in continuous time, T (alpha_s - alpha_t)/(1 - alpha_t) in discrete."""
+  if cont_time:
+    return -sch.weight(t)
+  s = t - 1.0 / timesteps
+  return timesteps * (sch.alpha(s) - sch.alpha(t)) / (1.0 - sch.alpha(t))
+
+
+def discretise(t: Array, timesteps: int) -> Array:
+  """Maps t in [0, 1) to the grid i / T, i in {1..T}."""
+  return (jnp.floor(t * timesteps) + 1.0) / timesteps
+
+
+def reconstruction(sch: schedule_lib.Schedule, num_tokens: int,
+                   vocab_size: int) -> Array:
+  """L (1 - alpha_0) log V: the tokens masked at t = 0, coded uniformly."""
+  return num_tokens * (1.0 - sch.alpha(jnp.float32(0.0))) * math.log(vocab_size)
+
+
+def loss(predict_fn: PredictFn,
+         x: Array,
+         rng: Array,
+         *,
+         schedule: schedule_lib.Schedule,
+         vocab_size: int,
+         cont_time: bool = True,
+         timesteps: int = 1000,
+         antithetic: bool = True) -> tuple[Array, dict[str, Array]]:
+  """Monte-Carlo NELBO of x [B, L, ...] in nats per sequence.
+
+  Returns (nelbo [B], aux) with aux scalars: loss_diffusion, loss_recon,
+  bits_per_token and masked_fraction (batch means).
+  """
+  check_tokens(x, vocab_size)
+  if not cont_time and (not isinstance(timesteps, (int, np.integer)) or timesteps < 1):
+    raise ValueError(f"timesteps must be an int >= 1, got {timesteps!r}")
+  batch_size = x.shape[0]
+  num_tokens = math.prod(x.shape[1:])
+  rng_t, rng_mask = jax.random.split(rng)
+  t = sample_times(rng_t, batch_size, antithetic)
+  if not cont_time:
+    t = discretise(t, timesteps)
+  z = mask_tokens(rng_mask, x, schedule.alpha(t), vocab_size)
+  logits = predict_fn(z, t)
+  if logits.shape != x.shape + (vocab_size,):
+    raise ValueError(f"predict_fn returned logits of shape {logits.shape}, "
+                     f"expected {x.shape + (vocab_size,)}")
+  is_masked = (z == vocab_size)
+  masked_nll = -jnp.where(is_masked, token_log_prob(logits, x), 0.0)
+  masked_nll = masked_nll.reshape(batch_size, -1).sum(axis=-1)
+  loss_diffusion = time_weight(schedule, t, cont_time, timesteps) * masked_nll
+  loss_recon = reconstruction(schedule, num_tokens, vocab_size)
+  nelbo = loss_diffusion + loss_recon
+  aux = {
+      "loss_diffusion": loss_diffusion.mean(),
+      "loss_recon": loss_recon,
+      "bits_per_token": nelbo.mean() / (num_tokens * math.log(2)),
+      "masked_fraction": is_masked.mean(),
+  }
+  return nelbo, aux

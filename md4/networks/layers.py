@@ -1,0 +1,177 @@
+"""Building blocks shared by the image backbones (`unet`, `dit`).
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`);
+the training loop maps them to mesh axes with rules. The names used:
+
+    vocab     token-id rows of the input table and the logit outputs
+    classes   rows of the class-label table (num_classes + 1, last = null)
+    embed     model / conditioning width
+    mlp       hidden width of MLPs and of the adaLN modulation
+    heads     attention heads
+    kv        per-head width
+    conv_in   input channels of a convolution (or 1x1 projection)
+    conv_out  output channels of a convolution (or 1x1 projection)
+    norm      scales and offsets of normalisation layers
+    None      spatial kernel axes and the sinusoidal-frequency axis
+"""
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jnp.ndarray
+Dtype = Any
+
+AXIS_NAMES = ("vocab", "classes", "embed", "mlp", "heads", "kv", "conv_in",
+              "conv_out", "norm")
+
+
+def partitioned(init: Callable, *names: str | None) -> Callable:
+  """`init` whose parameter carries the logical axis `names`."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def default_init(scale: float = 1.0) -> Callable:
+  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+def check_inputs(z: Array, t: Array, label: Array | None, *, vocab_size: int,
+                 num_classes: int) -> None:
+  """Raises ValueError naming the argument for malformed network inputs.
+
+  z int [B, H, W, C] in {0..vocab_size} (vocab_size = mask id), t float [B],
+  label int [B] in {0..num_classes} (num_classes = null id) or None. Value
+  ranges are checked only for concrete (non-traced) arrays.
+  """
+  if not isinstance(num_classes, (int, np.integer)) or num_classes < 0:
+    raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+  if not jnp.issubdtype(jnp.asarray(z).dtype, jnp.integer):
+    raise ValueError(f"z must hold integer token ids, got dtype {z.dtype}")
+  if jnp.ndim(z) != 4:
+    raise ValueError(f"z must have shape [B, H, W, C], got {jnp.shape(z)}")
+  batch_size = z.shape[0]
+  if jnp.shape(t) != (batch_size,):
+    raise ValueError(f"t must have shape [B] = ({batch_size},), got {jnp.shape(t)}")
+  if not isinstance(z, jax.core.Tracer):
+    low, high = int(jnp.min(z)), int(jnp.max(z))
+    if low < 0 or high > vocab_size:
+      raise ValueError(f"z has token ids in [{low}, {high}], outside "
+                       f"[0, {vocab_size}] (mask id {vocab_size})")
+  if label is None:
+    return
+  if num_classes == 0:
+    raise ValueError("label must be None for an unconditional network "
+                     "(num_classes=0)")
+  if not jnp.issubdtype(jnp.asarray(label).dtype, jnp.integer):
+    raise ValueError(f"label must hold integer class ids, got dtype {label.dtype}")
+  if jnp.shape(label) != (batch_size,):
+    raise ValueError(
+        f"label must have shape [B] = ({batch_size},), got {jnp.shape(label)}")
+  if not isinstance(label, jax.core.Tracer):
+    low, high = int(jnp.min(label)), int(jnp.max(label))
+    if low < 0 or high > num_classes:
+      raise ValueError(f"label has ids in [{low}, {high}], outside "
+                       f"[0, {num_classes}] (null id {num_classes})")
+
+
+def timestep_embedding(t: Array, dim: int, scale: float = 1000.0,
+                       max_period: float = 10_000.0) -> Array:
+  """Sinusoidal features [B, dim] of t [B] (t scaled to [0, scale] first)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = scale * t.astype(jnp.float32)[:, None] * freqs[None, :]
+  features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return jnp.pad(features, ((0, 0), (0, dim - 2 * half)))
+
+
+class TokenEmbed(nn.Module):
+  """Embeds each channel's token (table of vocab_size + 1 rows, mask last).
+
+  z int [B, H, W, C] -> [B, H, W, C * features]: the C channel embeddings of a
+  pixel are concatenated, so one table serves every channel.
+  """
+
+  vocab_size: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    table = nn.Embed(
+        self.vocab_size + 1, self.features, dtype=self.dtype,
+        embedding_init=partitioned(nn.initializers.normal(1.0), "vocab", "embed"),
+        name="table")
+    x = table(z)
+    return x.reshape(z.shape[:-1] + (z.shape[-1] * self.features,))
+
+
+class ConditionEmbed(nn.Module):
+  """Time (and class) conditioning vector [B, features].
+
+  sinusoidal(t) -> Dense -> swish -> Dense, plus a learned class embedding
+  when num_classes > 0 (label None means the null class num_classes).
+  """
+
+  features: int
+  frequency_dim: int = 256
+  num_classes: int = 0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: Array, label: Array | None) -> Array:
+    h = timestep_embedding(t, self.frequency_dim).astype(self.dtype)
+    h = nn.Dense(self.features, dtype=self.dtype,
+                 kernel_init=partitioned(default_init(), None, "mlp"),
+                 bias_init=partitioned(nn.initializers.zeros, "mlp"),
+                 name="time_in")(h)
+    h = nn.Dense(self.features, dtype=self.dtype,
+                 kernel_init=partitioned(default_init(), "mlp", "embed"),
+                 bias_init=partitioned(nn.initializers.zeros, "embed"),
+                 name="time_out")(nn.swish(h))
+    if self.num_classes == 0:
+      return h
+    if label is None:
+      label = jnp.full(t.shape, self.num_classes, jnp.int32)
+    label_table = nn.Embed(
+        self.num_classes + 1, self.features, dtype=self.dtype,
+        embedding_init=partitioned(nn.initializers.normal(1.0), "classes", "embed"),
+        name="label")
+    return h + label_table(label)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention over x [B, N, D] -> [B, N, D].
+
+  Softmax attention through `jax.nn.dot_product_attention`; the output
+  projection starts at zero so that a residual branch starts as identity.
+  """
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide the attention "
+                       f"width {width}")
+    head_dim = width // self.num_heads
+
+    def projection(name: str) -> Array:
+      return nn.DenseGeneral(
+          (self.num_heads, head_dim), dtype=self.dtype,
+          kernel_init=partitioned(default_init(), "embed", "heads", "kv"),
+          bias_init=partitioned(nn.initializers.zeros, "heads", "kv"),
+          name=name)(x)
+
+    q, k, v = projection("query"), projection("key"), projection("value")
+    h = jax.nn.dot_product_attention(q, k, v)  # [B, N, heads, head_dim]
+    return nn.DenseGeneral(
+        width, axis=(-2, -1), dtype=self.dtype,
+        kernel_init=partitioned(nn.initializers.zeros, "heads", "kv", "embed"),
+        bias_init=partitioned(nn.initializers.zeros, "embed"),
+        name="out")(h)

@@ -1,0 +1,198 @@
+"""Convolutional U-Net with self-attention over pixel tokens.
+
+What this follows. MD4's CIFAR-10 network (google-deepmind/md4,
+`md4/networks/unet.py`, "adapted from" the VDM U-Net of google-research/vdm)
+is a U-Net without downsampling: a 3x3 input conv, 32 residual blocks of 128
+channels at 32x32, a middle ResBlock-Attention-ResBlock, 33 up blocks that each
+concatenate a skip, GroupNorm-swish-conv head, dropout 0.1, and a conditioning
+vector (sinusoidal t*1000 -> MLP) added after each block's first conv. Its
+input embeds every channel's token with one (257-row) table and concatenates
+the three channel embeddings per pixel. This module is our own code for the
+DDPM-style generalisation of that design: `channel_mult` levels with a strided
+conv down / nearest-neighbour-and-conv up between them, and attention after
+the res blocks at `attention_resolutions`. The defaults, channel_mult=(1,),
+num_res_blocks=32, no extra attention, reproduce the MD4 CIFAR-10 layout;
+DDPM's CIFAR-10 network is channels=128, channel_mult=(1, 2, 2, 2),
+num_res_blocks=2, attention_resolutions=(16,).
+
+Differences from the reference, on purpose: the conditioning vector passes a
+swish before each block's projection (as in DDPM), class labels add a learned
+embedding to it, the attention's output projection starts at zero, and the
+logit head runs in float32.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from md4.networks import layers
+
+Array = jnp.ndarray
+partitioned = layers.partitioned
+
+
+def _conv(features: int, dtype: layers.Dtype, name: str, *, stride: int = 1,
+          zero_init: bool = False, out_axis: str = "conv_out") -> nn.Conv:
+  kernel_init = nn.initializers.zeros if zero_init else layers.default_init()
+  return nn.Conv(features, (3, 3), strides=stride, dtype=dtype,
+                 kernel_init=partitioned(kernel_init, None, None, "conv_in", out_axis),
+                 bias_init=partitioned(nn.initializers.zeros, out_axis),
+                 name=name)
+
+
+def _group_norm(groups: int, dtype: layers.Dtype, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=groups, dtype=dtype,
+                      scale_init=partitioned(nn.initializers.ones, "norm"),
+                      bias_init=partitioned(nn.initializers.zeros, "norm"),
+                      name=name)
+
+
+def _upsample(x: Array) -> Array:
+  """Nearest-neighbour x2: [B, H, W, C] -> [B, 2H, 2W, C]."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class ResBlock(nn.Module):
+  """GN-swish-conv, + projected condition, GN-swish-dropout-conv, + skip."""
+
+  features: int
+  groups: int
+  dropout: float
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, cond: Array, train: bool) -> Array:
+    h = nn.swish(_group_norm(self.groups, self.dtype, "norm_in")(x))
+    h = _conv(self.features, self.dtype, "conv_in")(h)
+    h = h + nn.Dense(self.features, dtype=self.dtype,
+                     kernel_init=partitioned(layers.default_init(), "embed", "conv_out"),
+                     bias_init=partitioned(nn.initializers.zeros, "conv_out"),
+                     name="cond")(cond)[:, None, None, :]
+    h = nn.swish(_group_norm(self.groups, self.dtype, "norm_out")(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = _conv(self.features, self.dtype, "conv_out", zero_init=True)(h)
+    if x.shape[-1] != self.features:
+      x = nn.Dense(self.features, dtype=self.dtype,
+                   kernel_init=partitioned(layers.default_init(), "conv_in", "conv_out"),
+                   bias_init=partitioned(nn.initializers.zeros, "conv_out"),
+                   name="skip")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """x + SelfAttention(GroupNorm(x)) over the H*W positions of x [B, H, W, C]."""
+
+  num_heads: int
+  groups: int
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    batch, height, width, channels = x.shape
+    h = _group_norm(self.groups, self.dtype, "norm")(x)
+    h = layers.SelfAttention(self.num_heads, dtype=self.dtype, name="attention")(
+        h.reshape(batch, height * width, channels))
+    return x + h.reshape(x.shape)
+
+
+class UNet(nn.Module):
+  """U-Net over pixel tokens: z [B, H, W, C] -> logits [B, H, W, C, vocab_size].
+
+  Attributes:
+    vocab_size: token values per channel (256); vocab_size is the mask id.
+    channels: base width; level i has channels * channel_mult[i].
+    channel_mult: one entry per resolution level (len 1 = no downsampling).
+    num_res_blocks: res blocks per level on the way down (one more going up).
+    attention_resolutions: spatial sizes (H) after whose res blocks attention
+      is added; the middle always has one attention block.
+    num_heads: attention heads.
+    dropout: dropout rate inside the res blocks (train=True only).
+    token_embed_dim: width of each channel's token embedding.
+    cond_dim: width of the time/label conditioning vector (None: 4 * channels).
+    num_classes: class labels 0..num_classes-1, null id num_classes;
+      0 = unconditional.
+    norm_groups: GroupNorm groups; must divide every level's width.
+    dtype: compute dtype (parameters stay float32).
+  """
+
+  vocab_size: int = 256
+  channels: int = 128
+  channel_mult: Sequence[int] = (1,)
+  num_res_blocks: int = 32
+  attention_resolutions: Sequence[int] = ()
+  num_heads: int = 1
+  dropout: float = 0.1
+  token_embed_dim: int = 128
+  cond_dim: int | None = None
+  num_classes: int = 0
+  norm_groups: int = 32
+  dtype: layers.Dtype = jnp.float32
+
+  def _check_sizes(self, height: int, width: int) -> None:
+    if not self.channel_mult:
+      raise ValueError("channel_mult must have at least one level")
+    for mult in self.channel_mult:
+      if (self.channels * mult) % self.norm_groups:
+        raise ValueError(f"norm_groups={self.norm_groups} must divide every level "
+                         f"width channels * channel_mult = {self.channels * mult}")
+    factor = 2**(len(self.channel_mult) - 1)
+    if height % factor or width % factor:
+      raise ValueError(f"z's H x W = {height} x {width} must be divisible by "
+                       f"{factor} for channel_mult={tuple(self.channel_mult)}")
+
+  @nn.compact
+  def __call__(self, z: Array, t: Array, label: Array | None = None, *,
+               train: bool = False) -> Array:
+    """Logits float32 [B, H, W, C, vocab_size] for tokens z, times t [B]."""
+    layers.check_inputs(z, t, label, vocab_size=self.vocab_size,
+                        num_classes=self.num_classes)
+    batch, height, width, image_channels = z.shape
+    self._check_sizes(height, width)
+    groups, dtype = self.norm_groups, self.dtype
+
+    cond = layers.ConditionEmbed(self.cond_dim or 4 * self.channels,
+                                 frequency_dim=self.channels,
+                                 num_classes=self.num_classes, dtype=dtype,
+                                 name="condition")(t, label)
+    cond = nn.swish(cond)
+
+    h = layers.TokenEmbed(self.vocab_size, self.token_embed_dim, dtype=dtype,
+                          name="token_embed")(z)
+    h = _conv(self.channels, dtype, "conv_in")(h)
+    skips = [h]
+    last_level = len(self.channel_mult) - 1
+    for level, mult in enumerate(self.channel_mult):
+      for i in range(self.num_res_blocks):
+        h = ResBlock(self.channels * mult, groups, self.dropout, dtype,
+                     name=f"down_{level}_res_{i}")(h, cond, train)
+        if h.shape[1] in self.attention_resolutions:
+          h = AttentionBlock(self.num_heads, groups, dtype,
+                             name=f"down_{level}_attn_{i}")(h)
+        skips.append(h)
+      if level != last_level:
+        h = _conv(h.shape[-1], dtype, f"down_{level}_resample", stride=2)(h)
+        skips.append(h)
+
+    h = ResBlock(h.shape[-1], groups, self.dropout, dtype, name="mid_res_0")(
+        h, cond, train)
+    h = AttentionBlock(self.num_heads, groups, dtype, name="mid_attn")(h)
+    h = ResBlock(h.shape[-1], groups, self.dropout, dtype, name="mid_res_1")(
+        h, cond, train)
+
+    for level in reversed(range(len(self.channel_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = ResBlock(self.channels * self.channel_mult[level], groups,
+                     self.dropout, dtype, name=f"up_{level}_res_{i}")(h, cond, train)
+        if h.shape[1] in self.attention_resolutions:
+          h = AttentionBlock(self.num_heads, groups, dtype,
+                             name=f"up_{level}_attn_{i}")(h)
+      if level != 0:
+        h = _conv(h.shape[-1], dtype, f"up_{level}_resample")(_upsample(h))
+
+    h = nn.swish(_group_norm(groups, dtype, "norm_out")(h))
+    # Logits in float32: bf16 rounding of the logits would blur the likelihood.
+    logits = _conv(image_channels * self.vocab_size, jnp.float32, "conv_out",
+                   zero_init=True, out_axis="vocab")(h.astype(jnp.float32))
+    return logits.reshape(batch, height, width, image_channels, self.vocab_size)
