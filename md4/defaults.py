@@ -1,0 +1,118 @@
+"""Every config key md4 reads, with its default, and the check run before training.
+
+Experiment files start from `get_config()` and override what they change; a
+key that is not here (a typo) or a value of the wrong type is an error that
+names the key, raised before anything is compiled.
+"""
+
+from typing import Any
+
+import ml_collections
+
+MODEL_TYPES = ("md4", "genmd4", "prime")
+DATASETS = ("text8", "chars", "tokens", "synthetic", "cifar10", "imagenet64")
+# Keys whose value is a free-form dict (source-specific options).
+OPEN_KEYS = ("data",)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default config: a small MD4 on the synthetic Markov source."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model_type = "md4"
+
+  config.dataset = "synthetic"
+  config.data_dir = "~/.cache/md4"
+  config.seq_len = 64
+  config.data = ml_collections.ConfigDict(dict(
+      kind="markov", order=1, concentration=0.1, source_seed=0, num_eval_examples=1024))
+
+  config.noise_schedule = "linear"
+  config.cont_time = True
+  config.timesteps = 1000
+  config.antithetic_time_sampling = True
+
+  config.model = ml_collections.ConfigDict(dict(
+      width=128, num_layers=2, num_heads=4, mlp_ratio=4.0, mlp_type="swiglu",
+      time_conditioning="adaln", dropout_rate=0.0, attention_impl="",
+      remat_policy="none", scan_layers=False, dtype="float32"))
+  config.prime = ml_collections.ConfigDict(dict(
+      length=2, binary=False, shuffle_seed=-1, objective="nelbo"))
+  config.genmd4 = ml_collections.ConfigDict(dict(
+      init_power=1.0, t1=1e-3, single_sample=False))
+
+  config.batch_size = 32
+  config.grad_accum_steps = 1
+  config.num_train_steps = 1000
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=3e-4, warmup_steps=100, min_lr_ratio=0.0, b1=0.9, b2=0.999,
+      weight_decay=0.0, grad_clip_norm=1.0))
+  config.ema_rate = 0.999
+
+  config.mesh_shape = (-1,)
+  config.mesh_axes = ("data",)
+  # Logical parameter axis -> mesh axis; axes missing from the mesh are dropped.
+  config.sharding_rules = (("vocab", ""), ("embed", "fsdp"), ("mlp", "tensor"),
+                           ("heads", "tensor"), ("head_dim", ""), ("layers", ""))
+
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.num_eval_steps = -1
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.async_checkpointing = True
+  config.sample_every_steps = 500
+  config.num_samples = 4
+  config.sample_steps = 256
+  config.sample_grid = "cosine"
+  config.sample_top_p = 1.0
+  config.check_nans = True
+  return config
+
+
+def _check(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+           prefix: str) -> None:
+  for key in config.keys():
+    name = prefix + key
+    if key not in reference:
+      valid = ", ".join(sorted(reference.keys()))
+      raise ValueError(f"unknown config key {name!r}; valid keys here: {valid}")
+    value, default = config[key], reference[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise TypeError(f"config key {name!r} must be a ConfigDict, got {type(value).__name__}")
+      if key not in OPEN_KEYS:
+        _check(value, default, name + ".")
+    elif not _same_type(value, default):
+      raise TypeError(f"config key {name!r} must be {type(default).__name__} like its "
+                      f"default {default!r}, got {type(value).__name__} {value!r}")
+
+
+def _same_type(value: Any, default: Any) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks keys and types against the defaults and a few values; returns config."""
+  _check(config, get_config(), "")
+  if config.model_type not in MODEL_TYPES:
+    raise ValueError(f"config.model_type={config.model_type!r}; valid: {MODEL_TYPES}")
+  if config.dataset not in DATASETS:
+    raise ValueError(f"config.dataset={config.dataset!r}; valid: {DATASETS}")
+  if len(config.mesh_shape) != len(config.mesh_axes):
+    raise ValueError(f"config.mesh_shape {tuple(config.mesh_shape)} and config.mesh_axes "
+                     f"{tuple(config.mesh_axes)} must have the same length")
+  if config.batch_size % config.grad_accum_steps:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
+                     f"config.grad_accum_steps={config.grad_accum_steps}")
+  for key in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps",
+              "checkpoint_every_steps", "sample_every_steps", "grad_accum_steps"):
+    if config[key] < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+  return config

@@ -1,0 +1,227 @@
+"""Bidirectional DiT-style transformer over token sequences.
+
+Reads masked tokens z [B, L] (ids 0..V, V = mask) or, for MDM-Prime, sub-token
+states z [B, L, l] (ids 0..b, b = sub-token mask), the time t [B] and an
+optional class label [B]; returns logits [B, L, num_outputs]. Time and class
+condition every block through adaLN-zero; positions through rotary
+embeddings. Every parameter carries logical axis names
+("vocab", "embed", "heads", "head_dim", "mlp", "layers") for the mesh rules.
+"""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jnp.ndarray
+Dtype = jnp.dtype
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def dense_init(std: float) -> nn.initializers.Initializer:
+  return nn.initializers.normal(stddev=std)
+
+
+def rotary(x: Array, base: float = 10_000.0) -> Array:
+  """Rotary position embedding of x [B, L, H, D] (D even), in float32."""
+  length, head_dim = x.shape[1], x.shape[-1]
+  frequencies = base**(-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * frequencies  # [L, D/2]
+  cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def timestep_features(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
+  """Sinusoidal features of 1000 t [B] -> [B, dim], as in DiT."""
+  half = dim // 2
+  frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = 1000.0 * t.astype(jnp.float32)[:, None] * frequencies[None]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+  """adaLN: x [B, L, D] with per-sequence shift and scale [B, D]."""
+  return x * (1.0 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+  """Pre-norm attention + gated MLP, modulated by a conditioning vector."""
+
+  num_heads: int
+  mlp_dim: int
+  mlp_type: str
+  dropout_rate: float
+  out_init_std: float
+  attention_impl: str | None
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: Array, cond: Array | None, train: bool) -> Array:
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    part = nn.with_logical_partitioning
+    if cond is None:
+      shift_a = scale_a = shift_m = scale_m = jnp.zeros((x.shape[0], width), self.dtype)
+      gate_a = gate_m = jnp.ones((x.shape[0], width), self.dtype)
+    else:
+      modulation = nn.Dense(
+          6 * width, dtype=self.dtype, name="adaln",
+          kernel_init=part(nn.initializers.zeros_init(), ("embed", "mlp")),
+          bias_init=part(nn.initializers.zeros_init(), ("mlp",)))(nn.silu(cond))
+      shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(modulation, 6, axis=-1)
+
+    norm = functools.partial(nn.LayerNorm, use_bias=False, use_scale=False, dtype=self.dtype)
+    h = modulate(norm(name="norm_attention")(x), shift_a, scale_a)
+    qkv = nn.DenseGeneral(
+        (3, self.num_heads, head_dim), use_bias=False, dtype=self.dtype, name="qkv",
+        kernel_init=part(dense_init(0.02), ("embed", None, "heads", "head_dim")))(h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    attended = jax.nn.dot_product_attention(
+        rotary(q), rotary(k), v, implementation=self.attention_impl)
+    h = nn.DenseGeneral(
+        width, axis=(-2, -1), use_bias=False, dtype=self.dtype, name="attention_out",
+        kernel_init=part(dense_init(self.out_init_std), ("heads", "head_dim", "embed")))(attended)
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
+    x = x + gate_a[:, None] * h
+
+    h = modulate(norm(name="norm_mlp")(x), shift_m, scale_m)
+    num_in = 1 if self.mlp_type == "gelu" else 2
+    h = nn.DenseGeneral(
+        (num_in, self.mlp_dim), use_bias=False, dtype=self.dtype, name="mlp_in",
+        kernel_init=part(dense_init(0.02), ("embed", None, "mlp")))(h)
+    if self.mlp_type == "swiglu":
+      h = nn.silu(h[..., 0, :]) * h[..., 1, :]
+    elif self.mlp_type == "geglu":
+      h = nn.gelu(h[..., 0, :]) * h[..., 1, :]
+    else:
+      h = nn.gelu(h[..., 0, :])
+    h = nn.Dense(
+        width, use_bias=False, dtype=self.dtype, name="mlp_out",
+        kernel_init=part(dense_init(self.out_init_std), ("mlp", "embed")))(h)
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
+    return x + gate_m[:, None] * h
+
+
+class ScannedBlock(Block):
+  """A Block with the (carry, _) -> (carry, None) signature nn.scan expects."""
+
+  @nn.compact
+  def __call__(self, x: Array, cond: Array | None, train: bool):  # pytype: disable=signature-mismatch
+    return super().__call__(x, cond, train), None
+
+
+class Transformer(nn.Module):
+  """Masked-token transformer: z [B, L] or [B, L, l], t [B] -> logits [B, L, num_outputs].
+
+  Attributes:
+    num_inputs: ids per input slot, mask included (V + 1, or b + 1 for sub-tokens).
+    num_outputs: logits per position (V, or C token classes for MDM-Prime).
+    time_conditioning: "adaln" (adaLN-zero on t) or "none" (ignores t).
+    num_classes: class labels for conditioning (0 = none); id num_classes is
+      the null label used by classifier-free guidance.
+  """
+
+  num_inputs: int
+  num_outputs: int
+  width: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  mlp_type: str = "swiglu"
+  time_conditioning: str = "adaln"
+  num_classes: int = 0
+  dropout_rate: float = 0.0
+  attention_impl: str | None = None
+  remat_policy: str = "none"
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32
+
+  def embed_inputs(self, z: Array) -> Array:
+    """Token embeddings [B, L, D]; sub-token slots get their own tables, concatenated."""
+    part = nn.with_logical_partitioning
+    if z.ndim == 2:
+      return nn.Embed(self.num_inputs, self.width, dtype=self.dtype, name="embed",
+                      embedding_init=part(dense_init(1.0), ("vocab", "embed")))(z)
+    num_slots = z.shape[-1]
+    slot_width = -(-self.width // num_slots)
+    slots = [
+        nn.Embed(self.num_inputs, slot_width, dtype=self.dtype, name=f"embed_slot{j}",
+                 embedding_init=part(dense_init(1.0), ("vocab", "embed")))(z[..., j])
+        for j in range(num_slots)
+    ]
+    h = jnp.concatenate(slots, axis=-1)
+    if num_slots * slot_width != self.width:
+      h = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name="embed_project",
+                   kernel_init=part(dense_init(0.02), ("embed", None)))(h)
+    return h
+
+  def condition(self, t: Array, label: Array | None) -> Array | None:
+    """Conditioning vector [B, D] from time and class, or None when unconditioned."""
+    part = nn.with_logical_partitioning
+    cond = None
+    if self.time_conditioning == "adaln":
+      h = timestep_features(t, 256)
+      h = nn.Dense(self.width, dtype=self.dtype, name="time_mlp_in",
+                   kernel_init=part(dense_init(0.02), (None, "embed")))(h)
+      cond = nn.Dense(self.width, dtype=self.dtype, name="time_mlp_out",
+                      kernel_init=part(dense_init(0.02), ("mlp", "embed")))(nn.silu(h))
+    elif self.time_conditioning != "none":
+      raise ValueError(f"time_conditioning must be 'adaln' or 'none', got "
+                       f"{self.time_conditioning!r}")
+    if self.num_classes:
+      if label is None:
+        label = jnp.full(t.shape, self.num_classes, jnp.int32)
+      label_embedding = nn.Embed(self.num_classes + 1, self.width, dtype=self.dtype,
+                                 name="label_embed",
+                                 embedding_init=part(dense_init(0.02), ("vocab", "embed")))
+      cond = label_embedding(label) if cond is None else cond + label_embedding(label)
+    return cond
+
+  @nn.compact
+  def __call__(self, z: Array, t: Array, label: Array | None = None, *,
+               train: bool = False) -> Array:
+    if self.width % self.num_heads:
+      raise ValueError(f"width={self.width} must be divisible by num_heads={self.num_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, "
+                       f"got {self.remat_policy!r}")
+    x = self.embed_inputs(z)
+    cond = self.condition(t, label)
+    block_kwargs = dict(
+        num_heads=self.num_heads, mlp_dim=int(self.mlp_ratio * self.width),
+        mlp_type=self.mlp_type, dropout_rate=self.dropout_rate,
+        out_init_std=0.02 / math.sqrt(2 * self.num_layers),
+        attention_impl=self.attention_impl, dtype=self.dtype)
+    block_class = ScannedBlock if self.scan_layers else Block
+    if self.remat_policy != "none":
+      block_class = nn.remat(block_class, policy=REMAT_POLICIES[self.remat_policy],
+                             static_argnums=(3,))
+    if self.scan_layers:
+      scanned = nn.scan(block_class, variable_axes={"params": 0}, split_rngs={
+          "params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
+                        length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(**block_kwargs, name="blocks")(x, cond, train)
+    else:
+      for layer in range(self.num_layers):
+        x = block_class(**block_kwargs, name=f"block{layer}")(x, cond, train)
+
+    part = nn.with_logical_partitioning
+    if cond is None:
+      shift = scale = jnp.zeros((x.shape[0], self.width), self.dtype)
+    else:
+      shift, scale = jnp.split(nn.Dense(
+          2 * self.width, dtype=self.dtype, name="final_adaln",
+          kernel_init=part(nn.initializers.zeros_init(), ("embed", "mlp")),
+          bias_init=part(nn.initializers.zeros_init(), ("mlp",)))(nn.silu(cond)), 2, axis=-1)
+    x = modulate(nn.LayerNorm(use_bias=False, use_scale=False, dtype=self.dtype)(x), shift, scale)
+    logits = nn.Dense(self.num_outputs, use_bias=False, dtype=self.dtype, name="output",
+                      kernel_init=part(nn.initializers.zeros_init(), ("embed", "vocab")))(x)
+    return logits.astype(jnp.float32)

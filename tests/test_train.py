@@ -1,0 +1,182 @@
+"""train_and_evaluate: config checks, sharding equivalence, resume, NaN stop, quick start."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from md4 import defaults
+from md4 import models
+from md4 import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """A config that trains a very small model on the synthetic Markov source."""
+  config = defaults.get_config()
+  config.seq_len = 16
+  config.batch_size = 8
+  config.num_train_steps = 4
+  config.model.width = 32
+  config.model.num_layers = 1
+  config.model.num_heads = 2
+  config.data.num_eval_examples = 16
+  config.log_every_steps = 2
+  config.eval_every_steps = 4
+  config.checkpoint_every_steps = 2
+  config.sample_every_steps = 4
+  config.sample_steps = 8
+  config.update(overrides)
+  return config
+
+
+def run_python(code: str, devices: int = 1, timeout: int = 600) -> str:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stdout
+
+
+def test_unknown_config_key_fails_naming_it():
+  config = tiny_config()
+  config.model.widht = 64
+  with pytest.raises(ValueError, match="'model.widht'"):
+    train.train_and_evaluate(config, "/nonexistent/never/created")
+
+
+def test_wrong_config_type_fails_naming_it():
+  config = ml_collections.ConfigDict(tiny_config().to_dict())
+  config.unlock()
+  del config["batch_size"]
+  config.batch_size = "eight"
+  with pytest.raises(TypeError, match="'batch_size'"):
+    defaults.validate(config)
+
+
+def test_wrong_config_flag_fails_before_compilation(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "md4.main", "--config=configs/quickstart.py",
+       f"--workdir={tmp_path}", "--config.model.widht=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "widht" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+MESH_STEP = """
+import json, jax, numpy as np
+from md4 import data, models, train
+from tests.test_train import tiny_config
+results = {}
+for shape in [(1, 1), (8, 1), (2, 4)]:
+  config = tiny_config(mesh_shape=shape, mesh_axes=("data", "fsdp"))
+  mesh = train.make_mesh(config, jax.devices()[:int(np.prod(shape))])
+  dataset = data.create(config)
+  model = models.create(config, dataset.vocab_size, dataset.example_shape)
+  trainer = train.build_trainer(config, model, mesh)
+  state = trainer.init(jax.random.PRNGKey(0))
+  batch = train.global_batch(next(dataset.train), trainer.batch_sharding)
+  state, metrics = trainer.train_step(state, batch, jax.random.PRNGKey(1))
+  embed = state.params["network"]["embed"]["embedding"]
+  results[str(shape)] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                         "embed_spec": str(embed.sharding.spec)}
+print(json.dumps(results))
+"""
+
+
+def test_one_step_is_the_same_on_every_mesh():
+  results = json.loads(run_python(MESH_STEP, devices=8))
+  reference = results["(1, 1)"]
+  for shape, result in results.items():
+    np.testing.assert_allclose(result["loss"], reference["loss"], rtol=1e-5, err_msg=shape)
+    np.testing.assert_allclose(result["grad_norm"], reference["grad_norm"], rtol=1e-5,
+                               err_msg=shape)
+  # The fsdp axis really shards the parameters.
+  assert "fsdp" in results["(2, 4)"]["embed_spec"]
+
+
+def restore_params(workdir: pathlib.Path, step: int) -> dict:
+  manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state",))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored.state["params"]
+
+
+def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path):
+  config = tiny_config(num_train_steps=6, checkpoint_every_steps=3)
+  train.train_and_evaluate(config, tmp_path / "whole")
+  # Stop after step 3 by pretending a preemption arrives there.
+  code = f"""
+  import signal, os
+  from md4 import train
+  from tests.test_train import tiny_config
+  config = tiny_config(num_train_steps=6, checkpoint_every_steps=3)
+  original = train.Trainer.__init__
+  def patched_init(self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    inner = self.train_step
+    calls = []
+    def train_step(*a):
+      calls.append(1)
+      if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return inner(*a)
+    self.train_step = train_step
+  train.Trainer.__init__ = patched_init
+  try:
+    train.train_and_evaluate(config, {str(tmp_path / 'split')!r})
+  except SystemExit as e:
+    print("EXIT", e)
+  """
+  output = run_python(code)
+  assert "Preempted at step 3" in output
+  output = run_python(f"""
+  from md4 import train
+  from tests.test_train import tiny_config
+  train.train_and_evaluate(tiny_config(num_train_steps=6, checkpoint_every_steps=3),
+                           {str(tmp_path / 'split')!r})
+  """)
+  whole = restore_params(tmp_path / "whole", 6)
+  split = restore_params(tmp_path / "split", 6)
+  jax.tree.map(np.testing.assert_array_equal, whole, split)
+  lines = [json.loads(line) for line in (tmp_path / "split/metrics.jsonl").open()]
+  assert [line["step"] for line in lines if "loss" in line] == [2, 4, 6]
+
+
+def test_nan_stops_with_the_step_and_metric(tmp_path, monkeypatch):
+  original_loss = models.MD4.loss
+
+  def poisoned_loss(self, params, batch, rng, train_mode):
+    objective, aux = original_loss(self, params, batch, rng, train_mode)
+    return objective * np.nan, aux
+
+  monkeypatch.setattr(models.MD4, "loss", poisoned_loss)
+  with pytest.raises(FloatingPointError, match="step 1: loss is nan"):
+    train.train_and_evaluate(tiny_config(), tmp_path)
+  assert not (tmp_path / "checkpoints" / "2").exists()
+
+
+def test_outputs_land_in_the_workdir(tmp_path):
+  eval_metrics = train.train_and_evaluate(tiny_config(), tmp_path)
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+  train_lines = [line for line in lines if "loss" in line]
+  assert [line["step"] for line in train_lines] == [2, 4]
+  for key in ("bits_per_token", "param_norm", "steps_per_sec", "grad_norm"):
+    assert key in train_lines[0]
+  assert eval_metrics["data_entropy_bits_per_token"] > 0
+  assert any("eval_bits_per_token" in line for line in lines)
+  samples = (tmp_path / "samples" / "step_4.txt").read_text().splitlines()
+  assert len(samples) == 4 and all(len(s) == 16 for s in samples)
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert json.loads((tmp_path / "config.json").read_text())["seq_len"] == 16
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
