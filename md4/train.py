@@ -226,7 +226,8 @@ def summary_line(eval_metrics: dict[str, float]) -> str:
 def check_finite(history: list[tuple[int, Metrics]]) -> None:
   """Raises FloatingPointError at the first step whose metrics are not finite."""
   for step, metrics in history:
-    for name, value in metrics.items():
+    for name in sorted(metrics, key=lambda name: name != "loss"):  # Loss is the likeliest culprit.
+      value = metrics[name]
       if not np.isfinite(np.asarray(value)).all():
         raise FloatingPointError(
             f"step {step}: {name} is {value}; stopping (config.check_nans). The last "

@@ -7,20 +7,29 @@ VOCAB_SIZE = len(ALPHABET)
 SPACE_ID = ALPHABET.index(" ")
 
 _CHAR_TO_ID = np.full(256, -1, dtype=np.int16)
-_CHAR_TO_ID[np.frombuffer(ALPHABET.encode("ascii"), dtype=np.uint8)] = np.arange(VOCAB_SIZE)
+_ID_TO_BYTE = np.frombuffer(ALPHABET.encode("ascii"), dtype=np.uint8)
+_CHAR_TO_ID[_ID_TO_BYTE] = np.arange(VOCAB_SIZE)
+
+
+def encode_bytes(raw: bytes) -> np.ndarray:
+  """Maps ASCII bytes already in the alphabet to ids uint8 [N]; raises on other bytes."""
+  ids = _CHAR_TO_ID[np.frombuffer(raw, dtype=np.uint8)]
+  if (ids < 0).any():
+    position = int(np.argmax(ids < 0))
+    raise ValueError(f"character {raw[position:position + 1]!r} at offset {position} is "
+                     f"not in the text8 alphabet {ALPHABET!r}")
+  return ids.astype(np.uint8)
 
 
 def encode(text: str) -> np.ndarray:
   """Maps text already in the alphabet to ids uint8 [N]; raises on other characters."""
-  raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-  ids = _CHAR_TO_ID[raw]
-  if (ids < 0).any():
-    position = int(np.argmax(ids < 0))
-    raise ValueError(f"character {text.encode('utf-8')[position:position + 1]!r} at "
-                     f"offset {position} is not in the text8 alphabet {ALPHABET!r}")
-  return ids.astype(np.uint8)
+  return encode_bytes(text.encode("utf-8"))
 
 
 def decode(ids: np.ndarray) -> str:
-  """Maps ids [N] in 0..26 back to text."""
-  return "".join(ALPHABET[i] for i in np.asarray(ids).reshape(-1))
+  """Maps ids [...] in 0..26 back to text (flattened)."""
+  ids = np.asarray(ids).reshape(-1)
+  if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
+    raise ValueError(f"ids must lie in [0, {VOCAB_SIZE}), got values in "
+                     f"[{ids.min()}, {ids.max()}]")
+  return _ID_TO_BYTE[ids].tobytes().decode("ascii")

@@ -23,12 +23,26 @@ from md4.data import alphabet
 KINDS = ("markov", "factorised", "pairs")
 _SPLIT_IDS = {"train": 0, "eval": 1}
 _TRAIN_SIZE = 2**40  # Effectively endless.
+_MAX_TABLE_SIZE = 2**24
+
+DEFAULTS = {
+    "kind": "markov",
+    "order": 1,
+    "concentration": 0.1,
+    "source_seed": 0,
+    "num_eval_examples": 1024,
+}
 
 
 def entropy_nats(p: np.ndarray, axis: int = -1) -> np.ndarray:
   """Entropy of distributions p along axis, 0 log 0 = 0."""
   p = np.asarray(p, dtype=np.float64)
   return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=axis)
+
+
+def _check_concentration(concentration: float) -> None:
+  if not concentration > 0:
+    raise ValueError(f"data.concentration must be > 0, got {concentration}")
 
 
 class MarkovChain:
@@ -41,8 +55,10 @@ class MarkovChain:
   def __init__(self, vocab_size: int, order: int, concentration: float, seed: int):
     if order < 1:
       raise ValueError(f"data.order must be >= 1, got {order}")
-    if concentration <= 0:
-      raise ValueError(f"data.concentration must be > 0, got {concentration}")
+    if vocab_size**(order + 1) > _MAX_TABLE_SIZE:
+      raise ValueError(f"data.order={order} needs a transition table of {vocab_size}^"
+                       f"{order + 1} entries, more than {_MAX_TABLE_SIZE}: lower data.order")
+    _check_concentration(concentration)
     self.vocab_size = vocab_size
     self.order = order
     num_states = vocab_size**order
@@ -52,23 +68,29 @@ class MarkovChain:
     self.cumulative[:, -1] = 1.0
     self._cumulative_rows = self.cumulative.tolist()  # bisect on lists is the fast path.
     self.stationary = self._stationary_states()
+    self._stationary_cumulative = np.cumsum(self.stationary)
 
   def _next_state(self, state: np.ndarray, symbol: np.ndarray) -> np.ndarray:
     """State = the last k symbols as a base-V number, oldest most significant."""
     return (state % (self.vocab_size**(self.order - 1))) * self.vocab_size + symbol
 
   def _stationary_states(self) -> np.ndarray:
-    """Stationary distribution over k-gram states, by power iteration [V^k]."""
-    num_states = self.vocab_size**self.order
-    pi = np.full(num_states, 1.0 / num_states)
-    states = np.arange(num_states)
-    for _ in range(10_000):
-      new_pi = np.zeros(num_states)
-      for symbol in range(self.vocab_size):
-        np.add.at(new_pi, self._next_state(states, symbol), pi * self.transitions[:, symbol])
-      if np.abs(new_pi - pi).sum() < 1e-13:
-        return new_pi
-      pi = new_pi
+    """Stationary distribution over k-gram states [V^k], by lazy power iteration.
+
+    The lazy step pi <- (pi + pi P) / 2 has the same fixed points as pi P and
+    also converges on periodic chains.
+    """
+    vocab_size = self.vocab_size
+    history = vocab_size**(self.order - 1)
+    # transitions[oldest, rest, symbol]: state (oldest, rest) moves to (rest, symbol).
+    transitions = self.transitions.reshape(vocab_size, history, vocab_size)
+    pi = np.full(vocab_size**self.order, vocab_size**-self.order)
+    for _ in range(100_000):
+      moved = np.einsum("or,ors->rs", pi.reshape(vocab_size, history), transitions)
+      moved = moved.reshape(-1)
+      if np.abs(moved - pi).sum() < 1e-13:
+        return moved / moved.sum()
+      pi = 0.5 * (pi + moved)
     raise RuntimeError("Markov chain did not mix: raise data.concentration")
 
   def entropy_rate(self) -> float:
@@ -81,10 +103,14 @@ class MarkovChain:
       raise ValueError(f"seq_len={length} is shorter than the Markov order {self.order}")
     return float(entropy_nats(self.stationary)) + (length - self.order) * self.entropy_rate()
 
+  def _start_states(self, u: np.ndarray) -> np.ndarray:
+    """Inverse CDF of the stationary distribution at uniforms u [...]."""
+    states = np.searchsorted(self._stationary_cumulative, u, side="right")
+    return np.minimum(states, len(self.stationary) - 1)
+
   def sample(self, rng: np.random.Generator, length: int) -> np.ndarray:
     """One sequence int32 [L]."""
-    state = int(np.searchsorted(np.cumsum(self.stationary), rng.random()))
-    state = min(state, len(self.stationary) - 1)
+    state = int(self._start_states(rng.random()))
     digits = [(state // self.vocab_size**(self.order - 1 - j)) % self.vocab_size
               for j in range(self.order)]
     out = np.empty(length, dtype=np.int32)
@@ -97,16 +123,35 @@ class MarkovChain:
       state = (state % history) * self.vocab_size + symbol
     return out
 
+  def sample_batch(self, rngs: list[np.random.Generator], length: int) -> np.ndarray:
+    """[len(rngs), L]: row b equals sample(rngs[b], length), computed across rows at once."""
+    starts = np.array([rng.random() for rng in rngs])
+    uniforms = np.stack([rng.random(length) for rng in rngs])
+    states = self._start_states(starts)
+    out = np.empty((len(rngs), length), dtype=np.int32)
+    for j in range(self.order):
+      out[:, j] = (states // self.vocab_size**(self.order - 1 - j)) % self.vocab_size
+    history = self.vocab_size**(self.order - 1)
+    for position in range(self.order, length):
+      # bisect_right: the number of cumulative entries <= u.
+      symbols = (self.cumulative[states] <= uniforms[:, position:position + 1]).sum(axis=-1)
+      out[:, position] = symbols
+      states = (states % history) * self.vocab_size + symbols
+    return out
+
 
 class Factorised:
   """Independent positions with seeded marginals p_i [L, V]."""
 
   def __init__(self, vocab_size: int, length: int, concentration: float, seed: int):
+    _check_concentration(concentration)
     rng = np.random.default_rng(seed)
     self.marginals = rng.dirichlet(np.full(vocab_size, concentration), size=length)
     self.cumulative = np.cumsum(self.marginals, axis=-1)
 
   def sequence_entropy(self, length: int) -> float:
+    if length != len(self.marginals):
+      raise ValueError(f"this source has {len(self.marginals)} positions, not {length}")
     return float(entropy_nats(self.marginals).sum())
 
   def sample(self, rng: np.random.Generator, length: int) -> np.ndarray:
@@ -119,6 +164,7 @@ class Pairs:
   """Pairs of positions drawn jointly from one seeded table [V, V]."""
 
   def __init__(self, vocab_size: int, concentration: float, seed: int):
+    _check_concentration(concentration)
     rng = np.random.default_rng(seed)
     self.vocab_size = vocab_size
     self.joint = rng.dirichlet(np.full(vocab_size**2, concentration))
@@ -137,16 +183,15 @@ class Pairs:
 
 def make_process(config: ml_collections.ConfigDict):
   """The source process named by config.data.kind."""
-  kind = config.data.kind
+  options = data_lib.data_options(config, DEFAULTS)
+  kind = options.kind
   vocab_size = alphabet.VOCAB_SIZE
   if kind == "markov":
-    return MarkovChain(vocab_size, config.data.order, config.data.concentration,
-                       config.data.source_seed)
+    return MarkovChain(vocab_size, options.order, options.concentration, options.source_seed)
   if kind == "factorised":
-    return Factorised(vocab_size, config.seq_len, config.data.concentration,
-                      config.data.source_seed)
+    return Factorised(vocab_size, config.seq_len, options.concentration, options.source_seed)
   if kind == "pairs":
-    return Pairs(vocab_size, config.data.concentration, config.data.source_seed)
+    return Pairs(vocab_size, options.concentration, options.source_seed)
   raise ValueError(f"unknown data.kind {kind!r} for dataset 'synthetic'; valid: {KINDS}")
 
 
@@ -164,19 +209,35 @@ class SyntheticSplit:
   def __len__(self) -> int:
     return self.size
 
+  def _rng(self, index: int) -> np.random.Generator:
+    return np.random.default_rng([*self.seeds, self.split_id, int(index)])
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng([*self.seeds, self.split_id, int(index)])
-    return {"x": self.process.sample(rng, self.length)}
+    return {"x": self.process.sample(self._rng(index), self.length)}
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Examples `indices` [b] stacked: {"x": int32 [b, L]}, equal to reading them one by one."""
+    rngs = [self._rng(index) for index in np.asarray(indices).tolist()]
+    if isinstance(self.process, MarkovChain):
+      return {"x": self.process.sample_batch(rngs, self.length)}
+    return {"x": np.stack([self.process.sample(rng, self.length) for rng in rngs])}
 
 
 def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-  process = make_process(config)
+  """Sequences of config.seq_len symbols from the source named by config.data.kind."""
+  options = data_lib.data_options(config, DEFAULTS)
   length = config.seq_len
+  if length < 1:
+    raise ValueError(f"seq_len must be >= 1, got {length}")
+  if options.source_seed < 0 or config.seed < 0:
+    raise ValueError(f"data.source_seed ({options.source_seed}) and seed ({config.seed}) "
+                     "must be >= 0")
+  process = make_process(config)
   # Training draws depend on config.seed; the held-out split only on the source.
-  train = SyntheticSplit(process, length, (config.data.source_seed, config.seed),
+  train = SyntheticSplit(process, length, (options.source_seed, config.seed),
                          "train", _TRAIN_SIZE)
-  held_out = SyntheticSplit(process, length, (config.data.source_seed,), "eval",
-                            config.data.num_eval_examples)
+  held_out = SyntheticSplit(process, length, (options.source_seed,), "eval",
+                            options.num_eval_examples)
   return data_lib.Dataset(
       train=data_lib.train_iterator(train, config.batch_size, config.seed, shuffle=False),
       eval_batches=data_lib.eval_iterator_fn(held_out, config.batch_size),

@@ -39,6 +39,16 @@ def default_init(scale: float = 1.0) -> Callable:
   return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
 
 
+def _value_range(x: Array) -> tuple[int, int] | None:
+  """(min, max) of x when its values are at hand on this host, else None."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  values = np.asarray(x)
+  return int(values.min()), int(values.max())
+
+
 def check_inputs(z: Array, t: Array, label: Array | None, *, vocab_size: int,
                  num_classes: int) -> None:
   """Raises ValueError naming the argument for malformed network inputs.
@@ -56,8 +66,9 @@ def check_inputs(z: Array, t: Array, label: Array | None, *, vocab_size: int,
   batch_size = z.shape[0]
   if jnp.shape(t) != (batch_size,):
     raise ValueError(f"t must have shape [B] = ({batch_size},), got {jnp.shape(t)}")
-  if not isinstance(z, jax.core.Tracer):
-    low, high = int(jnp.min(z)), int(jnp.max(z))
+  z_range = _value_range(z)
+  if z_range is not None:
+    low, high = z_range
     if low < 0 or high > vocab_size:
       raise ValueError(f"z has token ids in [{low}, {high}], outside "
                        f"[0, {vocab_size}] (mask id {vocab_size})")
@@ -71,8 +82,9 @@ def check_inputs(z: Array, t: Array, label: Array | None, *, vocab_size: int,
   if jnp.shape(label) != (batch_size,):
     raise ValueError(
         f"label must have shape [B] = ({batch_size},), got {jnp.shape(label)}")
-  if not isinstance(label, jax.core.Tracer):
-    low, high = int(jnp.min(label)), int(jnp.max(label))
+  label_range = _value_range(label)
+  if label_range is not None:
+    low, high = label_range
     if low < 0 or high > num_classes:
       raise ValueError(f"label has ids in [{low}, {high}], outside "
                        f"[0, {num_classes}] (null id {num_classes})")
@@ -146,11 +158,14 @@ class ConditionEmbed(nn.Module):
 class SelfAttention(nn.Module):
   """Multi-head self-attention over x [B, N, D] -> [B, N, D].
 
-  Softmax attention through `jax.nn.dot_product_attention`; the output
-  projection starts at zero so that a residual branch starts as identity.
+  Softmax attention through `jax.nn.dot_product_attention`. zero_init_out
+  starts the output projection at zero (an ungated residual branch then starts
+  as identity); leave it off behind a zero-initialised gate, where two zeros
+  in a row would leave both without gradient.
   """
 
   num_heads: int
+  zero_init_out: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -172,6 +187,8 @@ class SelfAttention(nn.Module):
     h = jax.nn.dot_product_attention(q, k, v)  # [B, N, heads, head_dim]
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype,
-        kernel_init=partitioned(nn.initializers.zeros, "heads", "kv", "embed"),
+        kernel_init=partitioned(
+            nn.initializers.zeros if self.zero_init_out else default_init(),
+            "heads", "kv", "embed"),
         bias_init=partitioned(nn.initializers.zeros, "embed"),
         name="out")(h)

@@ -91,7 +91,8 @@ class AttentionBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     batch, height, width, channels = x.shape
     h = _group_norm(self.groups, self.dtype, "norm")(x)
-    h = layers.SelfAttention(self.num_heads, dtype=self.dtype, name="attention")(
+    h = layers.SelfAttention(self.num_heads, zero_init_out=True, dtype=self.dtype,
+                             name="attention")(
         h.reshape(batch, height * width, channels))
     return x + h.reshape(x.shape)
 
