@@ -34,7 +34,8 @@ def check_tokens(x: Array, vocab_size: int, name: str = "x") -> None:
   if jnp.ndim(x) < 2:
     raise ValueError(f"{name} must have shape [B, L, ...], got {jnp.shape(x)}")
   if not isinstance(x, jax.core.Tracer):
-    low, high = int(jnp.min(x)), int(jnp.max(x))
+    values = np.asarray(x)  # NumPy, so that a concrete x closed over inside jit is not traced.
+    low, high = int(values.min()), int(values.max())
     if low < 0 or high >= vocab_size:
       raise ValueError(
           f"{name} has token ids in [{low}, {high}], outside [0, {vocab_size}) "

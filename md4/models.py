@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from md4 import diffusion
+from md4 import genmd4
 from md4 import sampler
 from md4 import schedule as schedule_lib
+from md4.networks import learned_schedule
 from md4.networks import transformer
 
 Array = jnp.ndarray
@@ -89,9 +91,50 @@ class MD4:
         grid=self.config.sample_grid, top_p=self.config.sample_top_p)
 
 
+class GenMD4(MD4):
+  """GenMD4: a learned per-value polynomial schedule, trained with REINFORCE-LOO."""
+
+  def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
+               example_shape: tuple[int, ...], num_classes: int = 0):
+    super().__init__(config, vocab_size, example_shape, num_classes)
+    self.learned_schedule = learned_schedule.LearnedPolySchedule(
+        vocab_size, init_power=config.genmd4.init_power)
+
+  def init(self, rng: Array) -> Params:
+    rng_network, rng_schedule = jax.random.split(rng)
+    params = super().init(rng_network)
+    params["schedule"] = self.learned_schedule.init(rng_schedule)["params"]
+    return params
+
+  def power(self, params: Params) -> Array:
+    """The exponents w [V]."""
+    return self.learned_schedule.apply({"params": params["schedule"]})
+
+  def loss(self, params: Params, batch: dict[str, Array], rng: Array,
+           train: bool) -> tuple[Array, Metrics]:
+    """(surrogate per token, whose gradient is the NELBO's; metrics with "nelbo" [B])."""
+    rng_loss, rng_dropout = jax.random.split(rng)
+    predict = self.predict_fn(params, batch.get("label"), train, rng_dropout)
+    surrogate, nelbo, aux = genmd4.loss(
+        predict, batch["x"], rng_loss, power=self.power(params), vocab_size=self.vocab_size,
+        t1=self.config.genmd4.t1, eps=self.schedule.eps,
+        antithetic=self.config.antithetic_time_sampling,
+        single_sample=self.config.genmd4.single_sample)
+    num_tokens = math.prod(self.example_shape)
+    return surrogate.mean() / num_tokens, {"nelbo": nelbo, **aux}
+
+  def sample(self, params: Params, rng: Array, num_samples: int,
+             label: Array | None = None) -> Array:
+    return genmd4.sample(
+        self.predict_fn(params, label), rng, shape=(num_samples, *self.example_shape),
+        vocab_size=self.vocab_size, power=self.power(params), steps=self.config.sample_steps,
+        grid=self.config.sample_grid)
+
+
 def create(config: ml_collections.ConfigDict, vocab_size: int,
            example_shape: tuple[int, ...], num_classes: int = 0) -> MD4:
   """The model for config.model_type."""
-  if config.model_type == "md4":
-    return MD4(config, vocab_size, example_shape, num_classes)
-  raise ValueError(f"config.model_type={config.model_type!r} is not available yet")
+  model_classes = {"md4": MD4, "genmd4": GenMD4}
+  if config.model_type not in model_classes:
+    raise ValueError(f"config.model_type={config.model_type!r}; valid: {sorted(model_classes)}")
+  return model_classes[config.model_type](config, vocab_size, example_shape, num_classes)

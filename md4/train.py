@@ -113,7 +113,7 @@ def train_step(model: models.MD4, tx: optax.GradientTransformation,
     micro_batch, micro_rng = inputs
     grad_fn = jax.value_and_grad(model.loss, has_aux=True)
     (objective, aux), grads = grad_fn(state.params, micro_batch, micro_rng, True)
-    metrics = {"loss": objective, "bits_per_token": aux["bits_per_token"]}
+    metrics = {"loss": objective, **{k: v for k, v in aux.items() if jnp.ndim(v) == 0}}
     return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
