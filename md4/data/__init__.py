@@ -2,12 +2,12 @@
 
 Every pipeline is grain, deterministic given `config.seed`, and sharded per
 JAX process: global batch s is examples sB .. sB + B - 1 of one seeded global
-order (each epoch reshuffled), and process p of P reads its rows p, p + P, ...,
-batch_size / P of them. The training iterator's checkpointable state is the
-next step, so a resumed run reads the batches an uninterrupted run would, also
-with another number of processes. Batches are dicts of numpy
-arrays: "x" int32 [b, *example_shape] (token ids in [0, vocab_size)) and, for
-labelled images, "label" int32 [b].
+order (each epoch reshuffled), and process p of P reads its contiguous block of
+b = batch_size / P rows, pb .. pb + b - 1, so that the global array assembled
+from the processes' blocks is the batch a single process would read. The training iterator's checkpointable state is the
+next global step, so a resumed run reads the batches an uninterrupted run
+would. Batches are dicts of numpy arrays: "x" int32 [b, *example_shape]
+(token ids in [0, vocab_size)) and, for labelled images, "label" int32 [b].
 
 Config keys read by every source: `dataset`, `data_dir`, `seq_len` (text),
 `batch_size`, `seed`. Source options live under `config.data`;
@@ -190,7 +190,8 @@ class _GlobalOrder:
 
 def _local_positions(step: int, batch_size: int) -> np.ndarray:
   """Stream positions of this process's rows of global batch `step` [b]."""
-  return step * batch_size + np.arange(jax.process_index(), batch_size, jax.process_count())
+  local = local_batch_size(batch_size)
+  return step * batch_size + jax.process_index() * local + np.arange(local)
 
 
 def _read_batch(source: RandomAccessSource, indices: np.ndarray, positions: np.ndarray,
@@ -218,7 +219,7 @@ def train_iterator(source: RandomAccessSource, batch_size: int, seed: int,
   """Endless batches: reshuffled each epoch, this process's shard, global batch_size.
 
   Global batch s holds stream positions sB .. sB + B - 1 (see _GlobalOrder);
-  process p reads rows p, p + P, ... of it. The iterator's state is the next s.
+  process p reads its block of rows pb .. pb + b - 1. The iterator's state is the next s.
   `random_transform(example, rng)` draws from an rng seeded by (seed, stream
   position), so augmentation does not depend on the number of processes.
   """
@@ -243,8 +244,8 @@ def eval_iterator_fn(source: RandomAccessSource, batch_size: int,
                      ) -> Callable[[], Iterator[Batch]]:
   """One pass over the held-out split in order, full global batches only.
 
-  Every process sees the same number of batches; process p reads rows
-  p, p + P, ... of each.
+  Every process sees the same number of batches; process p reads its block
+  of rows pb .. pb + b - 1 of each.
   """
   local_batch_size(batch_size)
   num_batches = len(source) // batch_size

@@ -26,11 +26,11 @@ _TRAIN_SIZE = 2**40  # Effectively endless.
 _MAX_TABLE_SIZE = 2**24
 
 DEFAULTS = {
-    "kind": "markov",
-    "order": 1,
-    "concentration": 0.1,
-    "source_seed": 0,
-    "num_eval_examples": 1024,
+    "kind": "markov",           # markov, factorised or pairs.
+    "order": 1,                 # Markov order k: the next symbol depends on the last k.
+    "concentration": 0.1,       # Dirichlet concentration of the tables: lower, lower entropy.
+    "source_seed": 0,           # Seeds the tables and the held-out split.
+    "num_eval_examples": 1024,  # Size of the held-out split.
 }
 
 
@@ -178,7 +178,8 @@ class Pairs:
   def sample(self, rng: np.random.Generator, length: int) -> np.ndarray:
     pair = np.searchsorted(self.cumulative, rng.random(length // 2), side="right")
     pair = np.minimum(pair, self.vocab_size**2 - 1)
-    return np.stack([pair // self.vocab_size, pair % self.vocab_size], -1).reshape(-1).astype(np.int32)
+    pairs = np.stack([pair // self.vocab_size, pair % self.vocab_size], -1)
+    return pairs.reshape(-1).astype(np.int32)
 
 
 def make_process(config: ml_collections.ConfigDict):

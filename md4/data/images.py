@@ -1,0 +1,90 @@
+"""Images from tensorflow-datasets data sources (array_record; no TensorFlow needed).
+
+Each pixel channel is a token in 0..255: examples are "x" int32 [H, W, 3]
+and, when the dataset has labels, "label" int32 (for class conditioning).
+
+  cifar10     tfds "cifar10": 50k train / 10k test, 32x32, 10 classes.
+  imagenet64  tfds "imagenet_resized/64x64": 1.28M train / 50k validation,
+              64x64, 1000 classes. data.tfds_name may name another dataset,
+              e.g. "downsampled_imagenet/64x64" (van den Oord et al.; no labels).
+
+The data must already be prepared in array_record format under
+config.data_dir (tfds's default folder when empty):
+`python -m md4.data.prepare --config=...` downloads and prepares it.
+"""
+
+import ml_collections
+import numpy as np
+
+from md4 import data as data_lib
+
+TFDS_NAMES = {"cifar10": "cifar10", "imagenet64": "imagenet_resized/64x64"}
+EVAL_SPLITS = {"cifar10": "test", "imagenet64": "validation"}
+
+DEFAULTS = {
+    "tfds_name": "",       # Empty: the dataset's usual tfds name (TFDS_NAMES).
+    "train_split": "train",
+    "eval_split": "",      # Empty: "test" for cifar10, "validation" for imagenet64.
+    "random_flip": False,  # Flip training images left-right with probability 1/2.
+}
+
+
+def tfds_name(config: ml_collections.ConfigDict, options: ml_collections.ConfigDict) -> str:
+  return options.tfds_name or TFDS_NAMES[config.dataset]
+
+
+def load_split(name: str, split: str, data_dir: str | None, *, download: bool = False):
+  """tfds.data_source for one split; a clear FileNotFoundError when it is not prepared."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+  except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as error:
+    where = data_dir or "tfds's default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    raise FileNotFoundError(
+        f"tfds dataset {name!r} split {split!r} is not prepared in array_record format "
+        f"under {where}: run `python -m md4.data.prepare --config=...` once, or point "
+        f"config.data_dir at a tfds data_dir that holds it ({error})") from error
+
+
+def to_example(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A tfds element to {"x": int32 [H, W, 3], "label": int32 [] when labelled}."""
+  example = {"x": np.asarray(element["image"], dtype=np.int32)}
+  if "label" in element:
+    example["label"] = np.asarray(element["label"], dtype=np.int32)
+  return example
+
+
+def random_flip(element: dict[str, np.ndarray], rng: np.random.Generator
+                ) -> dict[str, np.ndarray]:
+  """Flips the image left-right with probability 1/2."""
+  if rng.random() < 0.5:
+    element = {**element, "image": np.asarray(element["image"])[:, ::-1]}
+  return element
+
+
+def _num_classes(source) -> int:
+  features = source.dataset_info.features
+  return int(features["label"].num_classes) if "label" in features else 0
+
+
+def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+  """Batches of config.dataset images as 256-way tokens, labels kept."""
+  options = data_lib.data_options(config, DEFAULTS)
+  name = tfds_name(config, options)
+  data_dir = config.get("data_dir", None) or None
+  train = load_split(name, options.train_split, data_dir)
+  held_out = load_split(name, options.eval_split or EVAL_SPLITS[config.dataset], data_dir)
+  image_shape = tuple(to_example(train[0])["x"].shape)
+  if len(image_shape) != 3 or image_shape[-1] != 3:
+    raise ValueError(f"tfds dataset {name!r} has images of shape {image_shape}, "
+                     "expected [H, W, 3]")
+  return data_lib.Dataset(
+      train=data_lib.train_iterator(
+          train, config.batch_size, config.seed, transform=to_example,
+          random_transform=random_flip if options.random_flip else None),
+      eval_batches=data_lib.eval_iterator_fn(held_out, config.batch_size,
+                                             transform=to_example),
+      vocab_size=256,
+      example_shape=image_shape,
+      num_classes=_num_classes(train),
+  )

@@ -1,0 +1,90 @@
+"""`python -m md4.data.prepare`: the one-off step for each dataset, offline."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from md4 import data as data_lib
+from md4.data import alphabet
+from md4.data import prepare
+
+
+def _config(dataset, **overrides) -> ml_collections.ConfigDict:
+  config = {"dataset": dataset, "data_dir": "", "seq_len": 8, "batch_size": 4, "seed": 0,
+            "data": {}}
+  config.update(overrides)
+  return ml_collections.ConfigDict(config)
+
+
+def test_text8_reports_the_splits_of_a_local_file(tmp_path):
+  with zipfile.ZipFile(tmp_path / "text8.zip", "w") as archive:
+    archive.writestr("text8", "ab " * 100)
+  summary = prepare.prepare(_config("text8", data_dir=str(tmp_path), data={"download": False}))
+  assert summary["characters"] == 300
+  assert summary["splits"] == {"train": (0, 270), "validation": (270, 285), "test": (285, 300)}
+
+
+def test_chars_reports_the_split(tmp_path):
+  (tmp_path / "a.txt").write_text("Hello world " * 20)
+  summary = prepare.prepare(_config("chars", data={"path": str(tmp_path / "a.txt")}))
+  # 239 characters: 29 chunks of 8, round(2.9) = 3 held out.
+  assert summary == {"dataset": "chars", "characters": 239, "train_chunks": 26,
+                     "validation_chunks": 3}
+
+
+def test_tokens_builds_once_from_the_command_line(tmp_path):
+  words = np.array("red green blue cyan magenta yellow black white".split())
+  rng = np.random.default_rng(0)
+  (tmp_path / "corpus.txt").write_text(
+      "\n".join(" ".join(rng.choice(words, size=8)) for _ in range(200)))
+  (tmp_path / "config.py").write_text(f"""
+import ml_collections
+def get_config():
+  return ml_collections.ConfigDict({{
+      "dataset": "tokens", "data_dir": {str(tmp_path / "out")!r}, "seq_len": 16,
+      "batch_size": 4, "seed": 0,
+      "data": {{"path": {str(tmp_path / "corpus.txt")!r}, "vocab_size": 40}}}})
+""")
+  command = [sys.executable, "-m", "md4.data.prepare", f"--config={tmp_path / 'config.py'}"]
+  first = json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
+                     .stdout.strip().splitlines()[-1])
+  assert first["rebuilt"] and first["documents"] == 200 and first["vocab_size"] == 40
+  again = json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
+                     .stdout.strip().splitlines()[-1])
+  assert not again["rebuilt"] and again["tokens"] == first["tokens"]
+
+
+def test_synthetic_reports_the_entropy():
+  summary = prepare.prepare(_config("synthetic"))
+  assert summary["entropy_bits_per_token"] == pytest.approx(
+      data_lib.create(_config("synthetic")).entropy_bits_per_token)
+
+
+def test_images_prepare_both_splits():
+  with tfds.testing.mock_data(num_examples=6):
+    summary = prepare.prepare(_config("cifar10"))
+  assert summary == {"dataset": "cifar10", "tfds_name": "cifar10",
+                     "examples": {"train": 6, "test": 6}}
+
+
+def test_alphabet_round_trip_and_errors():
+  assert alphabet.decode(alphabet.encode("the quick fox")) == "the quick fox"
+  with pytest.raises(ValueError, match="ids must lie in"):
+    alphabet.decode(np.array([0, 27]))
+  with pytest.raises(ValueError, match="not in the text8 alphabet"):
+    alphabet.encode("Upper")
+
+
+def test_default_data_configs_and_unknown_datasets():
+  for name in data_lib.DATASETS:
+    assert isinstance(data_lib.default_data_config(name), ml_collections.ConfigDict)
+  with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+    data_lib.create(_config("mnist"))
+  with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+    prepare.prepare(_config("mnist"))

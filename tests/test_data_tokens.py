@@ -1,0 +1,193 @@
+"""Tokenised corpora: SentencePiece, the memory-mapped stream, its manifest, packing."""
+
+import json
+import os
+import pathlib
+
+import ml_collections
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from md4 import data as data_lib
+from md4.data import tokens
+
+_WORDS = ("the cat dog sat on mat and ran far away from home when rain fell over hills "
+          "quick brown fox jumps lazy river stone tree under light dark night day sun "
+          "moon star sky blue green red small large old new first last").split()
+
+
+def _documents(num_documents: int, seed: int = 0) -> list[str]:
+  rng = np.random.default_rng(seed)
+  return [" ".join(rng.choice(_WORDS, size=rng.integers(3, 30)))
+          for _ in range(num_documents)]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> tuple[pathlib.Path, list[str]]:
+  documents = _documents(600)
+  path = tmp_path / "corpus.txt"
+  path.write_text("\n".join(documents) + "\n")
+  return path, documents
+
+
+def _options(path, **overrides) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({**tokens.DEFAULTS, "path": str(path), "vocab_size": 120,
+                                    **overrides})
+
+
+def _config(path, data_dir, seq_len=32, batch_size=4, **data) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "dataset": "tokens", "data_dir": str(data_dir), "seq_len": seq_len,
+      "batch_size": batch_size, "seed": 0,
+      "data": {"path": str(path), "vocab_size": 120, "validation_fraction": 0.1, **data}})
+
+
+@pytest.mark.parametrize("tokenizer_type, vocab_size", [("bpe", 120), ("unigram", 60)])
+def test_sentencepiece_round_trip(tmp_path, corpus, tokenizer_type, vocab_size):
+  path, documents = corpus
+  options = _options(path, tokenizer_type=tokenizer_type, vocab_size=vocab_size)
+  built = tokens.load_or_build(options, tmp_path / "out")
+  processor = spm.SentencePieceProcessor(model_file=str(built.tokenizer_path))
+  assert processor.get_piece_size() == vocab_size == built.vocab_size
+  assert (processor.unk_id(), processor.eos_id(), built.eod_id) == (0, 1, 1)
+  for document in documents[:50]:
+    assert processor.decode(processor.encode(document)) == document
+  # Fewer pieces than characters: the model learnt merges, not just characters.
+  assert len(built.tokens) < 0.5 * sum(len(document) + 1 for document in documents)
+
+
+def test_packing_fills_every_slot_with_the_document_stream(tmp_path, corpus):
+  path, documents = corpus
+  built = tokens.load_or_build(_options(path), tmp_path / "out")
+  processor = spm.SentencePieceProcessor(model_file=str(built.tokenizer_path))
+  stream = []
+  for document in documents:
+    stream.extend(processor.encode(document) + [built.eod_id])
+  np.testing.assert_array_equal(built.tokens, stream)
+  assert built.tokens.dtype == np.uint16
+  assert built.manifest["num_documents"] == len(documents)
+  assert built.manifest["num_tokens"] == len(stream)
+
+  seq_len = 32
+  dataset = data_lib.create(_config(path, tmp_path / "out", seq_len=seq_len, batch_size=4))
+  num_chunks = len(stream) // seq_len
+  num_validation = round(num_chunks * 0.1)
+  num_train = num_chunks - num_validation
+  train_rows = np.concatenate([next(dataset.train)["x"] for _ in range(num_train // 4)])
+  eval_rows = np.concatenate([batch["x"] for batch in dataset.eval_batches()])
+  assert train_rows.shape == (num_train // 4 * 4, seq_len) and train_rows.dtype == np.int32
+  # Every slot is a real token: rows are exact slices of the stream, with no padding id.
+  chunks = np.asarray(stream[:num_chunks * seq_len]).reshape(num_chunks, seq_len)
+  train_set = {bytes(row.astype(np.uint16)) for row in chunks[:num_train]}
+  assert all(bytes(row.astype(np.uint16)) in train_set for row in train_rows)
+  np.testing.assert_array_equal(eval_rows, chunks[num_train:num_train + len(eval_rows)])
+  assert 0 <= train_rows.min() and train_rows.max() < dataset.vocab_size
+  assert (train_rows == built.eod_id).sum() > 0  # Documents end inside sequences.
+  # decode: one line per document end.
+  text = dataset.decode(np.asarray(stream[:200]))
+  assert text.split("\n")[:3] == documents[:3]
+
+
+def test_manifest_reuse_and_rebuild(tmp_path, corpus):
+  path, _ = corpus
+  folder = tmp_path / "out"
+  first = tokens.load_or_build(_options(path), folder)
+  assert first.rebuilt
+  manifest = json.loads((folder / tokens.MANIFEST).read_text())
+  assert manifest["tokenizer_sha256"] == tokens._sha256(folder / tokens.TOKENIZER)
+  assert manifest["num_tokens"] == len(first.tokens)
+  stamp = (folder / tokens.TOKENS).stat().st_mtime_ns
+
+  assert not tokens.load_or_build(_options(path), folder).rebuilt
+  assert (folder / tokens.TOKENS).stat().st_mtime_ns == stamp
+
+  assert tokens.load_or_build(_options(path, vocab_size=100), folder).rebuilt
+  assert tokens.load_or_build(_options(path, vocab_size=100), folder).vocab_size == 100
+
+  with open(path, "a") as file:
+    file.write("a new document about the sun\n")
+  rebuilt = tokens.load_or_build(_options(path, vocab_size=100), folder)
+  assert rebuilt.rebuilt and rebuilt.manifest["num_documents"] == 601
+
+  (folder / tokens.MANIFEST).write_text("{not json")
+  assert tokens.load_or_build(_options(path, vocab_size=100), folder).rebuilt
+
+  with open(folder / tokens.TOKENS, "ab") as file:
+    file.write(b"\0\0")  # A tokens file of the wrong size.
+  assert tokens.load_or_build(_options(path, vocab_size=100), folder).rebuilt
+
+  with open(folder / tokens.TOKENIZER, "ab") as file:
+    file.write(b"\0")  # A tokenizer that is not the one the tokens came from.
+  assert tokens.load_or_build(_options(path, vocab_size=100), folder).rebuilt
+  assert not tokens.load_or_build(_options(path, vocab_size=100), folder).rebuilt
+
+  with pytest.raises(FileNotFoundError, match="md4.data.prepare"):
+    tokens.load_or_build(_options(path, vocab_size=90), folder, allow_build=False)
+
+
+def test_a_given_model_is_used_and_an_end_of_document_id_added_if_missing(tmp_path, corpus):
+  path, documents = corpus
+  model_prefix = tmp_path / "no_eos"
+  spm.SentencePieceTrainer.train(
+      input=str(path), model_prefix=str(model_prefix), vocab_size=80, model_type="bpe",
+      eos_id=-1, bos_id=-1, pad_id=-1, unk_id=0, minloglevel=2)
+  model = pathlib.Path(f"{model_prefix}.model")
+  built = tokens.load_or_build(_options(path, tokenizer=str(model)), tmp_path / "out")
+  assert (built.vocab_size, built.eod_id) == (81, 80)
+  assert built.tokenizer_path == model.resolve()
+  assert not (tmp_path / "out" / tokens.TOKENIZER).exists()
+  assert (np.asarray(built.tokens) == 80).sum() == len(documents)
+  decode = tokens.decoder(built.tokenizer_path, built.eod_id)
+  assert decode(built.tokens[:300]).split("\n")[:2] == documents[:2]
+
+  # Retraining the given model in place changes its checksum: the tokens are rebuilt.
+  spm.SentencePieceTrainer.train(
+      input=str(path), model_prefix=str(model_prefix), vocab_size=70, model_type="bpe",
+      eos_id=-1, bos_id=-1, pad_id=-1, unk_id=0, minloglevel=2)
+  again = tokens.load_or_build(_options(path, tokenizer=str(model)), tmp_path / "out")
+  assert again.rebuilt and (again.vocab_size, again.eod_id) == (71, 70)
+
+
+@pytest.mark.parametrize("documents, content, expected", [
+    ("line", "one doc\n\n  \nsecond doc\r\nthird", ["one doc", "second doc", "third"]),
+    ("blank_line", "para one\nstill one\n\n\npara two\n", ["para one\nstill one", "para two"]),
+    ("jsonl", '{"text": "a b"}\n\n{"text": "c\\nd", "id": 3}\n', ["a b", "c\nd"]),
+    ("file", "whole\n\nfile\n", ["whole\n\nfile\n"]),
+])
+def test_document_formats(tmp_path, documents, content, expected):
+  path = tmp_path / "corpus"
+  path.write_bytes(content.encode("utf-8"))
+  found = list(tokens.iter_documents([path], documents))
+  assert [text for text, _ in found] == expected
+  assert sum(consumed for _, consumed in found) == len(content.encode("utf-8"))
+
+
+def test_invalid_options_are_rejected(tmp_path, corpus):
+  path, _ = corpus
+  with pytest.raises(ValueError, match="data.documents"):
+    tokens.load_or_build(_options(path, documents="pages"), tmp_path / "out")
+  with pytest.raises(ValueError, match="data.tokenizer_type"):
+    tokens.load_or_build(_options(path, tokenizer_type="wordpiece"), tmp_path / "out")
+  with pytest.raises(ValueError, match="data.vocab_size=100000"):
+    tokens.load_or_build(_options(path, vocab_size=100_000), tmp_path / "out")
+  with pytest.raises(ValueError, match="data.tokenizer: no file"):
+    tokens.load_or_build(_options(path, tokenizer=str(tmp_path / "none.model")),
+                         tmp_path / "out")
+  (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n[1, 2]\n')
+  with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON object"):
+    list(tokens.iter_documents([tmp_path / "bad.jsonl"], "jsonl"))
+  with pytest.raises(ValueError, match="unknown option.*data.kind"):
+    data_lib.create(_config(path, tmp_path / "out", kind="markov"))
+
+
+def test_token_dtype():
+  assert tokens.token_dtype(65_536) == np.uint16
+  assert tokens.token_dtype(65_537) == np.uint32
+
+
+def test_build_leaves_no_partial_files(tmp_path, corpus):
+  path, _ = corpus
+  tokens.load_or_build(_options(path), tmp_path / "out")
+  assert sorted(os.listdir(tmp_path / "out")) == sorted(
+      [tokens.MANIFEST, tokens.TOKENIZER, tokens.TOKENS])
