@@ -38,6 +38,8 @@ def _on_cloud_tpu_vm() -> bool:
 
 def _initialize_distributed() -> None:
   """Joins the other processes of a multi-process run, if this is one."""
+  # CPU-only processes need a collectives backend to talk to each other.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if _COORDINATOR.value is not None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,

@@ -4,9 +4,9 @@ The loop only glues: `models` turns parameters into losses and samples,
 `data` yields batches, Orbax keeps the train state and the data iterator.
 """
 
+import contextlib
 import dataclasses
 import functools
-import json
 import math
 import signal
 import time
@@ -133,9 +133,9 @@ def train_step(model: models.MD4, tx: optax.GradientTransformation,
 
 def eval_step(model: models.MD4, params: Any, batch: dict[str, Array],
               rng: Array) -> Array:
-  """Sum of the per-sequence NELBO over the batch, nats."""
+  """Per-sequence NELBO [B], nats."""
   _, aux = model.loss(params, batch, rng, False)
-  return aux["nelbo"].sum()
+  return aux["nelbo"]
 
 
 @dataclasses.dataclass
@@ -188,17 +188,20 @@ def global_batch(batch: dict[str, np.ndarray],
 
 def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
              dataset: data_lib.Dataset, rng: Array) -> dict[str, float]:
-  """Mean held-out NELBO in bits per token over the split (or num_eval_steps batches)."""
-  total, count = 0.0, 0
+  """Mean held-out NELBO in bits per token over the split (or num_eval_steps batches).
+
+  The standard error treats each sequence's one-sample estimate as independent.
+  """
+  nelbos = []
   for index, batch in enumerate(dataset.eval_batches()):
     if 0 < config.num_eval_steps <= index:
       break
-    total += float(trainer.eval_step(params, global_batch(batch, trainer.batch_sharding),
-                                     jax.random.fold_in(rng, index)))
-    count += config.batch_size
-  num_tokens = math.prod(dataset.example_shape)
-  result = {"eval_bits_per_token": total / (count * num_tokens * math.log(2)),
-            "eval_examples": count}
+    nelbos.append(np.asarray(trainer.eval_step(
+        params, global_batch(batch, trainer.batch_sharding), jax.random.fold_in(rng, index))))
+  bits = np.concatenate(nelbos) / (math.prod(dataset.example_shape) * math.log(2))
+  result = {"eval_bits_per_token": float(bits.mean()),
+            "eval_bits_per_token_stderr": float(bits.std(ddof=1) / math.sqrt(len(bits))),
+            "eval_examples": len(bits)}
   if dataset.entropy_bits_per_token is not None:
     result["data_entropy_bits_per_token"] = dataset.entropy_bits_per_token
   return result
@@ -240,24 +243,78 @@ def checkpoint_manager(config: ml_collections.ConfigDict,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
       enable_async_checkpointing=config.async_checkpointing)
-  return ocp.CheckpointManager(workdir / "checkpoints", options=options,
-                               item_names=("state", "data"))
+  return ocp.CheckpointManager(
+      workdir / "checkpoints", options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint written by a model of another shape."""
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_compatible(saved_state: Any, abstract_state: TrainState, directory: str) -> None:
+  """Raises CheckpointMismatchError naming the first parameter whose shape differs."""
+  saved = {_path_name(path): tuple(leaf.shape)
+           for path, leaf in jax.tree_util.tree_leaves_with_path(saved_state["params"])}
+  expected = {_path_name(path): tuple(leaf.shape)
+              for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state.params)}
+  for name in sorted(set(saved) | set(expected)):
+    if saved.get(name) != expected.get(name):
+      raise CheckpointMismatchError(
+          f"checkpoint {directory} does not fit this model: parameter {name} has shape "
+          f"{saved.get(name, 'absent')} there and {expected.get(name, 'absent')} in the "
+          "config. Use the config it was trained with, or another --workdir.")
 
 
 def restore_or_init(manager: ocp.CheckpointManager, trainer: Trainer,
                     dataset: data_lib.Dataset, rng: Array) -> TrainState:
-  """The latest checkpoint's state (and data position), or a fresh state."""
-  step = manager.latest_step()
-  if step is None:
-    return trainer.init(rng)
+  """The newest readable checkpoint's state (and data position), or a fresh state.
+
+  An unreadable checkpoint is reported and moved aside to checkpoints_unreadable/
+  (nothing is deleted), and the one before it is tried.
+  """
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       jax.eval_shape(trainer.init, rng), trainer.state_sharding)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract),
-      data=grain.checkpoint.CheckpointRestore(dataset.train)))
-  logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
-  return restored.state
+  for step in sorted(manager.all_steps(), reverse=True):
+    directory = manager.directory / str(step)
+    try:
+      check_compatible(manager.item_metadata(step)["state"], abstract, str(directory))
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          data=grain.checkpoint.CheckpointRestore(dataset.train)))
+    except CheckpointMismatchError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except
+      aside = manager.directory.parent / "checkpoints_unreadable" / str(step)
+      logging.error("Checkpoint %s is unreadable (%s: %s); moving it to %s and trying the "
+                    "previous one.", directory, type(error).__name__, error, aside)
+      if jax.process_index() == 0:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        directory.rename(aside)
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+      manager.reload()
+      continue
+    logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
+    return restored.state
+  return trainer.init(rng)
+
+
+@contextlib.contextmanager
+def saving_errors(manager: ocp.CheckpointManager, step: int):
+  """Turns a failed (possibly asynchronous) save into an error that says what is kept."""
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except
+    raise OSError(
+        f"saving a checkpoint (at or before step {step}) in {manager.directory} failed: "
+        f"{type(error).__name__}: {error}. The older checkpoints there are intact; free "
+        "disk space or fix the path, then re-run to resume from the latest of them.") from error
 
 
 class Preemption:
@@ -310,9 +367,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.dataset, step, config.num_train_steps, dict(mesh.shape))
 
   def save(step: int) -> None:
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(dataset.train)))
+    with saving_errors(manager, step):
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(dataset.train)))
 
   try:
     while step < config.num_train_steps:
@@ -346,11 +404,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           check_finite(jax.device_get(history))
         save(step)
       if preemption.requested:
-        manager.wait_until_finished()
+        with saving_errors(manager, step):
+          manager.wait_until_finished()
         raise SystemExit(f"Preempted at step {step}: checkpoint saved in "
                          f"{manager.directory}; re-run the same command to resume.")
   finally:
-    manager.wait_until_finished()
+    with saving_errors(manager, step):
+      manager.wait_until_finished()
     manager.close()
     writer.close()
     preemption.restore()

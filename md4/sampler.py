@@ -1,0 +1,273 @@
+"""MD4 samplers over a `predict_fn`: ancestral, top-p and mean, with prefix,
+infill and reuse of network outputs.
+
+Time grid 1 = t_0 > t_1 > ... > t_T = 0:
+
+    uniform   t_i = 1 - i / T
+    cosine    t_i = cos(pi/2 * i / T)   (MD4's grid: fine steps near t = 1)
+
+Step i goes from t = t_i to s = t_{i+1}: each masked position is revealed with
+probability (alpha_s - alpha_t) / (1 - alpha_t), to a draw from
+softmax(logits) (or its renormalised top-p nucleus); revealed positions never
+change. Positions still masked after the last step take the network's most
+likely value under the logits of that step, so a run costs exactly T network
+evaluations (fewer with `reuse_outputs`).
+
+Every loop is a `lax.fori_loop`; callers jit the whole sampler with the
+Python arguments static, e.g.
+
+    fn = jax.jit(lambda rng: sampler.ancestral(predict_fn, rng, shape=(B, L),
+                                               vocab_size=V, schedule=sch,
+                                               steps=T))
+"""
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from md4 import diffusion
+from md4 import schedule as schedule_lib
+
+Array = jnp.ndarray
+# predict_fn(z [B, ...] int32 with mask id V, t [B] float32) -> logits [B, ..., V]
+PredictFn = Callable[[Array, Array], Array]
+
+GRIDS = ("uniform", "cosine")
+SAMPLERS = ("ancestral", "mean")
+
+
+def time_grid(steps: int, grid: str) -> np.ndarray:
+  """Times 1 = t_0 > ... > t_T = 0 [T + 1], float32 (see module docstring)."""
+  _check_steps(steps)
+  if grid not in GRIDS:
+    raise ValueError(f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}")
+  fraction = np.arange(steps + 1, dtype=np.float64) / steps
+  if grid == "uniform":
+    times = 1.0 - fraction
+  else:
+    times = np.cos(np.pi / 2 * fraction)
+  # cos(pi/2) is 6e-17, not 0: pin both ends exactly.
+  times[0], times[-1] = 1.0, 0.0
+  return times.astype(np.float32)
+
+
+def reveal_probs(sch: schedule_lib.Schedule, times: Array) -> Array:
+  """(alpha_s - alpha_t) / (1 - alpha_t) for consecutive (t, s) [T], in [0, 1]."""
+  alpha = sch.alpha(jnp.asarray(times, jnp.float32))
+  alpha_t, alpha_s = alpha[:-1], alpha[1:]
+  # eps = 0 makes 1 - alpha_t vanish only where everything is revealed anyway.
+  denominator = jnp.maximum(1.0 - alpha_t, jnp.finfo(jnp.float32).tiny)
+  return jnp.clip((alpha_s - alpha_t) / denominator, 0.0, 1.0)
+
+
+def top_p_log_probs(logits: Array, top_p: float | None) -> Array:
+  """Log-probabilities of the renormalised top-p nucleus [..., V]; -inf outside.
+
+  The nucleus is the smallest set of most likely values whose mass reaches
+  top_p, widened to every value tied with its least likely member, so the
+  result never depends on the order of tied values. top_p None or 1.0 gives
+  the plain log-softmax.
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  if top_p is None or top_p >= 1.0:
+    return log_probs
+  probs = jnp.exp(log_probs)
+  sorted_probs = -jnp.sort(-probs, axis=-1)
+  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+  # The most likely value always counts: its mass_before is exactly 0 < top_p.
+  num_kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+  threshold = jnp.take_along_axis(sorted_probs, num_kept - 1, axis=-1)
+  return jax.nn.log_softmax(
+      jnp.where(probs >= threshold, log_probs, -jnp.inf), axis=-1)
+
+
+def ancestral(predict_fn: PredictFn,
+              rng: Array,
+              *,
+              shape: tuple[int, ...],
+              vocab_size: int,
+              schedule: schedule_lib.Schedule,
+              steps: int,
+              grid: str = "cosine",
+              top_p: float | None = None,
+              prefix: Array | None = None,
+              infill: tuple[Array, Array] | None = None,
+              sampler: str = "ancestral",
+              reuse_outputs: bool = False,
+              return_nfe: bool = False) -> Array | tuple[Array, Array]:
+  """Samples z int32 [B, ...] = `shape` in {0..V-1} from a masked diffusion model.
+
+  Args:
+    predict_fn: (z [B, ...] int32 with mask id V, t [B] float32) -> logits
+      [B, ..., V]. Every dim of `shape` after B is a position.
+    rng: a PRNG key.
+    shape: (B, L) for text, (B, H, W, C) for images, ...
+    vocab_size: V; the mask id is V.
+    schedule: the masking schedule the model was trained with.
+    steps: T, the number of network steps.
+    grid: "uniform" or "cosine" time grid (module docstring).
+    top_p: draw from the renormalised top-p nucleus (see `top_p_log_probs`);
+      None or 1.0 draws from the full softmax.
+    prefix: int32 [B, P]; the first P positions (row-major over the dims
+      after B) are given and never change.
+    infill: (template int32 [B, ...], given bool [B, ...]); positions where
+      `given` is True hold `template` from the start and never change
+      (template values elsewhere are ignored). Where prefix and infill both
+      give a position, the prefix wins.
+    sampler: "ancestral" draws each masked position's next state from one
+      categorical over the V values and the mask; "mean" is the MD4
+      reference's two-draw variant: a value x0 ~ mu for every position and an
+      independent Bernoulli(reveal probability) coin, the position taking x0
+      where the coin says reveal. Both have the same law per step; the
+      reference keeps the two-draw form for comparison and notes it tends to
+      do worse than the one-draw form (Shi et al., 2024, App. G).
+    reuse_outputs: skip the network in a step when no position changed since
+      its last call, reusing those logits. Only valid for a network that
+      ignores t. The skip is decided for the whole batch at once.
+    return_nfe: also return the number of network evaluations spent.
+
+  Returns:
+    z int32 [B, ...] with no mask id left, or (z, nfe int32 []) with
+    return_nfe. Without reuse_outputs nfe == steps.
+  """
+  _check_args(rng, shape, vocab_size, schedule, steps, grid, top_p, sampler)
+  shape = tuple(int(d) for d in shape)
+  mask_id = vocab_size
+  batch_size = shape[0]
+  given, template = _given_positions(shape, vocab_size, prefix, infill)
+  z_init = jnp.where(given, template, mask_id).astype(jnp.int32)
+  times = jnp.asarray(time_grid(steps, grid))
+  probs = reveal_probs(schedule, times)
+
+  def call_network(z: Array, t: Array) -> Array:
+    logits = predict_fn(z, jnp.full((batch_size,), t, jnp.float32))
+    if logits.shape != shape + (vocab_size,):
+      raise ValueError(f"predict_fn returned logits of shape {logits.shape}, "
+                       f"expected {shape + (vocab_size,)}")
+    return logits.astype(jnp.float32)
+
+  def step(i: Array, carry: tuple) -> tuple:
+    z, cached_logits, stale, nfe = carry
+    if reuse_outputs:
+      logits = jax.lax.cond(stale, lambda: call_network(z, times[i]),
+                            lambda: cached_logits)
+      nfe = nfe + stale.astype(jnp.int32)
+    else:
+      logits = call_network(z, times[i])
+      nfe = nfe + 1
+    draw = _draw(jax.random.fold_in(rng, i), top_p_log_probs(logits, top_p),
+                 probs[i], mask_id, sampler)
+    z_next = jnp.where(z == mask_id, draw, z)
+    still_masked = z_next == mask_id
+    z_next = jnp.where((i == steps - 1) & still_masked,
+                       jnp.argmax(logits, axis=-1).astype(jnp.int32), z_next)
+    # New logits are needed only if something changed and is left to draw.
+    stale = jnp.any(z_next != z) & jnp.any(still_masked)
+    return z_next, (logits if reuse_outputs else None), stale, nfe
+
+  cached_logits = (jnp.zeros(shape + (vocab_size,), jnp.float32)
+                   if reuse_outputs else None)
+  carry = (z_init, cached_logits, jnp.any(z_init == mask_id), jnp.int32(0))
+  z, _, _, nfe = jax.lax.fori_loop(0, steps, step, carry)
+  if return_nfe:
+    return z, nfe
+  return z
+
+
+def _draw(rng: Array, log_probs: Array, reveal_prob: Array, mask_id: int,
+          sampler: str) -> Array:
+  """Next state of a masked position [B, ...]: a value, or mask_id if unrevealed."""
+  if sampler == "ancestral":
+    stay_masked = jnp.broadcast_to(jnp.log1p(-reveal_prob), log_probs.shape[:-1])
+    joint = jnp.concatenate(
+        [log_probs + jnp.log(reveal_prob), stay_masked[..., None]], axis=-1)
+    # Index V of the joint categorical is the mask id.
+    return jax.random.categorical(rng, joint, axis=-1).astype(jnp.int32)
+  rng_value, rng_reveal = jax.random.split(rng)
+  values = jax.random.categorical(rng_value, log_probs, axis=-1)
+  reveal = jax.random.bernoulli(rng_reveal, reveal_prob, values.shape)
+  return jnp.where(reveal, values, mask_id).astype(jnp.int32)
+
+
+def _given_positions(shape: tuple[int, ...], vocab_size: int,
+                     prefix: Array | None,
+                     infill: tuple[Array, Array] | None) -> tuple[Array, Array]:
+  """(given bool, template int32), both `shape`, from prefix and infill."""
+  given = jnp.zeros(shape, jnp.bool_)
+  template = jnp.zeros(shape, jnp.int32)
+  if infill is not None:
+    if not isinstance(infill, (tuple, list)) or len(infill) != 2:
+      raise ValueError("infill must be a pair (template, given)")
+    template, given = jnp.asarray(infill[0]), jnp.asarray(infill[1])
+    if given.dtype != jnp.bool_:
+      raise ValueError(f"infill given must be a bool array, got dtype {given.dtype}")
+    if template.shape != shape or given.shape != shape:
+      raise ValueError(f"infill template {template.shape} and given "
+                       f"{given.shape} must both have shape {shape}")
+    if not jnp.issubdtype(template.dtype, jnp.integer):
+      raise ValueError(
+          f"infill template must hold integer token ids, got dtype {template.dtype}")
+    # Only the given positions must be valid ids; elsewhere anything goes.
+    with jax.ensure_compile_time_eval():
+      diffusion.check_tokens(jnp.where(given, template, 0), vocab_size,
+                             name="infill template (at given positions)")
+    template = template.astype(jnp.int32)
+  if prefix is not None:
+    prefix = jnp.asarray(prefix)
+    num_positions = math.prod(shape[1:])
+    if prefix.ndim != 2 or prefix.shape[0] != shape[0]:
+      raise ValueError(f"prefix must have shape [B, P] with B = {shape[0]}, "
+                       f"got {prefix.shape}")
+    length = prefix.shape[1]
+    if length > num_positions:
+      raise ValueError(f"prefix has {length} positions, more than the "
+                       f"{num_positions} of shape {shape}")
+    if length == 0:
+      return given, template
+    # Under jit a concrete prefix still gets its values checked.
+    with jax.ensure_compile_time_eval():
+      diffusion.check_tokens(prefix, vocab_size, name="prefix")
+    given = given.reshape(shape[0], -1).at[:, :length].set(True).reshape(shape)
+    template = template.reshape(shape[0], -1).at[:, :length].set(
+        prefix.astype(jnp.int32)).reshape(shape)
+  return given, template
+
+
+def _check_steps(steps: int) -> None:
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+
+
+def _check_args(rng: Array, shape: tuple[int, ...], vocab_size: int,
+                schedule: schedule_lib.Schedule, steps: int, grid: str,
+                top_p: float | None, sampler: str) -> None:
+  """Raises ValueError naming the first bad argument."""
+  rng_dtype = getattr(rng, "dtype", None)
+  is_typed_key = rng_dtype is not None and jnp.issubdtype(rng_dtype,
+                                                           jax.dtypes.prng_key)
+  if not is_typed_key and (rng_dtype != jnp.uint32 or jnp.ndim(rng) != 1):
+    raise ValueError(f"rng must be a PRNG key (jax.random.key or PRNGKey), got "
+                     f"{type(rng).__name__} of dtype {rng_dtype}")
+  if (not isinstance(shape, (tuple, list)) or len(shape) < 2 or
+      not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+              and d >= 1 for d in shape)):
+    raise ValueError(f"shape must be a tuple (B, L, ...) of positive ints, got {shape!r}")
+  if (isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer))
+      or vocab_size < 1):
+    raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+  _check_steps(steps)
+  if grid not in GRIDS:
+    raise ValueError(f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}")
+  if not callable(getattr(schedule, "alpha", None)):
+    raise ValueError(f"schedule must be a schedule.Schedule (see schedule.get), "
+                     f"got {schedule!r}")
+  if top_p is not None and (
+      isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
+      or not 0.0 < top_p <= 1.0):
+    raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+  if sampler not in SAMPLERS:
+    raise ValueError(
+        f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
