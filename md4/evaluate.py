@@ -595,6 +595,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  train.initialize_distributed()
   given = flags.FLAGS
   results = run(
       given.workdir, step=given.step, split=given.split, num_t=given.num_t,

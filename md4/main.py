@@ -1,8 +1,6 @@
 """Entry point: python -m md4.main --config=configs/<name>.py --workdir=DIR."""
 
-import glob
 import logging as python_logging
-import os
 
 from absl import app
 from absl import flags
@@ -31,28 +29,11 @@ class _QuietOrbax(python_logging.Filter):
     return record.levelno >= python_logging.WARNING or "orbax" not in record.pathname
 
 
-def _on_cloud_tpu_vm() -> bool:
-  """TPU VMs expose their chips as /dev/accel* or /dev/vfio/<n>; jax finds the other hosts."""
-  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
-def _initialize_distributed() -> None:
-  """Joins the other processes of a multi-process run, if this is one."""
-  # CPU-only processes need a collectives backend to talk to each other.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if _COORDINATOR.value is not None:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or _on_cloud_tpu_vm():
-    jax.distributed.initialize()
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  _initialize_distributed()
+  train.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   eval_metrics = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

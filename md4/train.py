@@ -7,7 +7,9 @@ The loop only glues: `models` turns parameters into losses and samples,
 import contextlib
 import dataclasses
 import functools
+import glob
 import math
+import os
 import signal
 import time
 from typing import Any
@@ -42,6 +44,28 @@ class TrainState:
   params: Any
   opt_state: Any
   ema_params: Any
+
+
+def _on_cloud_tpu_vm() -> bool:
+  """TPU VMs expose their chips as /dev/accel* or /dev/vfio/<n>; jax finds the other hosts."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins the other processes of a multi-process run, if this is one.
+
+  Cloud TPU VMs and SLURM jobs are detected; other launchers pass the
+  coordinator's host:port, the number of processes and this one's index.
+  """
+  # CPU-only processes need a collectives backend to talk to each other.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address is not None:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or _on_cloud_tpu_vm():
+    jax.distributed.initialize()
 
 
 def make_mesh(config: ml_collections.ConfigDict,

@@ -3,16 +3,19 @@
 Every parameter carries logical axis names (`nn.with_logical_partitioning`);
 the training loop maps them to mesh axes with rules. The names used:
 
-    vocab     token-id rows of the input table and the logit outputs
-    classes   rows of the class-label table (num_classes + 1, last = null)
+    vocab     rows of the token table (vocab_size + 1, last = mask) and of
+              the class-label table (num_classes + 1, last = null); logits
     embed     model / conditioning width
     mlp       hidden width of MLPs and of the adaLN modulation
     heads     attention heads
-    kv        per-head width
+    head_dim  per-head width
     conv_in   input channels of a convolution (or 1x1 projection)
     conv_out  output channels of a convolution (or 1x1 projection)
     norm      scales and offsets of normalisation layers
     None      spatial kernel axes and the sinusoidal-frequency axis
+
+"vocab", "embed", "mlp", "heads" and "head_dim" mean what they mean in
+`md4.networks.transformer`, so one set of rules serves every network.
 """
 
 import math
@@ -26,7 +29,7 @@ import numpy as np
 Array = jnp.ndarray
 Dtype = Any
 
-AXIS_NAMES = ("vocab", "classes", "embed", "mlp", "heads", "kv", "conv_in",
+AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "conv_in",
               "conv_out", "norm")
 
 
@@ -150,7 +153,7 @@ class ConditionEmbed(nn.Module):
       label = jnp.full(t.shape, self.num_classes, jnp.int32)
     label_table = nn.Embed(
         self.num_classes + 1, self.features, dtype=self.dtype,
-        embedding_init=partitioned(nn.initializers.normal(1.0), "classes", "embed"),
+        embedding_init=partitioned(nn.initializers.normal(0.02), "vocab", "embed"),
         name="label")
     return h + label_table(label)
 
@@ -179,8 +182,8 @@ class SelfAttention(nn.Module):
     def projection(name: str) -> Array:
       return nn.DenseGeneral(
           (self.num_heads, head_dim), dtype=self.dtype,
-          kernel_init=partitioned(default_init(), "embed", "heads", "kv"),
-          bias_init=partitioned(nn.initializers.zeros, "heads", "kv"),
+          kernel_init=partitioned(default_init(), "embed", "heads", "head_dim"),
+          bias_init=partitioned(nn.initializers.zeros, "heads", "head_dim"),
           name=name)(x)
 
     q, k, v = projection("query"), projection("key"), projection("value")
@@ -189,6 +192,6 @@ class SelfAttention(nn.Module):
         width, axis=(-2, -1), dtype=self.dtype,
         kernel_init=partitioned(
             nn.initializers.zeros if self.zero_init_out else default_init(),
-            "heads", "kv", "embed"),
+            "heads", "head_dim", "embed"),
         bias_init=partitioned(nn.initializers.zeros, "embed"),
         name="out")(h)

@@ -65,18 +65,19 @@ class ResBlock(nn.Module):
   def __call__(self, x: Array, cond: Array, train: bool) -> Array:
     h = nn.swish(_group_norm(self.groups, self.dtype, "norm_in")(x))
     h = _conv(self.features, self.dtype, "conv_in")(h)
-    h = h + nn.Dense(self.features, dtype=self.dtype,
-                     kernel_init=partitioned(layers.default_init(), "embed", "conv_out"),
-                     bias_init=partitioned(nn.initializers.zeros, "conv_out"),
-                     name="cond")(cond)[:, None, None, :]
+    cond_proj = nn.Dense(
+        self.features, dtype=self.dtype,
+        kernel_init=partitioned(layers.default_init(), "embed", "conv_out"),
+        bias_init=partitioned(nn.initializers.zeros, "conv_out"), name="cond")
+    h = h + cond_proj(cond)[:, None, None, :]
     h = nn.swish(_group_norm(self.groups, self.dtype, "norm_out")(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = _conv(self.features, self.dtype, "conv_out", zero_init=True)(h)
     if x.shape[-1] != self.features:
-      x = nn.Dense(self.features, dtype=self.dtype,
-                   kernel_init=partitioned(layers.default_init(), "conv_in", "conv_out"),
-                   bias_init=partitioned(nn.initializers.zeros, "conv_out"),
-                   name="skip")(x)
+      x = nn.Dense(
+          self.features, dtype=self.dtype,
+          kernel_init=partitioned(layers.default_init(), "conv_in", "conv_out"),
+          bias_init=partitioned(nn.initializers.zeros, "conv_out"), name="skip")(x)
     return x + h
 
 
