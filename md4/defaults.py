@@ -32,10 +32,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.timesteps = 1000
   config.antithetic_time_sampling = True
 
+  # backbone: "transformer" (token sequences), "unet" or "dit" (images). width,
+  # num_layers, num_heads, mlp_ratio serve the transformer and the DiT; the
+  # unet_* keys and patch_size the image backbones.
   config.model = ml_collections.ConfigDict(dict(
-      width=128, num_layers=2, num_heads=4, mlp_ratio=4.0, mlp_type="swiglu",
-      time_conditioning="adaln", dropout_rate=0.0, attention_impl="",
-      remat_policy="none", scan_layers=False, dtype="float32"))
+      backbone="transformer", width=128, num_layers=2, num_heads=4, mlp_ratio=4.0,
+      mlp_type="swiglu", time_conditioning="adaln", dropout_rate=0.0, attention_impl="",
+      remat_policy="none", scan_layers=False, dtype="float32",
+      unet_channels=128, unet_channel_mult=(1,), unet_num_res_blocks=32,
+      unet_attention_resolutions=(), unet_norm_groups=32, patch_size=4))
+  # Class conditioning (labelled datasets) and classifier-free guidance:
+  # labels are dropped to the null class with probability label_dropout in
+  # training; sampling mixes logits as uncond + guidance_scale (cond - uncond).
+  config.class_conditional = False
+  config.label_dropout = 0.1
+  config.guidance_scale = 1.0
   config.prime = ml_collections.ConfigDict(dict(
       length=2, binary=False, shuffle_seed=-1, objective="nelbo"))
   config.genmd4 = ml_collections.ConfigDict(dict(
@@ -66,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample_steps = 256
   config.sample_grid = "cosine"
   config.sample_top_p = 1.0
+  config.num_montage_frames = 8
   config.check_nans = True
   return config
 

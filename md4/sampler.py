@@ -97,7 +97,8 @@ def ancestral(predict_fn: PredictFn,
               infill: tuple[Array, Array] | None = None,
               sampler: str = "ancestral",
               reuse_outputs: bool = False,
-              return_nfe: bool = False) -> Array | tuple[Array, Array]:
+              return_nfe: bool = False,
+              num_frames: int = 0) -> Array | tuple[Array, ...]:
   """Samples z int32 [B, ...] = `shape` in {0..V-1} from a masked diffusion model.
 
   Args:
@@ -128,10 +129,14 @@ def ancestral(predict_fn: PredictFn,
       its last call, reusing those logits. Only valid for a network that
       ignores t. The skip is decided for the whole batch at once.
     return_nfe: also return the number of network evaluations spent.
+    num_frames: also return F = num_frames snapshots of the state [F, B, ...]
+      (mask id included) at evenly spaced steps, the first before any step and
+      the last after all of them, to show the reverse process.
 
   Returns:
-    z int32 [B, ...] with no mask id left, or (z, nfe int32 []) with
-    return_nfe. Without reuse_outputs nfe == steps.
+    z int32 [B, ...] with no mask id left; with return_nfe and/or num_frames,
+    the tuple (z, nfe int32 [], frames) with only the ones asked for. Without
+    reuse_outputs nfe == steps.
   """
   _check_args(rng, shape, vocab_size, schedule, steps, grid, top_p, sampler)
   shape = tuple(int(d) for d in shape)
@@ -149,8 +154,11 @@ def ancestral(predict_fn: PredictFn,
                        f"expected {shape + (vocab_size,)}")
     return logits.astype(jnp.float32)
 
+  frame_steps = jnp.asarray(np.unique(np.linspace(0, steps, max(num_frames, 1)).round()),
+                            jnp.int32)
+
   def step(i: Array, carry: tuple) -> tuple:
-    z, cached_logits, stale, nfe = carry
+    z, cached_logits, stale, nfe, frames = carry
     if reuse_outputs:
       logits = jax.lax.cond(stale, lambda: call_network(z, times[i]),
                             lambda: cached_logits)
@@ -166,15 +174,18 @@ def ancestral(predict_fn: PredictFn,
                        jnp.argmax(logits, axis=-1).astype(jnp.int32), z_next)
     # New logits are needed only if something changed and is left to draw.
     stale = jnp.any(z_next != z) & jnp.any(still_masked)
-    return z_next, (logits if reuse_outputs else None), stale, nfe
+    if num_frames:
+      index = jnp.minimum(jnp.searchsorted(frame_steps, i + 1), len(frame_steps) - 1)
+      frames = jnp.where(frame_steps[index] == i + 1, frames.at[index].set(z_next), frames)
+    return z_next, (logits if reuse_outputs else None), stale, nfe, frames
 
   cached_logits = (jnp.zeros(shape + (vocab_size,), jnp.float32)
                    if reuse_outputs else None)
-  carry = (z_init, cached_logits, jnp.any(z_init == mask_id), jnp.int32(0))
-  z, _, _, nfe = jax.lax.fori_loop(0, steps, step, carry)
-  if return_nfe:
-    return z, nfe
-  return z
+  frames = jnp.broadcast_to(z_init, (len(frame_steps),) + shape) if num_frames else None
+  carry = (z_init, cached_logits, jnp.any(z_init == mask_id), jnp.int32(0), frames)
+  z, _, _, nfe, frames = jax.lax.fori_loop(0, steps, step, carry)
+  outputs = (z,) + ((nfe,) if return_nfe else ()) + ((frames,) if num_frames else ())
+  return outputs if len(outputs) > 1 else z
 
 
 def _draw(rng: Array, log_probs: Array, reveal_prob: Array, mask_id: int,

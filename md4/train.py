@@ -33,6 +33,7 @@ from md4 import data as data_lib
 from md4 import defaults
 from md4 import metric_writers
 from md4 import models
+from md4 import visualize
 
 Array = jnp.ndarray
 Metrics = dict[str, Array]
@@ -198,7 +199,7 @@ def build_trainer(config: ml_collections.ConfigDict, model: models.MD4,
   evaluate = jax.jit(functools.partial(eval_step, model),
                      in_shardings=(state_sharding.ema_params, data_sharding, replicated),
                      out_shardings=replicated)
-  sample = jax.jit(model.sample, static_argnums=(2,),
+  sample = jax.jit(model.sample, static_argnums=(2, 3),
                    in_shardings=(state_sharding.ema_params, replicated),
                    out_shardings=replicated)
   return Trainer(model, mesh, state_sharding, data_sharding, init, step, evaluate, sample)
@@ -231,13 +232,25 @@ def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
   return result
 
 
-def write_samples(workdir: epath.Path, step: int, samples: np.ndarray,
-                  dataset: data_lib.Dataset) -> None:
-  if dataset.decode is None or jax.process_index() != 0:
+def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
+                  dataset: data_lib.Dataset, workdir: epath.Path, step: int,
+                  rng: Array) -> None:
+  """Text to samples/step_<N>.txt; images to a PNG grid and a reverse-process strip."""
+  is_image = dataset.decode is None
+  num_frames = config.num_montage_frames if is_image and config.model_type == "md4" else 0
+  outputs = trainer.sample(params, rng, config.num_samples, num_frames)
+  samples, frames = outputs if num_frames else (outputs, None)
+  samples = np.asarray(multihost_utils.process_allgather(samples, tiled=True))
+  if jax.process_index() != 0:
     return
-  (workdir / "samples").mkdir(parents=True, exist_ok=True)
+  folder = workdir / "samples"
+  if is_image:
+    visualize.write_image_samples(folder, step, samples,
+                                  None if frames is None else np.asarray(frames))
+    return
+  folder.mkdir(parents=True, exist_ok=True)
   text = "\n".join(dataset.decode(sample) for sample in samples)
-  (workdir / "samples" / f"step_{step}.txt").write_text(text + "\n")
+  (folder / f"step_{step}.txt").write_text(text + "\n")
 
 
 def summary_line(eval_metrics: dict[str, float]) -> str:
@@ -419,10 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_metrics = evaluate(config, trainer, state.ema_params, dataset, rng_eval)
         writer.write_scalars(step, eval_metrics)
       if step % config.sample_every_steps == 0 or last:
-        samples = trainer.sample(state.ema_params, jax.random.fold_in(rng_sample, step),
-                                 config.num_samples)
-        write_samples(workdir, step, np.asarray(multihost_utils.process_allgather(samples, tiled=True)),
-                      dataset)
+        write_samples(config, trainer, state.ema_params, dataset, workdir, step,
+                      jax.random.fold_in(rng_sample, step))
       if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
         if config.check_nans and history:
           check_finite(jax.device_get(history))

@@ -1,0 +1,424 @@
+"""MDM-Prime (Chao et al., 2025): partial masking over sub-tokens.
+
+A codec f writes each token class c in {0..C-1} as l base-b digits (most
+significant first), b = ceil(C^(1/l)), optionally after a fixed seeded
+permutation of the classes (index shuffling); binary means b = 2 and
+l = ceil(log2 C). Each of the l L sub-tokens is masked independently with
+probability 1 - alpha_t; the sub-token mask id is b. The network reads the
+sub-token state y_t [B, L, l] and returns logits over the C classes per
+position.
+
+Carry-over: class c is allowed at position i only if f(c) agrees with every
+unmasked sub-token there, and p(c | y_t) is the softmax over allowed classes.
+The sub-token marginals are mu^{ij}(v) = sum_{c: f(c)_j = v} p(c | y_t).
+
+The valid bound, reported and by default trained, is MD4's NELBO over the
+sub-tokens:
+
+    NELBO(x) = int_0^1 -w(t) E_q[ sum_i sum_{j: y_t^{ij} = m} -log mu^{ij}(y_0^{ij}) ] dt
+               + L l (1 - alpha_0) log b.
+
+The reconstruction term codes each sub-token still masked at t = 0 uniformly
+over its b digits. That is a proper (sub-)distribution over digit strings:
+the mass it puts on strings that encode no class only loosens the bound, and
+l log b >= log C, so it is never below MD4's L (1 - alpha_0) log C; with
+alpha_0 = 1 - eps the two differ by O(eps) nats. For l = 1 and no shuffling
+the whole loss is MD4's (`diffusion.loss`), draw for draw.
+
+The per-token surrogate int -w(t) E_q[ sum_i -log p(x^i | y_t) ] dt
+(objective="joint") is NOT a bound: on C = 4, l = 2, x in {00, 11} uniform it
+gives (ln 2) / 2 per token with the exact posterior, below the entropy ln 2.
+It may be trained, never reported as a likelihood.
+
+Sampler, t -> s: draw x_hat^i ~ p(. | y_t) per position; each masked sub-token
+is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) as
+f(x_hat^i)_j. Carry-over keeps every state consistent with some class, so the
+final decode always succeeds. (The NELBO above is that of a reverse process
+revealing sub-tokens independently from mu; in continuous time at most one
+sub-token is revealed at once and the two processes coincide.)
+"""
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from md4 import diffusion
+from md4 import sampler as sampler_lib
+from md4 import schedule as schedule_lib
+
+Array = jnp.ndarray
+# predict_fn(y [B, L, l] int32 with mask id b, t [B] float32) -> logits [B, L, C]
+PredictFn = Callable[[Array, Array], Array]
+
+OBJECTIVES = ("nelbo", "joint")
+_INT32_MAX = 2**31 - 1
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def smallest_base(num_classes: int, length: int) -> int:
+  """The smallest b >= 1 with b**length >= num_classes, in exact integers."""
+  base = max(1, round(num_classes**(1.0 / length)))
+  while base**length < num_classes:
+    base += 1
+  while base > 1 and (base - 1)**length >= num_classes:
+    base -= 1
+  return base
+
+
+class Codec:
+  """Sub-token codec f: {0..C-1} -> {0..b-1}^l, most significant digit first.
+
+  Attributes:
+    num_classes: C.
+    length: l, sub-tokens per token.
+    base: b = ceil(C^(1/l)) (2 when binary); also the sub-token mask id.
+    mask_id: b.
+    shuffle_seed: seed of the class permutation, or None for none.
+    digit_table: int32 [C, l], row c = f(c).
+  """
+
+  def __init__(self,
+               num_classes: int,
+               length: int | None = None,
+               shuffle_seed: int | None = None,
+               binary: bool = False):
+    if not _is_int(num_classes) or not 1 <= num_classes <= _INT32_MAX:
+      raise ValueError(
+          f"num_classes must be an int in [1, 2**31), got {num_classes!r}")
+    if binary:
+      binary_length = max(1, (int(num_classes) - 1).bit_length())
+      if length is not None and length != binary_length:
+        raise ValueError(f"length={length!r} contradicts binary=True, which "
+                         f"needs length ceil(log2 {num_classes}) = {binary_length}")
+      length = binary_length
+    if not _is_int(length) or length < 1:
+      raise ValueError(f"length must be an int >= 1 (or binary=True), got {length!r}")
+    if shuffle_seed is not None and not _is_int(shuffle_seed):
+      raise ValueError(f"shuffle_seed must be None or an int, got {shuffle_seed!r}")
+    self.num_classes = int(num_classes)
+    self.length = int(length)
+    self.base = 2 if binary else smallest_base(self.num_classes, self.length)
+    self.mask_id = self.base
+    self.shuffle_seed = shuffle_seed
+    self.binary = bool(binary)
+    # Place values b^(l-1-j), capped at C: a digit whose place is >= C must be
+    # 0 in a valid code, and the cap keeps powers of b (b^l overflows int32
+    # once C passes 3^17) out of the int32 arithmetic.
+    self._places = np.array(
+        [min(self.base**(self.length - 1 - j), self.num_classes)
+         for j in range(self.length)], np.int64)
+    largest_value = int(((self.base - 1) * self._places).sum())
+    if largest_value > _INT32_MAX:
+      raise ValueError(f"num_classes={num_classes}, length={length}: digit "
+                       f"strings worth up to {largest_value} overflow int32 "
+                       f"decoding")
+    if shuffle_seed is None:
+      values = np.arange(self.num_classes, dtype=np.int64)
+    else:
+      values = np.random.default_rng(shuffle_seed).permutation(self.num_classes)
+    self.digit_table = ((values[:, None] // self._places) % self.base).astype(np.int32)
+    # class_of_value[v] = c with value(f(c)) = v: the inverse permutation.
+    self._class_of_value = np.argsort(values).astype(np.int32)
+
+  def __repr__(self) -> str:
+    return (f"Codec(num_classes={self.num_classes}, length={self.length}, "
+            f"base={self.base}, shuffle_seed={self.shuffle_seed}, binary={self.binary})")
+
+  def encode(self, x: Array) -> Array:
+    """Digits f(x) int32 [..., l] of classes x [...].
+
+    numpy in, numpy out (host-side, for data pipelines); jax arrays and
+    tracers go through jax.numpy.
+    """
+    xp = _array_module(x)
+    x = xp.asarray(x)
+    if not xp.issubdtype(x.dtype, xp.integer):
+      raise ValueError(f"x must hold integer class ids, got dtype {x.dtype}")
+    if not isinstance(x, jax.core.Tracer) and x.size:
+      # NumPy, so that a concrete x closed over inside jit is not traced.
+      values = np.asarray(x)
+      low, high = int(values.min()), int(values.max())
+      if low < 0 or high >= self.num_classes:
+        raise ValueError(f"x has class ids in [{low}, {high}], outside "
+                         f"[0, {self.num_classes})")
+    return xp.take(self.digit_table, x, axis=0)
+
+  def _check_digits(self, y: Array) -> Array:
+    xp = _array_module(y)
+    y = xp.asarray(y)
+    if not xp.issubdtype(y.dtype, xp.integer):
+      raise ValueError(f"y must hold integer digits, got dtype {y.dtype}")
+    if y.ndim < 1 or y.shape[-1] != self.length:
+      raise ValueError(f"y must have shape [..., {self.length}] (one digit per "
+                       f"sub-token), got {y.shape}")
+    return y.astype(xp.int32)
+
+  def _value(self, y: Array) -> Array:
+    """sum_j clip(y_j) * place_j int32 [...]; >= C for every string with a
+    nonzero digit at a capped place, exact below C."""
+    digits = y.clip(0, self.base - 1)
+    return (digits * self._places.astype(np.int32)).sum(axis=-1)
+
+  def is_valid(self, y: Array) -> Array:
+    """bool [...]: whether the digit string y [..., l] encodes a class; jittable."""
+    y = self._check_digits(y)
+    digits_ok = ((y >= 0) & (y < self.base)).all(axis=-1)
+    return digits_ok & (self._value(y) < self.num_classes)
+
+  def decode(self, y: Array) -> Array:
+    """Classes f^{-1}(y) int32 [...] of digit strings y [..., l].
+
+    Raises ValueError for a string that encodes no class (a digit outside
+    [0, b), mask ids included, or a value >= C) when y is concrete; under jit
+    such strings decode to arbitrary classes, so check `is_valid`. numpy in,
+    numpy out, as in `encode`.
+    """
+    y = self._check_digits(y)
+    if not isinstance(y, jax.core.Tracer):
+      num_invalid = int((~self.is_valid(np.asarray(y))).sum())
+      if num_invalid:
+        raise ValueError(f"y holds {num_invalid} digit strings that encode no "
+                         f"class of {self!r}")
+    value = self._value(y).clip(0, self.num_classes - 1)
+    return _array_module(y).take(self._class_of_value, value, axis=0)
+
+
+def _array_module(a) -> object:
+  """jax.numpy for jax arrays and tracers, numpy for everything else."""
+  return jnp if isinstance(a, jax.Array) else np
+
+
+def allowed_classes(y: Array, codec: Codec) -> Array:
+  """Carry-over: bool [..., C], whether class c agrees with every unmasked
+  sub-token of y [..., l]."""
+  table = jnp.asarray(codec.digit_table)
+  allowed = jnp.ones(y.shape[:-1] + (codec.num_classes,), jnp.bool_)
+  # One [..., C] comparison per slot: never a [..., C, l] array.
+  for j in range(codec.length):
+    digit = y[..., j, None]
+    allowed &= (digit == codec.mask_id) | (digit == table[:, j])
+  return allowed
+
+
+def carry_over(logits: Array, y: Array, codec: Codec) -> Array:
+  """float32 logits [..., C] with -inf on the classes y [..., l] rules out."""
+  return jnp.where(allowed_classes(y, codec), logits.astype(jnp.float32), -jnp.inf)
+
+
+def sub_token_log_prob(logits: Array, y_t: Array, y_0: Array, codec: Codec) -> Array:
+  """log mu^{ij}(y_0^{ij}) [..., l] under carry-over from y_t.
+
+  logits [..., C]; y_t [..., l] a partial masking of the codes y_0 [..., l].
+  Each slot is one logsumexp over the allowed classes whose j-th digit is the
+  true one, so the cost is O(C l) per position with no array above [..., C].
+  """
+  allowed_logits = carry_over(logits, y_t, codec)
+  log_norm = jax.nn.logsumexp(allowed_logits, axis=-1)
+  table = jnp.asarray(codec.digit_table)
+  log_marginals = [
+      jax.nn.logsumexp(jnp.where(table[:, j] == y_0[..., j, None],
+                                 allowed_logits, -jnp.inf), axis=-1)
+      for j in range(codec.length)
+  ]
+  return jnp.stack(log_marginals, axis=-1) - log_norm[..., None]
+
+
+def loss(predict_fn: PredictFn,
+         x: Array,
+         rng: Array,
+         *,
+         codec: Codec,
+         schedule: schedule_lib.Schedule,
+         cont_time: bool = True,
+         timesteps: int = 1000,
+         antithetic: bool = True,
+         objective: str = "nelbo") -> tuple[Array, dict[str, Array]]:
+  """Monte-Carlo sub-token NELBO of x [B, L, ...] in nats per sequence.
+
+  Args:
+    predict_fn: (y [B, L, ..., l] int32 with mask id b, t [B]) -> logits
+      [B, L, ..., C].
+    x: int classes [B, L, ...] in {0..C-1}.
+    rng: a PRNG key (split as in `diffusion.loss`).
+    codec: the sub-token codec.
+    schedule: the masking schedule of every sub-token.
+    cont_time, timesteps, antithetic: as in `diffusion.loss`.
+    objective: "nelbo" returns the valid bound; "joint" returns the per-token
+      surrogate -w(t) sum_i -log p(x^i | y_t) + recon, a training objective
+      that is not a bound (module docstring).
+
+  Returns:
+    (loss [B], aux) with aux scalars (batch means): nelbo, loss_diffusion,
+    loss_recon and bits_per_token (NELBO / (L ln 2), per original token) of
+    the valid bound whatever the objective, masked_fraction (of sub-tokens),
+    and loss_surrogate with objective "joint".
+  """
+  if objective not in OBJECTIVES:
+    raise ValueError(
+        f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
+  if not isinstance(codec, Codec):
+    raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
+  diffusion.check_tokens(x, codec.num_classes)
+  if not cont_time and (not _is_int(timesteps) or timesteps < 1):
+    raise ValueError(f"timesteps must be an int >= 1, got {timesteps!r}")
+  batch_size = x.shape[0]
+  num_tokens = math.prod(x.shape[1:])
+  rng_t, rng_mask = jax.random.split(rng)
+  t = diffusion.sample_times(rng_t, batch_size, antithetic)
+  if not cont_time:
+    t = diffusion.discretise(t, timesteps)
+  y_0 = codec.encode(x)
+  y_t = diffusion.mask_tokens(rng_mask, y_0, schedule.alpha(t), codec.mask_id)
+  logits = predict_fn(y_t, t)
+  if logits.shape != x.shape + (codec.num_classes,):
+    raise ValueError(f"predict_fn returned logits of shape {logits.shape}, "
+                     f"expected {x.shape + (codec.num_classes,)}")
+  is_masked = y_t == codec.mask_id
+  log_mu = sub_token_log_prob(logits, y_t, y_0, codec)
+  masked_nll = -jnp.where(is_masked, log_mu, 0.0).reshape(batch_size, -1).sum(axis=-1)
+  weight = diffusion.time_weight(schedule, t, cont_time, timesteps)
+  loss_diffusion = weight * masked_nll
+  loss_recon = diffusion.reconstruction(schedule, num_tokens * codec.length, codec.base)
+  nelbo = loss_diffusion + loss_recon
+  aux = {
+      "nelbo": nelbo.mean(),
+      "loss_diffusion": loss_diffusion.mean(),
+      "loss_recon": loss_recon,
+      "bits_per_token": nelbo.mean() / (num_tokens * math.log(2)),
+      "masked_fraction": is_masked.mean(),
+  }
+  if objective == "nelbo":
+    return nelbo, aux
+  token_log_prob = diffusion.token_log_prob(carry_over(logits, y_t, codec), x)
+  # Tokens with a masked sub-token; a fully revealed one has log p = 0 anyway.
+  token_nll = -jnp.where(is_masked.any(axis=-1), token_log_prob, 0.0)
+  surrogate = weight * token_nll.reshape(batch_size, -1).sum(axis=-1) + loss_recon
+  aux["loss_surrogate"] = surrogate.mean()
+  return surrogate, aux
+
+
+def sample_sub_tokens(predict_fn: PredictFn,
+                      rng: Array,
+                      *,
+                      shape: tuple[int, ...],
+                      codec: Codec,
+                      schedule: schedule_lib.Schedule,
+                      steps: int,
+                      grid: str = "cosine",
+                      top_p: float | None = None,
+                      prefix: Array | None = None) -> Array:
+  """Prime sampler (module docstring): final sub-token states int32 [*shape, l].
+
+  Every state is a valid code (`codec.is_valid` holds everywhere). Arguments
+  as in `sample`.
+  """
+  _check_sample_args(rng, shape, codec, top_p)
+  shape = tuple(int(d) for d in shape)
+  batch_size = shape[0]
+  times = jnp.asarray(sampler_lib.time_grid(steps, grid))
+  reveal_probs = sampler_lib.reveal_probs(schedule, times)
+  table = jnp.asarray(codec.digit_table)
+  y_init = _initial_state(shape, codec, prefix)
+
+  def step(i: Array, y: Array) -> Array:
+    logits = predict_fn(y, jnp.full((batch_size,), times[i], jnp.float32))
+    if logits.shape != shape + (codec.num_classes,):
+      raise ValueError(f"predict_fn returned logits of shape {logits.shape}, "
+                       f"expected {shape + (codec.num_classes,)}")
+    logits = carry_over(logits, y, codec)
+    rng_draw, rng_reveal = jax.random.split(jax.random.fold_in(rng, i))
+    x_hat = jax.random.categorical(
+        rng_draw, sampler_lib.top_p_log_probs(logits, top_p), axis=-1)
+    reveal = jax.random.uniform(rng_reveal, y.shape) < reveal_probs[i]
+    y_next = jnp.where((y == codec.mask_id) & reveal, table[x_hat], y)
+
+    def fill(y: Array) -> Array:
+      # x_hat stays allowed, so the argmax is over a nonempty finite set.
+      best = jnp.argmax(carry_over(logits, y, codec), axis=-1)
+      return jnp.where(y == codec.mask_id, table[best], y)
+
+    return jax.lax.cond(i == steps - 1, fill, lambda y: y, y_next)
+
+  return jax.lax.fori_loop(0, steps, step, y_init)
+
+
+def sample(predict_fn: PredictFn,
+           rng: Array,
+           *,
+           shape: tuple[int, ...],
+           codec: Codec,
+           schedule: schedule_lib.Schedule,
+           steps: int,
+           grid: str = "cosine",
+           top_p: float | None = None,
+           prefix: Array | None = None) -> Array:
+  """Samples tokens int32 [B, L, ...] = `shape` in {0..C-1} with the Prime sampler.
+
+  A `lax.fori_loop` of exactly `steps` network calls; callers jit it with the
+  Python arguments static, e.g.
+  jax.jit(lambda rng: prime.sample(fn, rng, shape=(B, L), codec=codec,
+  schedule=sch, steps=T)). Called eagerly, the final decode also checks every
+  code.
+
+  Args:
+    predict_fn: (y [B, L, ..., l] int32 with mask id b, t [B] float32) ->
+      logits [B, L, ..., C].
+    rng: a PRNG key.
+    shape: (B, L) for text; every dim after B is a position.
+    codec: the sub-token codec.
+    schedule: the masking schedule the model was trained with.
+    steps: T network steps.
+    grid: "uniform" (t_i = 1 - i/T) or "cosine" (t_i = cos(pi/2 i/T)).
+    top_p: draw x_hat from the renormalised top-p nucleus of p(. | y_t);
+      None or 1.0 draws from all of it.
+    prefix: int32 [B, P]; the first P positions (row-major over the dims after
+      B) are given fully unmasked and never change.
+  """
+  codes = sample_sub_tokens(predict_fn, rng, shape=shape, codec=codec,
+                            schedule=schedule, steps=steps, grid=grid, top_p=top_p,
+                            prefix=prefix)
+  return codec.decode(codes)
+
+
+def _initial_state(shape: tuple[int, ...], codec: Codec,
+                   prefix: Array | None) -> Array:
+  """All sub-tokens masked [*shape, l], except the prefix positions, given."""
+  y = jnp.full((shape[0], math.prod(shape[1:]), codec.length), codec.mask_id,
+               jnp.int32)
+  if prefix is not None:
+    prefix = jnp.asarray(prefix)
+    diffusion.check_tokens(prefix, codec.num_classes, name="prefix")
+    if prefix.ndim != 2 or prefix.shape[0] != shape[0]:
+      raise ValueError(f"prefix must have shape [B, P] with B = {shape[0]}, "
+                       f"got {prefix.shape}")
+    if prefix.shape[1] > y.shape[1]:
+      raise ValueError(f"prefix has {prefix.shape[1]} positions, more than the "
+                       f"{y.shape[1]} of shape {shape}")
+    y = y.at[:, :prefix.shape[1]].set(codec.encode(prefix))
+  return y.reshape(shape + (codec.length,))
+
+
+def _check_sample_args(rng: Array, shape: tuple[int, ...], codec: Codec,
+                       top_p: float | None) -> None:
+  """Raises ValueError naming the first bad argument (steps and grid: time_grid)."""
+  rng_dtype = getattr(rng, "dtype", None)
+  is_typed_key = rng_dtype is not None and jnp.issubdtype(rng_dtype,
+                                                           jax.dtypes.prng_key)
+  if not is_typed_key and (rng_dtype != jnp.uint32 or jnp.ndim(rng) != 1):
+    raise ValueError(f"rng must be a PRNG key (jax.random.key or PRNGKey), got "
+                     f"{type(rng).__name__} of dtype {rng_dtype}")
+  if (not isinstance(shape, (tuple, list)) or len(shape) < 2 or
+      not all(_is_int(d) and d >= 1 for d in shape)):
+    raise ValueError(f"shape must be a tuple (B, L, ...) of positive ints, got {shape!r}")
+  if not isinstance(codec, Codec):
+    raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
+  if top_p is not None and (
+      isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
+      or not 0.0 < top_p <= 1.0):
+    raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
