@@ -113,11 +113,12 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def restore(workdir: str | os.PathLike, step: int | None = None,
-            batch_size: int | None = None) -> Checkpoint:
+            batch_size: int | None = None, dtype: str | None = None) -> Checkpoint:
   """The EMA parameters of checkpoint `step` (default: the latest) of workdir.
 
   batch_size overrides config.batch_size: the number of sequences per
-  evaluation batch (before tiling by num_t).
+  evaluation batch (before tiling by num_t); dtype overrides the compute
+  precision config.model.dtype ("float32", "bfloat16").
   """
   workdir = epath.Path(workdir).expanduser()
   config = load_config(workdir)
@@ -128,6 +129,8 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     config.batch_size = batch_size
+  if dtype is not None:
+    config.model.dtype = dtype
   # Training's antithetic times over the tiled batch are what stratify the times.
   config.antithetic_time_sampling = True
   # A read-only manager of its own: the partial restore below needs the PyTree handler.
@@ -459,7 +462,7 @@ def run(workdir: str | os.PathLike, *, step: int | None = None, split: str = "ev
         nelbo: bool = True, sample: bool = False, num_samples: int | None = None,
         steps: int | None = None, grid: str | None = None, top_p: float | None = None,
         prefix: str | None = None, infill: str | None = None,
-        output_dir: str | None = None) -> dict[str, Any]:
+        output_dir: str | None = None, dtype: str | None = None) -> dict[str, Any]:
   """What `python -m md4.evaluate` runs (flags of the same names); returns the results.
 
   NELBO on text_file, else token_corpus, else the config's split; then, with
@@ -478,7 +481,7 @@ def run(workdir: str | os.PathLike, *, step: int | None = None, split: str = "ev
                      f"this one was trained on {config.dataset!r}")
   if nelbo and token_corpus:
     check_token_corpus(token_corpus, config)
-  checkpoint = restore(workdir, step, batch_size)
+  checkpoint = restore(workdir, step, batch_size, dtype)
   config = checkpoint.config
   out_dir = (epath.Path(output_dir).expanduser() if output_dir
              else checkpoint.workdir / RESULTS_DIR)
@@ -574,6 +577,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", None, "Sequences per batch (each tiled --num_t times); "
                        "default: the config's batch_size.")
   flags.DEFINE_integer("seed", 0, "Seed of the times, masks and samples.")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute precision; default: the "
+                    "config's model.dtype.")
   flags.DEFINE_string("text_file", None, "Zero-shot NELBO on this text (mapped to the text8 "
                       "alphabet) instead of the split.")
   flags.DEFINE_string("token_corpus", None, "Zero-shot NELBO on this corpus, prepared by "
@@ -603,7 +608,7 @@ def main(argv: list[str]) -> None:
       text_file=given.text_file, token_corpus=given.token_corpus, nelbo=given.nelbo,
       sample=given.sample, num_samples=given.num_samples, steps=given.steps,
       grid=given.grid, top_p=given.top_p, prefix=given.prefix, infill=given.infill,
-      output_dir=given.output_dir)
+      output_dir=given.output_dir, dtype=given.dtype)
   if jax.process_index() == 0:
     print(summary(results))
 
