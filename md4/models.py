@@ -104,22 +104,26 @@ class MD4:
 
     return predict
 
-  def training_label(self, batch: dict[str, Array], rng: Array, train: bool) -> Array | None:
-    """The batch's labels, dropped to the null class w.p. label_dropout in training."""
-    if not self.num_classes:
-      return None
-    label = batch["label"]
-    if train and self.config.label_dropout > 0:
-      drop = jax.random.bernoulli(rng, self.config.label_dropout, label.shape)
-      label = jnp.where(drop, self.num_classes, label)
-    return label
+  def loss_predict_fn(self, params: Params, batch: dict[str, Array], rng: Array,
+                      train: bool):
+    """(predict_fn for the batch's loss, the rng left for the loss itself).
+
+    Labels, if the model has classes, are dropped to the null class with
+    probability label_dropout in training (classifier-free guidance).
+    """
+    rng_loss, rng_dropout, rng_label = jax.random.split(rng, 3)
+    label = None
+    if self.num_classes:
+      label = batch["label"]
+      if train and self.config.label_dropout > 0:
+        drop = jax.random.bernoulli(rng_label, self.config.label_dropout, label.shape)
+        label = jnp.where(drop, self.num_classes, label)
+    return self.predict_fn(params, label, train, rng_dropout), rng_loss
 
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
            train: bool) -> tuple[Array, Metrics]:
     """(objective to minimise: NELBO nats per token, metrics with "nelbo" [B])."""
-    rng_loss, rng_dropout, rng_label = jax.random.split(rng, 3)
-    label = self.training_label(batch, rng_label, train)
-    predict = self.predict_fn(params, label, train, rng_dropout)
+    predict, rng_loss = self.loss_predict_fn(params, batch, rng, train)
     nelbo, aux = diffusion.loss(
         predict, batch["x"], rng_loss, schedule=self.schedule, vocab_size=self.vocab_size,
         cont_time=self.config.cont_time, timesteps=self.config.timesteps,
@@ -167,9 +171,7 @@ class GenMD4(MD4):
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
            train: bool) -> tuple[Array, Metrics]:
     """(surrogate per token, whose gradient is the NELBO's; metrics with "nelbo" [B])."""
-    rng_loss, rng_dropout, rng_label = jax.random.split(rng, 3)
-    label = self.training_label(batch, rng_label, train)
-    predict = self.predict_fn(params, label, train, rng_dropout)
+    predict, rng_loss = self.loss_predict_fn(params, batch, rng, train)
     surrogate, nelbo, aux = genmd4.loss(
         predict, batch["x"], rng_loss, power=self.power(params), vocab_size=self.vocab_size,
         t1=self.config.genmd4.t1, eps=self.schedule.eps,
@@ -195,18 +197,15 @@ class Prime(MD4):
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
                example_shape: tuple[int, ...], num_classes: int = 0):
+    super().__init__(config, vocab_size, example_shape, num_classes)
     options = config.prime
-    shuffle_seed = None if options.shuffle_seed < 0 else options.shuffle_seed
-    self.codec = prime.Codec(vocab_size, None if options.binary else options.length,
-                             shuffle_seed=shuffle_seed, binary=options.binary)
     if options.objective not in prime.OBJECTIVES:
       raise ValueError(f"config.prime.objective={options.objective!r}; valid: "
                        f"{prime.OBJECTIVES}")
-    self.config = config
-    self.vocab_size = vocab_size
-    self.example_shape = tuple(example_shape)
-    self.num_classes = num_classes
-    self.schedule = schedule_lib.get(config.noise_schedule)
+    shuffle_seed = None if options.shuffle_seed < 0 else options.shuffle_seed
+    self.codec = prime.Codec(vocab_size, None if options.binary else options.length,
+                             shuffle_seed=shuffle_seed, binary=options.binary)
+    # The network reads sub-token states: b digit values plus their mask id.
     self.network = build_network(config, self.codec.base + 1, vocab_size, num_classes)
 
   def network_input(self, batch_size: int) -> Array:
@@ -218,9 +217,7 @@ class Prime(MD4):
 
     metrics["nelbo"] is the valid sub-token NELBO [B] (its batch mean with the surrogate).
     """
-    rng_loss, rng_dropout, rng_label = jax.random.split(rng, 3)
-    label = self.training_label(batch, rng_label, train)
-    predict = self.predict_fn(params, label, train, rng_dropout)
+    predict, rng_loss = self.loss_predict_fn(params, batch, rng, train)
     objective = self.config.prime.objective if train else "nelbo"
     per_sequence, aux = prime.loss(
         predict, batch["x"], rng_loss, codec=self.codec, schedule=self.schedule,
