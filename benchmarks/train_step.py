@@ -30,6 +30,8 @@ _SYNTHETIC = flags.DEFINE_bool(
     "synthetic_batches", True, "Random token batches instead of the config's dataset, so "
     "that the step alone is timed (and text8 need not be present).")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 27, "Vocabulary of the random batches.")
+_EXAMPLE_SHAPE = flags.DEFINE_list("example_shape", None, "Shape of one random example, "
+                                   "e.g. 32,32,3 for images; default: (seq_len,).")
 
 
 def matmul_peak_flops(dtype=jnp.float32, size: int = 2048, repeats: int = 10) -> float:
@@ -55,7 +57,8 @@ def main(argv):
   config = _CONFIG.value
   mesh = train.make_mesh(config)
   if _SYNTHETIC.value:
-    vocab_size, example_shape, num_classes = _VOCAB_SIZE.value, (config.seq_len,), 0
+    example_shape = tuple(map(int, _EXAMPLE_SHAPE.value or [config.seq_len]))
+    vocab_size, num_classes = _VOCAB_SIZE.value, 0
   else:
     dataset = data_lib.create(config)
     vocab_size, example_shape, num_classes = (dataset.vocab_size, dataset.example_shape,
@@ -68,7 +71,9 @@ def main(argv):
       {"x": rng.integers(0, vocab_size, (config.batch_size, *example_shape), dtype=np.int32)},
       trainer.batch_sharding)
 
+  start = time.perf_counter()
   compiled = trainer.train_step.lower(state, batch, jax.random.PRNGKey(1)).compile()
+  compile_seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   xla_flops = float(cost.get("flops", float("nan")))
@@ -90,21 +95,27 @@ def main(argv):
   xla_flops_per_token = xla_flops / tokens_per_step
   peak = matmul_peak_flops() * jax.device_count()
   memory = jax.devices()[0].memory_stats() or {}
+  analysis = compiled.memory_analysis()
   print(json.dumps({
       "model_type": config.model_type,
       "device": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(),
       "parameters": int(num_params),
       "batch_size": config.batch_size,
-      "seq_len": config.seq_len,
+      "example_shape": example_shape,
       "dtype": config.model.dtype,
       "seconds_per_step": seconds_per_step,
+      "compile_seconds": compile_seconds,
+      "examples_per_sec": config.batch_size / seconds_per_step,
       "tokens_per_sec": tokens_per_step / seconds_per_step,
       "flops_per_token_xla": xla_flops_per_token,
       "flops_per_token_6n": analytic_flops_per_token(config, num_params - embedding_params),
       "matmul_peak_flops": peak,
       "fraction_of_matmul_peak": xla_flops_per_token * tokens_per_step / seconds_per_step / peak,
       "peak_memory_bytes": memory.get("peak_bytes_in_use"),
+      # From the compiled step: what it holds at once on one device (any backend).
+      "step_memory_bytes": (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                            + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes),
   }))
 
 
