@@ -212,12 +212,111 @@ def carry_over(logits: Array, y: Array, codec: Codec) -> Array:
 
 
 def sub_token_log_prob(logits: Array, y_t: Array, y_0: Array, codec: Codec) -> Array:
-  """log mu^{ij}(y_0^{ij}) [..., l] under carry-over from y_t.
+  """log mu^{ij}(y_0^{ij}) [..., l] under carry-over from y_t; 0 on revealed slots.
 
   logits [..., C]; y_t [..., l] a partial masking of the codes y_0 [..., l].
-  Each slot is one logsumexp over the allowed classes whose j-th digit is the
-  true one, so the cost is O(C l) per position with no array above [..., C].
+  Short codes (`_gathers_agreement_sets`: l <= 3 at C = 50257) take
+  `_agreement_log_prob`, one logsumexp over [..., C] plus a small gather;
+  long ones (binary) `_per_slot_log_prob`, one masked logsumexp per slot.
+  Neither builds an array above [..., C].
   """
+  if _gathers_agreement_sets(codec):
+    return _agreement_log_prob(logits, y_t, y_0, codec)
+  return _per_slot_log_prob(logits, y_t, y_0, codec)
+
+
+def _gathers_agreement_sets(codec: Codec) -> bool:
+  """Whether `_agreement_log_prob` is the cheaper path.
+
+  It gathers K = (b+1)^l - b^l scattered logits per position, each about 16
+  times the cost of one element of a dense pass over [..., C] (measured on
+  CPU, benchmarks/prime_loss.py), where the per-slot path pays about l extra
+  dense passes: so K <= l C / 16, and the padded code space b^l <= 4 C. At
+  C = 50257 that holds for l <= 3, not for l = 4 (K = 14911) nor binary codes.
+  """
+  base, length, num_classes = codec.base, codec.length, codec.num_classes
+  code_space = base**length
+  return (code_space <= 4 * num_classes
+          and 16 * ((base + 1)**length - code_space) <= length * num_classes)
+
+
+def _agreement_log_prob(logits: Array, y_t: Array, y_0: Array, codec: Codec) -> Array:
+  """`sub_token_log_prob` from agreement sets.
+
+  With U the revealed slots of a position and A_S the logsumexp of the logits
+  of the classes whose code agrees with y_0 on the slots S (the carry-over
+  allowed set is S = U), log mu^{ij}(y_0^{ij}) = A_{U + {j}} - A_U for a
+  masked slot j.
+  """
+  is_masked = y_t == codec.mask_id
+  log_sums = _agreement_log_sums(logits, y_0, codec)
+  slot_bits = 1 << jnp.arange(codec.length, dtype=jnp.int32)
+  revealed = jnp.where(is_masked, 0, slot_bits).sum(axis=-1, keepdims=True)
+  log_mu = (jnp.take_along_axis(log_sums, revealed | slot_bits, axis=-1)
+            - jnp.take_along_axis(log_sums, revealed, axis=-1))
+  return jnp.where(is_masked, log_mu, 0.0)
+
+
+def _agreement_plan(codec: Codec) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+  """Host-side index plan of `_agreement_log_sums`, one segment per nonempty S.
+
+  Returns (free_values [K], fixed_places [l, K], class_of_value [b^l],
+  segment_sizes): the code value of the k-th gathered logit is free_values[k]
+  + sum_j y_0^j fixed_places[j, k], class_of_value maps code values to classes
+  (values >= C encode none and get class 0), and segment s (subset id
+  s + 1, bit j = slot j) holds b^(l - |S|) entries.
+  """
+  base, length = codec.base, codec.length
+  places = base**np.arange(length - 1, -1, -1, dtype=np.int64)
+  free_values, fixed_places, segment_sizes = [], [], []
+  for subset in range(1, 2**length):
+    in_subset = (subset >> np.arange(length)) & 1 == 1
+    # Every combination of the free digits, row-major over the free slots.
+    values = np.zeros((), np.int64)
+    for place in places[~in_subset]:
+      values = values[..., None] + np.arange(base) * place
+    values = values.ravel()
+    free_values.append(values)
+    fixed_places.append(np.repeat((places * in_subset)[:, None], len(values), axis=1))
+    segment_sizes.append(len(values))
+  class_of_value = np.zeros(base**length, np.int32)
+  class_of_value[:codec.num_classes] = codec._class_of_value
+  return (np.concatenate(free_values).astype(np.int32),
+          np.concatenate(fixed_places, axis=1).astype(np.int32), class_of_value,
+          segment_sizes)
+
+
+def _agreement_log_sums(logits: Array, y_0: Array, codec: Codec) -> Array:
+  """A_S float32 [..., 2^l]: logsumexp of the logits [..., C] of the classes
+  whose code agrees with y_0 [..., l] on the slots S (bit j of S = slot j).
+
+  A_{} is the full logsumexp. For nonempty S the agreeing classes are, in the
+  class axis ordered by code value and padded to b^l (-inf beyond C) and
+  viewed as [b] * l, the slice at y_0's digits along the S axes: one gather
+  of sum_{S nonempty} b^(l - |S|) = (b+1)^l - b^l logits reads them all.
+  """
+  logits = logits.astype(jnp.float32)
+  free_values, fixed_places, class_of_value, segment_sizes = _agreement_plan(codec)
+  y_0 = y_0.astype(jnp.int32)
+  values = jnp.asarray(free_values)
+  for j in range(codec.length):
+    values = values + y_0[..., j, None] * jnp.asarray(fixed_places[j])
+  # Values >= C (padding) read class 0 (or C - 1) and are masked to -inf.
+  if codec.shuffle_seed is None:
+    classes = jnp.minimum(values, codec.num_classes - 1)
+  else:
+    classes = jnp.take(jnp.asarray(class_of_value), values, mode="clip")
+  gathered = jnp.take_along_axis(logits, classes, axis=-1, mode="promise_in_bounds")
+  gathered = jnp.where(values < codec.num_classes, gathered, -jnp.inf)
+  segments = jnp.split(gathered, np.cumsum(segment_sizes)[:-1], axis=-1)
+  log_sums = [jax.nn.logsumexp(logits, axis=-1)]
+  log_sums += [jax.nn.logsumexp(segment, axis=-1) for segment in segments]
+  return jnp.stack(log_sums, axis=-1)
+
+
+def _per_slot_log_prob(logits: Array, y_t: Array, y_0: Array, codec: Codec) -> Array:
+  """`sub_token_log_prob` by one masked logsumexp over the allowed classes
+  whose j-th digit is the true one per slot j: O(C l) per position."""
   allowed_logits = carry_over(logits, y_t, codec)
   log_norm = jax.nn.logsumexp(allowed_logits, axis=-1)
   table = jnp.asarray(codec.digit_table)

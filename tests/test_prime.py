@@ -210,6 +210,20 @@ def test_sub_token_marginals_equal_brute_force(num_classes, length, binary, seed
   np.testing.assert_array_equal(np.asarray(got)[~masked], 0.0)
 
 
+def _largest_output(jaxpr) -> int:
+  """Largest output of any equation, inside loops and branches too."""
+  sizes = [0]
+  for eqn in jaxpr.eqns:
+    sizes += [math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars]
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else [param]):
+        if isinstance(sub, jax_core.ClosedJaxpr):
+          sizes.append(_largest_output(sub.jaxpr))
+        elif isinstance(sub, jax_core.Jaxpr):
+          sizes.append(_largest_output(sub))
+  return max(sizes)
+
+
 def test_carry_over_never_materialises_logits_times_length():
   """No intermediate of the loss or sampler is bigger than the logits [B, L, C]."""
   codec = prime.Codec(50257, binary=True)
@@ -218,28 +232,90 @@ def test_carry_over_never_materialises_logits_times_length():
   network = lambda y, t: jnp.zeros(y.shape[:-1] + (codec.num_classes,))
   x = jnp.zeros((batch, length), jnp.int32)
   sch = schedule.get("linear")
-
-  def largest(jaxpr) -> int:
-    """Largest output of any equation, inside loops and branches too."""
-    sizes = [0]
-    for eqn in jaxpr.eqns:
-      sizes += [math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars]
-      for param in eqn.params.values():
-        for sub in (param if isinstance(param, (tuple, list)) else [param]):
-          if isinstance(sub, jax_core.ClosedJaxpr):
-            sizes.append(largest(sub.jaxpr))
-          elif isinstance(sub, jax_core.Jaxpr):
-            sizes.append(largest(sub))
-    return max(sizes)
-
   loss_jaxpr = jax.make_jaxpr(lambda key: prime.loss(
       network, x, key, codec=codec, schedule=sch, objective="joint"))(
           jax.random.PRNGKey(0))
   sample_jaxpr = jax.make_jaxpr(lambda key: prime.sample_sub_tokens(
       network, key, shape=(batch, length), codec=codec, schedule=sch, steps=2,
       top_p=0.9))(jax.random.PRNGKey(0))
-  assert largest(loss_jaxpr.jaxpr) <= limit
-  assert largest(sample_jaxpr.jaxpr) <= limit
+  assert _largest_output(loss_jaxpr.jaxpr) <= limit
+  assert _largest_output(sample_jaxpr.jaxpr) <= limit
+
+
+# (C, l, shuffle seed): C a power of b or not, padded code space b^l up to 3 C.
+AGREEMENT_CODECS = [(7, 2, None), (7, 2, 3), (27, 2, 1), (27, 3, None), (27, 3, 8),
+                    (5, 4, 2), (6, 3, 0), (100, 3, 5), (1000, 2, 0), (256, 4, None),
+                    (9, 2, None), (6, 1, None), (1, 1, None), (50257, 2, 1),
+                    (50257, 3, None)]
+
+
+@pytest.mark.parametrize("num_classes, length, seed", AGREEMENT_CODECS)
+def test_agreement_path_equals_per_slot_path(num_classes, length, seed):
+  """Same log mu and same gradient w.r.t. the logits, on random logits (wide
+  and narrow) and random masks, every pattern included."""
+  codec = prime.Codec(num_classes, length, shuffle_seed=seed)
+  rng = np.random.default_rng(num_classes * 10 + length)
+  shape = (2, 3 * 2**length)
+  y_0 = jnp.asarray(codec.encode(rng.integers(0, num_classes, shape)))
+  masked = rng.random(shape + (length,)) < 0.5
+  # Row 0 runs through every mask pattern.
+  masked[0, :2**length] = np.array(list(itertools.product([False, True],
+                                                          repeat=length)))
+  y_t = jnp.where(masked, codec.mask_id, y_0)
+  scales = jnp.asarray([1.0, 20.0])[:, None, None]
+  logits = jnp.asarray(rng.normal(size=shape + (num_classes,)), jnp.float32) * scales
+  cotangent = jnp.asarray(rng.normal(size=shape + (length,)), jnp.float32)
+
+  def value_and_grad(log_prob_fn):
+    weighted = lambda logits: (log_prob_fn(logits, y_t, y_0, codec) * cotangent).sum()
+    return jax.jit(lambda logits: (log_prob_fn(logits, y_t, y_0, codec),
+                                   jax.grad(weighted)(logits)))(logits)
+
+  got, got_grad = value_and_grad(prime._agreement_log_prob)
+  expected, expected_grad = value_and_grad(prime._per_slot_log_prob)
+  assert np.isfinite(got).all() and np.isfinite(got_grad).all()
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(got)[masked == 0], 0.0)
+  np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_classes, length, seed", [(27, 2, 4), (100, 3, None)])
+def test_loss_and_its_gradient_are_the_same_on_both_paths(num_classes, length, seed,
+                                                          monkeypatch):
+  codec = prime.Codec(num_classes, length, shuffle_seed=seed)
+  x = np.random.default_rng(0).integers(0, num_classes, (16, 12))
+  table = jnp.asarray(np.random.default_rng(1).normal(
+      size=(length, codec.base + 1, num_classes)), jnp.float32)
+
+  def loss_and_grad(agreement):
+    monkeypatch.setattr(prime, "_gathers_agreement_sets", lambda codec: agreement)
+
+    def mean_loss(table):
+      network = lambda y, t: sum(table[j][y[..., j]] * (1 + t[:, None, None])
+                                 for j in range(length))
+      return prime.loss(network, x, jax.random.PRNGKey(3), codec=codec,
+                        schedule=schedule.get("cosine"))[0].mean()
+
+    return jax.jit(jax.value_and_grad(mean_loss))(table)
+
+  loss, grad = loss_and_grad(True)
+  per_slot_loss, per_slot_grad = loss_and_grad(False)
+  np.testing.assert_allclose(loss, per_slot_loss, rtol=1e-6)
+  np.testing.assert_allclose(grad, per_slot_grad, rtol=1e-5, atol=1e-6)
+  assert jnp.abs(grad).sum() > 0
+
+
+@pytest.mark.parametrize("length, agreement", [(1, True), (2, True), (3, True),
+                                               (4, False), (16, False)])
+def test_short_codes_take_the_agreement_path_without_large_arrays(length, agreement):
+  codec = prime.Codec(50257, length, binary=length == 16)
+  assert prime._gathers_agreement_sets(codec) == agreement
+  batch, positions = 2, 4
+  logits = jnp.zeros((batch, positions, codec.num_classes))
+  y_0 = jnp.zeros((batch, positions, length), jnp.int32)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda logits: prime.sub_token_log_prob(
+      logits, jnp.full_like(y_0, codec.mask_id), y_0, codec).sum()))(logits)
+  assert _largest_output(jaxpr.jaxpr) <= logits.size
 
 
 # ---------------------------------------------------------------- loss
