@@ -355,19 +355,32 @@ def saving_errors(manager: ocp.CheckpointManager, step: int):
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can checkpoint and exit."""
+  """Whether to checkpoint and exit now because of a preemption notice (SIGTERM).
+
+  One process: a SIGTERM handler sets a flag the loop checks. Several
+  processes: JAX's preemption sync manager (started by jax.distributed)
+  receives the notice and makes every process stop at the same step.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
     self.requested = True
 
+  def reached(self, manager: ocp.CheckpointManager, step: int) -> bool:
+    if jax.process_count() > 1:
+      self.requested = self.requested or manager.reached_preemption(step)
+    return self.requested
+
   def restore(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -399,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preemption = Preemption()
   history: list[tuple[int, Metrics]] = []
   eval_metrics: dict[str, float] = {}
-  first_step, start_time = step, time.time()
+  last_log_step, last_log_time = step, time.time()
   logging.info("Training %s on %s from step %d to %d on mesh %s", config.model_type,
                config.dataset, step, config.num_train_steps, dict(mesh.shape))
 
@@ -420,8 +433,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         history = jax.device_get(history)
         if config.check_nans:
           check_finite(history)
-        elapsed = time.time() - start_time
-        steps_per_sec = (step - first_step) / elapsed
+        # Throughput of this interval (it includes any eval, sampling or compile in it).
+        steps_per_sec = (step - last_log_step) / (time.time() - last_log_time)
+        last_log_step, last_log_time = step, time.time()
         means = {k: float(np.mean([m[k] for _, m in history])) for k in history[0][1]}
         writer.write_scalars(step, {**means, "steps_per_sec": steps_per_sec})
         eta = (config.num_train_steps - step) / max(steps_per_sec, 1e-9)
@@ -434,11 +448,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.sample_every_steps == 0 or last:
         write_samples(config, trainer, state.ema_params, dataset, workdir, step,
                       jax.random.fold_in(rng_sample, step))
-      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
+      preempted = preemption.reached(manager, step)
+      if step % config.checkpoint_every_steps == 0 or last or preempted:
         if config.check_nans and history:
           check_finite(jax.device_get(history))
         save(step)
-      if preemption.requested:
+      if preempted:
         with saving_errors(manager, step):
           manager.wait_until_finished()
         raise SystemExit(f"Preempted at step {step}: checkpoint saved in "
