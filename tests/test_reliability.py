@@ -136,7 +136,8 @@ def test_fsdp_shards_parameter_memory_and_keeps_the_loss():
 
 
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
-  steps = ["--config.num_train_steps=30", "--config.log_every_steps=1",
+  # Far more steps than the kill needs, so that the kill lands mid-run.
+  steps = ["--config.num_train_steps=60", "--config.log_every_steps=1",
            "--config.checkpoint_every_steps=5"]
   whole = run(main_command(tmp_path / "whole", *steps))
   assert whole.returncode == 0, whole.stderr[-3000:]
@@ -149,10 +150,10 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
   resumed = run(main_command(tmp_path / "killed", *steps))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   restored_at = int(resumed.stderr.split("Restored checkpoint at step ")[1].split()[0])
-  assert 10 <= restored_at < 30
-  assert_same_params(final_params(tmp_path / "whole", 30), final_params(tmp_path / "killed", 30))
+  assert 10 <= restored_at < 60
+  assert_same_params(final_params(tmp_path / "whole", 60), final_params(tmp_path / "killed", 60))
   whole_lines, resumed_lines = train_lines(tmp_path / "whole"), train_lines(tmp_path / "killed")
-  for step in range(restored_at + 1, 31):
+  for step in range(restored_at + 1, 61):
     assert resumed_lines[step] == whole_lines[step], step
 
 
