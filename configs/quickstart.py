@@ -13,7 +13,7 @@ def get_config():
   config.data.kind = "markov"
   config.seq_len = 64
   config.batch_size = 32
-  config.num_train_steps = 1500
+  config.num_train_steps = 1300
   config.model.width = 128
   config.model.num_layers = 2
   config.model.num_heads = 4
@@ -21,8 +21,8 @@ def get_config():
   config.optimizer.warmup_steps = 100
   config.ema_rate = 0.99
   config.log_every_steps = 100
-  config.eval_every_steps = 500
-  config.checkpoint_every_steps = 500
-  config.sample_every_steps = 1500
+  config.eval_every_steps = 650
+  config.checkpoint_every_steps = 650
+  config.sample_every_steps = 1300
   config.sample_steps = 64
   return config

@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.num_eval_steps = -1
+  config.eval_num_t = 4  # Stratified times per held-out sequence.
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.async_checkpointing = True
@@ -124,7 +125,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
                      f"config.grad_accum_steps={config.grad_accum_steps}")
   for key in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps",
-              "checkpoint_every_steps", "sample_every_steps", "grad_accum_steps"):
+              "checkpoint_every_steps", "sample_every_steps", "grad_accum_steps", "eval_num_t"):
     if config[key] < 1:
       raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
   return config

@@ -33,6 +33,7 @@ merged with what earlier runs at that step wrote, and a summary to stdout.
 """
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -171,26 +172,14 @@ def restore_ema_params(manager: ocp.CheckpointManager, trainer: train.Trainer,
   return restored.state["ema_params"]
 
 
-def tile(batch: dict[str, Array], num_t: int) -> dict[str, Array]:
-  """Every array [B, ...] -> [num_t * B, ...], copy-major: row k * B + j is row j."""
-  return {key: jnp.tile(value, (num_t,) + (1,) * (value.ndim - 1))
-          for key, value in batch.items()}
-
-
 def _nelbo_fn(checkpoint: Checkpoint, num_t: int):
   """Compiled (params, global batch [B, ...], rng) -> NELBO nats [B], means over num_t times."""
   if num_t not in checkpoint.compiled_nelbo:
     trainer = checkpoint.trainer
-
-    def per_sequence(params: Any, batch: dict[str, Array], rng: Array) -> Array:
-      tiled = jax.lax.with_sharding_constraint(tile(batch, num_t), trainer.batch_sharding)
-      nelbo = train.eval_step(trainer.model, params, tiled, rng)
-      return nelbo.reshape(num_t, -1).mean(axis=0)
-
     replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
     checkpoint.compiled_nelbo[num_t] = jax.jit(
-        per_sequence, in_shardings=(trainer.state_sharding.ema_params,
-                                    trainer.batch_sharding, replicated),
+        functools.partial(train.eval_step, trainer.model, trainer.batch_sharding, num_t),
+        in_shardings=(trainer.state_sharding.ema_params, trainer.batch_sharding, replicated),
         out_shardings=replicated)
   return checkpoint.compiled_nelbo[num_t]
 
