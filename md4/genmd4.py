@@ -249,13 +249,7 @@ def sample(predict_fn: PredictFn,
     grid: "uniform" or "cosine" time grid 1 = t_0 > ... > t_T = 0
       (`sampler.time_grid`).
   """
-  if (not isinstance(shape, (tuple, list)) or len(shape) < 2 or
-      not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-              and d >= 1 for d in shape)):
-    raise ValueError(f"shape must be a tuple (B, L, ...) of positive ints, got {shape!r}")
-  if (isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer))
-      or vocab_size < 1):
-    raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+  sampler_lib.check_shape(shape, vocab_size)
   _check_power(power, vocab_size)
   shape = tuple(int(d) for d in shape)
   times = jnp.asarray(sampler_lib.time_grid(steps, grid))

@@ -247,6 +247,17 @@ def _given_positions(shape: tuple[int, ...], vocab_size: int,
   return given, template
 
 
+def check_shape(shape: tuple[int, ...], vocab_size: int) -> None:
+  """Raises ValueError unless shape is (B, L, ...) of positive ints and vocab_size >= 1."""
+  if (not isinstance(shape, (tuple, list)) or len(shape) < 2 or
+      not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+              and d >= 1 for d in shape)):
+    raise ValueError(f"shape must be a tuple (B, L, ...) of positive ints, got {shape!r}")
+  if (isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer))
+      or vocab_size < 1):
+    raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+
+
 def _check_steps(steps: int) -> None:
   if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -262,13 +273,7 @@ def _check_args(rng: Array, shape: tuple[int, ...], vocab_size: int,
   if not is_typed_key and (rng_dtype != jnp.uint32 or jnp.ndim(rng) != 1):
     raise ValueError(f"rng must be a PRNG key (jax.random.key or PRNGKey), got "
                      f"{type(rng).__name__} of dtype {rng_dtype}")
-  if (not isinstance(shape, (tuple, list)) or len(shape) < 2 or
-      not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-              and d >= 1 for d in shape)):
-    raise ValueError(f"shape must be a tuple (B, L, ...) of positive ints, got {shape!r}")
-  if (isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer))
-      or vocab_size < 1):
-    raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+  check_shape(shape, vocab_size)
   _check_steps(steps)
   if grid not in GRIDS:
     raise ValueError(f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}")
