@@ -4,7 +4,6 @@ import numpy as np
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 VOCAB_SIZE = len(ALPHABET)
-SPACE_ID = ALPHABET.index(" ")
 
 _CHAR_TO_ID = np.full(256, -1, dtype=np.int16)
 _ID_TO_BYTE = np.frombuffer(ALPHABET.encode("ascii"), dtype=np.uint8)

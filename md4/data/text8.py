@@ -34,7 +34,6 @@ FILENAME = "text8.zip"
 MEMBER = "text8"
 ZIP_SIZE = 31_344_016
 ZIP_SHA256 = "a6640522afe85d1963ad56c05b0ede0a0c000dddc9671758a6cc09b7a38e5232"
-TEXT_SIZE = 100_000_000
 DEFAULT_DIR = "~/.cache/md4/text8"
 SPLITS = ("train", "validation", "test")
 # Split boundaries in hundredths of the file: [0, 90), [90, 95), [95, 100).
