@@ -5,8 +5,11 @@ python benchmarks/train_step.py --config=configs/text8.py \
     --config.batch_size=16
 
 Reports tokens/s, seconds per step, parameter count, FLOPs per token (the
-compiled step's own count and the 6N + attention estimate), the fraction of
-an f32 matmul peak measured in the same run, and peak device memory.
+compiled step's own count, and the model FLOPs: 6 x the per-token weights plus
+attention), matmul peaks measured in the same run (f32, and the compute dtype),
+the fraction of the f32 peak the step reaches, model-FLOPs utilisation (MFU)
+against the measured compute-dtype peak and, given --peak_tflops, against a
+datasheet peak, and memory.
 """
 
 import json
@@ -32,24 +35,36 @@ _SYNTHETIC = flags.DEFINE_bool(
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 27, "Vocabulary of the random batches.")
 _EXAMPLE_SHAPE = flags.DEFINE_list("example_shape", None, "Shape of one random example, "
                                    "e.g. 32,32,3 for images; default: (seq_len,).")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Writes a profiler trace of three "
+                                   "more steps there (view with TensorBoard's profile tab).")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Datasheet peak of the device in the "
+                                  "compute dtype (989 for an H100 SXM in dense bf16), for MFU.")
+
+# Per-sequence weights (time and class conditioning, adaLN) and embedding lookups
+# do no per-token matmul work.
+_NOT_PER_TOKEN = ("adaln", "time_mlp", "label_embed", "embed/", "embed_slot")
 
 
-def matmul_peak_flops(dtype=jnp.float32, size: int = 2048, repeats: int = 10) -> float:
-  """Measured FLOP/s of a large square matmul on the default device."""
-  a = jnp.ones((size, size), dtype)
+def matmul_peak_flops(dtype: jnp.dtype, size: int, repeats: int = 10) -> float:
+  """Measured FLOP/s of a square [size, size] matmul on random data, on the default device."""
+  a, b = jax.random.normal(jax.random.PRNGKey(0), (2, size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()
+  matmul(a, b).block_until_ready()
   start = time.perf_counter()
   for _ in range(repeats):
-    out = matmul(a, a)
+    out = matmul(a, b)
   out.block_until_ready()
   return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def analytic_flops_per_token(config, num_params_dense: int) -> float:
-  """6 N (dense weights) + 12 layers L d (attention scores and values), fwd + bwd."""
+def model_flops_per_token(config, params) -> float:
+  """6 x per-token weights (fwd + bwd) + 12 layers L d for attention scores and values."""
+  per_token_weights = sum(
+      x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+      if not any(name in jax.tree_util.keystr(path, simple=True, separator="/") + "/"
+                 for name in _NOT_PER_TOKEN))
   model = config.model
-  return 6 * num_params_dense + 12 * model.num_layers * config.seq_len * model.width
+  return 6 * per_token_weights + 12 * model.num_layers * config.seq_len * model.width
 
 
 def main(argv):
@@ -85,15 +100,24 @@ def main(argv):
     state, metrics = trainer.train_step(state, batch, jax.random.PRNGKey(1))
   jax.block_until_ready(metrics)
   seconds_per_step = (time.perf_counter() - start) / _STEPS.value
+  if _PROFILE_DIR.value:
+    with jax.profiler.trace(_PROFILE_DIR.value):
+      for _ in range(3):
+        state, metrics = trainer.train_step(state, batch, jax.random.PRNGKey(1))
+      jax.block_until_ready(metrics)
 
   params = state.params["network"]
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  embedding_params = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
-                         if "embed" in jax.tree_util.keystr(path) and "project" not in
-                         jax.tree_util.keystr(path))
   tokens_per_step = config.batch_size * math.prod(example_shape)
+  tokens_per_sec = tokens_per_step / seconds_per_step
   xla_flops_per_token = xla_flops / tokens_per_step
-  peak = matmul_peak_flops() * jax.device_count()
+  flops_per_token = model_flops_per_token(config, params)
+  # Large enough to reach the device's peak, small enough to measure quickly on a CPU.
+  peak_size = 2048 if jax.default_backend() == "cpu" else 8192
+  peak_f32 = matmul_peak_flops(jnp.float32, peak_size) * jax.device_count()
+  compute_dtype = jnp.dtype(config.model.dtype)
+  peak_compute = (peak_f32 if compute_dtype == jnp.float32 else
+                  matmul_peak_flops(compute_dtype, peak_size) * jax.device_count())
   memory = jax.devices()[0].memory_stats() or {}
   analysis = compiled.memory_analysis()
   print(json.dumps({
@@ -104,14 +128,21 @@ def main(argv):
       "batch_size": config.batch_size,
       "example_shape": example_shape,
       "dtype": config.model.dtype,
+      "attention_impl": models.attention_implementation(
+          config.model.attention_impl, compute_dtype,
+          config.model.width // config.model.num_heads) or "xla",
       "seconds_per_step": seconds_per_step,
       "compile_seconds": compile_seconds,
       "examples_per_sec": config.batch_size / seconds_per_step,
-      "tokens_per_sec": tokens_per_step / seconds_per_step,
+      "tokens_per_sec": tokens_per_sec,
       "flops_per_token_xla": xla_flops_per_token,
-      "flops_per_token_6n": analytic_flops_per_token(config, num_params - embedding_params),
-      "matmul_peak_flops": peak,
-      "fraction_of_matmul_peak": xla_flops_per_token * tokens_per_step / seconds_per_step / peak,
+      "flops_per_token_model": flops_per_token,
+      "matmul_peak_flops": peak_f32,
+      "matmul_peak_flops_compute_dtype": peak_compute,
+      "fraction_of_matmul_peak": xla_flops_per_token * tokens_per_sec / peak_f32,
+      "mfu_of_measured_peak": flops_per_token * tokens_per_sec / peak_compute,
+      "mfu": (flops_per_token * tokens_per_sec / (_PEAK_TFLOPS.value * 1e12 * jax.device_count())
+              if _PEAK_TFLOPS.value else None),
       "peak_memory_bytes": memory.get("peak_bytes_in_use"),
       # From the compiled step: what it holds at once on one device (any backend).
       "step_memory_bytes": (analysis.argument_size_in_bytes + analysis.output_size_in_bytes

@@ -11,6 +11,7 @@ import ml_collections
 
 MODEL_TYPES = ("md4", "genmd4", "prime")
 DATASETS = ("text8", "chars", "tokens", "synthetic", "cifar10", "imagenet64")
+ATTENTION_IMPLS = ("", "xla", "cudnn")
 # Keys whose value is a free-form dict (source-specific options).
 OPEN_KEYS = ("data",)
 
@@ -118,6 +119,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.model_type={config.model_type!r}; valid: {MODEL_TYPES}")
   if config.dataset not in DATASETS:
     raise ValueError(f"config.dataset={config.dataset!r}; valid: {DATASETS}")
+  if config.model.attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"config.model.attention_impl={config.model.attention_impl!r}; valid: "
+                     f"{ATTENTION_IMPLS} ('' picks cuDNN on GPU in half precision, else XLA)")
   if len(config.mesh_shape) != len(config.mesh_axes):
     raise ValueError(f"config.mesh_shape {tuple(config.mesh_shape)} and config.mesh_axes "
                      f"{tuple(config.mesh_axes)} must have the same length")

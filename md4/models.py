@@ -55,8 +55,23 @@ def build_network(config: ml_collections.ConfigDict, num_inputs: int,
       num_layers=model.num_layers, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
       mlp_type=model.mlp_type, time_conditioning=model.time_conditioning,
       num_classes=num_classes, dropout_rate=model.dropout_rate,
-      attention_impl=model.attention_impl or None, remat_policy=model.remat_policy,
-      scan_layers=model.scan_layers, dtype=dtype)
+      attention_impl=attention_implementation(model.attention_impl, dtype,
+                                              model.width // model.num_heads),
+      remat_policy=model.remat_policy, scan_layers=model.scan_layers, dtype=dtype)
+
+
+def attention_implementation(requested: str, dtype: jnp.dtype, head_dim: int) -> str | None:
+  """The config's attention kernel, or by default cuDNN's fused one where it applies.
+
+  jax.nn.dot_product_attention's own default is the XLA path, which writes the
+  [B, H, L, L] scores to memory; cuDNN's flash attention does not.
+  """
+  if requested:
+    return requested
+  if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return None
 
 
 class MD4:

@@ -1,5 +1,6 @@
 """train_and_evaluate: config checks, sharding equivalence, resume, NaN stop, quick start."""
 
+import importlib.util
 import json
 import math
 import os
@@ -64,6 +65,26 @@ def test_wrong_config_type_fails_naming_it():
   config.batch_size = "eight"
   with pytest.raises(TypeError, match="'batch_size'"):
     defaults.validate(config)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_valid(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  defaults.validate(module.get_config())
+
+
+def test_unknown_attention_implementation_fails_naming_it():
+  config = tiny_config()
+  config.model.attention_impl = "flash"
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    defaults.validate(config)
+
+
+def test_default_attention_is_xla_on_cpu_and_a_named_one_is_kept():
+  assert models.attention_implementation("", jax.numpy.bfloat16, 64) is None
+  assert models.attention_implementation("xla", jax.numpy.bfloat16, 64) == "xla"
 
 
 def test_wrong_config_flag_fails_before_compilation(tmp_path):

@@ -1,4 +1,4 @@
-"""Building blocks shared by the image backbones (`unet`, `dit`).
+"""Building blocks shared by the backbones (`transformer`, `unet`, `dit`).
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`);
 the training loop maps them to mesh axes with rules. The names used:
@@ -103,6 +103,36 @@ def timestep_embedding(t: Array, dim: int, scale: float = 1000.0,
   return jnp.pad(features, ((0, 0), (0, dim - 2 * half)))
 
 
+# Tables up to this many rows are read by a one-hot matmul (see Embed).
+ONE_HOT_MAX_IDS = 1024
+
+
+class Embed(nn.Module):
+  """nn.Embed (same parameter) whose gradient avoids contended scatter-adds: ids -> [..., features].
+
+  The gradient of a gather is a scatter-add, and where many tokens share few
+  rows (27 characters, 257 pixel values) GPU atomics serialise on those rows,
+  bf16 ones worst (compare-and-swap loops). Small tables are therefore read by
+  a one-hot matmul, whose gradient is a matmul; larger ones are gathered in
+  float32, which GPUs add atomically in hardware, and then cast.
+  """
+
+  num_embeddings: int
+  features: int
+  embedding_init: Callable
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    table = self.param("embedding", self.embedding_init,
+                       (self.num_embeddings, self.features), jnp.float32)
+    if self.num_embeddings <= ONE_HOT_MAX_IDS:
+      one_hot = jax.nn.one_hot(ids, self.num_embeddings, dtype=self.dtype)
+      # HIGHEST: each output is exactly one table entry, also where f32 matmuls default to TF32.
+      return jnp.dot(one_hot, table.astype(self.dtype), precision=jax.lax.Precision.HIGHEST)
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+
 class TokenEmbed(nn.Module):
   """Embeds each channel's token (table of vocab_size + 1 rows, mask last).
 
@@ -116,7 +146,7 @@ class TokenEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
-    table = nn.Embed(
+    table = Embed(
         self.vocab_size + 1, self.features, dtype=self.dtype,
         embedding_init=partitioned(nn.initializers.normal(1.0), "vocab", "embed"),
         name="table")

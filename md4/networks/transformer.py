@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from md4.networks import layers
+
 Array = jnp.ndarray
 Dtype = jnp.dtype
 
@@ -148,13 +150,13 @@ class Transformer(nn.Module):
     """Token embeddings [B, L, D]; sub-token slots get their own tables, concatenated."""
     part = nn.with_logical_partitioning
     if z.ndim == 2:
-      return nn.Embed(self.num_inputs, self.width, dtype=self.dtype, name="embed",
-                      embedding_init=part(dense_init(1.0), ("vocab", "embed")))(z)
+      return layers.Embed(self.num_inputs, self.width, dtype=self.dtype, name="embed",
+                          embedding_init=part(dense_init(1.0), ("vocab", "embed")))(z)
     num_slots = z.shape[-1]
     slot_width = -(-self.width // num_slots)
     slots = [
-        nn.Embed(self.num_inputs, slot_width, dtype=self.dtype, name=f"embed_slot{j}",
-                 embedding_init=part(dense_init(1.0), ("vocab", "embed")))(z[..., j])
+        layers.Embed(self.num_inputs, slot_width, dtype=self.dtype, name=f"embed_slot{j}",
+                     embedding_init=part(dense_init(1.0), ("vocab", "embed")))(z[..., j])
         for j in range(num_slots)
     ]
     h = jnp.concatenate(slots, axis=-1)
