@@ -20,6 +20,8 @@ from md4.networks import layers
 Array = jnp.ndarray
 Dtype = jnp.dtype
 
+OUTPUT_ALIGNMENT = 128
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -224,6 +226,9 @@ class Transformer(nn.Module):
           kernel_init=part(nn.initializers.zeros_init(), ("embed", "mlp")),
           bias_init=part(nn.initializers.zeros_init(), ("mlp",)))(nn.silu(cond)), 2, axis=-1)
     x = modulate(nn.LayerNorm(use_bias=False, use_scale=False, dtype=self.dtype)(x), shift, scale)
-    logits = nn.Dense(self.num_outputs, use_bias=False, dtype=self.dtype, name="output",
+    # The output width is padded to a multiple of 128 (50257 -> 50304): matmuls with odd
+    # widths miss the GPU's fast kernels, and the padded axis can be sharded.
+    padded_outputs = -(-self.num_outputs // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT
+    logits = nn.Dense(padded_outputs, use_bias=False, dtype=self.dtype, name="output",
                       kernel_init=part(nn.initializers.zeros_init(), ("embed", "vocab")))(x)
-    return logits.astype(jnp.float32)
+    return logits[..., :self.num_outputs].astype(jnp.float32)
