@@ -1,4 +1,10 @@
-"""layers.Embed computes nn.Embed's values and the exact gradient, on both of its paths."""
+"""Network pieces that replace library ones compute the same values and gradients.
+
+layers.Embed (nn.Embed, both paths) and transformer.attention (the XLA path of
+jax.nn.dot_product_attention).
+"""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -7,6 +13,7 @@ import numpy as np
 import pytest
 
 from md4.networks import layers
+from md4.networks import transformer
 
 
 @pytest.mark.parametrize("num_embeddings", [27, layers.ONE_HOT_MAX_IDS + 1])
@@ -32,3 +39,16 @@ def test_embed_matches_flax_embed(num_embeddings, dtype):
   exact = jnp.zeros((num_embeddings, 16)).at[ids].add(cotangent)
   tolerance = 1e-6 if dtype == jnp.float32 else 2.0**-8  # one rounding to bf16
   np.testing.assert_allclose(grad, exact, rtol=tolerance, atol=1e-6)
+
+
+def test_attention_matches_jax_dot_product_attention():
+  q, k, v, weights = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 40, 4, 16))
+
+  def loss(attention, q, k, v):
+    return jnp.sum(attention(q, k, v) * weights)
+
+  ours = jax.value_and_grad(functools.partial(loss, transformer.attention), (0, 1, 2))(q, k, v)
+  reference = jax.value_and_grad(
+      functools.partial(loss, jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)
+  for value, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-5)
