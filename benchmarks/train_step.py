@@ -57,12 +57,18 @@ def matmul_peak_flops(dtype: jnp.dtype, size: int, repeats: int = 10) -> float:
   return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def model_flops_per_token(config, params) -> float:
-  """6 x per-token weights (fwd + bwd) + 12 layers L d for attention scores and values."""
-  per_token_weights = sum(
-      x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
-      if not any(name in jax.tree_util.keystr(path, simple=True, separator="/") + "/"
-                 for name in _NOT_PER_TOKEN))
+def model_flops_per_token(config, params, vocab_size: int) -> float:
+  """6 x per-token weights (fwd + bwd) + 12 layers L d for attention scores and values.
+
+  The output kernel counts vocab_size columns, not its padded width.
+  """
+  per_token_weights = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path, simple=True, separator="/") + "/"
+    if name.endswith("output/kernel/"):
+      per_token_weights += x.shape[0] * vocab_size
+    elif not any(part in name for part in _NOT_PER_TOKEN):
+      per_token_weights += x.size
   model = config.model
   return 6 * per_token_weights + 12 * model.num_layers * config.seq_len * model.width
 
@@ -111,7 +117,7 @@ def main(argv):
   tokens_per_step = config.batch_size * math.prod(example_shape)
   tokens_per_sec = tokens_per_step / seconds_per_step
   xla_flops_per_token = xla_flops / tokens_per_step
-  flops_per_token = model_flops_per_token(config, params)
+  flops_per_token = model_flops_per_token(config, params, vocab_size)
   # Large enough to reach the device's peak, small enough to measure quickly on a CPU.
   peak_size = 2048 if jax.default_backend() == "cpu" else 8192
   peak_f32 = matmul_peak_flops(jnp.float32, peak_size) * jax.device_count()
