@@ -42,12 +42,13 @@ def build_network(config: ml_collections.ConfigDict, num_inputs: int,
         channel_mult=tuple(model.unet_channel_mult), num_res_blocks=model.unet_num_res_blocks,
         attention_resolutions=tuple(model.unet_attention_resolutions),
         num_heads=model.num_heads, dropout=model.dropout_rate, num_classes=num_classes,
-        norm_groups=model.unet_norm_groups, dtype=dtype)
+        norm_groups=model.unet_norm_groups, dtype=dtype, attention_impl=model.attention_impl)
   if model.backbone == "dit":
     return dit.DiT(
         vocab_size=num_outputs, patch_size=model.patch_size, width=model.width,
         depth=model.num_layers, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
-        dropout=model.dropout_rate, num_classes=num_classes, dtype=dtype)
+        dropout=model.dropout_rate, num_classes=num_classes, dtype=dtype,
+        attention_impl=model.attention_impl)
   if model.backbone != "transformer":
     raise ValueError(f"config.model.backbone={model.backbone!r}; valid: transformer, unet, dit")
   return transformer.Transformer(
@@ -55,23 +56,8 @@ def build_network(config: ml_collections.ConfigDict, num_inputs: int,
       num_layers=model.num_layers, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
       mlp_type=model.mlp_type, time_conditioning=model.time_conditioning,
       num_classes=num_classes, dropout_rate=model.dropout_rate,
-      attention_impl=attention_implementation(model.attention_impl, dtype,
-                                              model.width // model.num_heads),
-      remat_policy=model.remat_policy, scan_layers=model.scan_layers, dtype=dtype)
-
-
-def attention_implementation(requested: str, dtype: jnp.dtype, head_dim: int) -> str | None:
-  """The config's attention kernel, or by default cuDNN's fused one where it applies.
-
-  jax.nn.dot_product_attention's own default is the XLA path, which writes the
-  [B, H, L, L] scores to memory; cuDNN's flash attention does not.
-  """
-  if requested:
-    return requested
-  if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
-      and head_dim % 8 == 0 and head_dim <= 128):
-    return "cudnn"
-  return None
+      attention_impl=model.attention_impl, remat_policy=model.remat_policy,
+      scan_layers=model.scan_layers, dtype=dtype)
 
 
 class MD4:

@@ -1,6 +1,6 @@
 """Network pieces that replace library ones compute the same values and gradients.
 
-layers.Embed (nn.Embed, both paths) and transformer.attention (the XLA path of
+layers.Embed (nn.Embed, both paths) and layers.xla_attention (the XLA path of
 jax.nn.dot_product_attention).
 """
 
@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from md4.networks import layers
-from md4.networks import transformer
 
 
 @pytest.mark.parametrize("num_embeddings", [27, layers.ONE_HOT_MAX_IDS + 1])
@@ -47,7 +46,7 @@ def test_attention_matches_jax_dot_product_attention():
   def loss(attention, q, k, v):
     return jnp.sum(attention(q, k, v) * weights)
 
-  ours = jax.value_and_grad(functools.partial(loss, transformer.attention), (0, 1, 2))(q, k, v)
+  ours = jax.value_and_grad(functools.partial(loss, layers.xla_attention), (0, 1, 2))(q, k, v)
   reference = jax.value_and_grad(
       functools.partial(loss, jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)
   for value, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):

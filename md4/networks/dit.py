@@ -70,6 +70,7 @@ class DiTBlock(nn.Module):
   mlp_ratio: float
   dropout: float
   dtype: layers.Dtype = jnp.float32
+  attention_impl: str = ""
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, train: bool) -> Array:
@@ -77,7 +78,8 @@ class DiTBlock(nn.Module):
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = _adaln(
         6, width, self.dtype, cond, "adaln")
     h = _modulate(_layer_norm(self.dtype, "norm_attention")(x), shift_a, scale_a)
-    h = layers.SelfAttention(self.num_heads, dtype=self.dtype, name="attention")(h)
+    h = layers.SelfAttention(self.num_heads, attention_impl=self.attention_impl,
+                             dtype=self.dtype, name="attention")(h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     x = x + gate_a * h
 
@@ -110,6 +112,7 @@ class DiT(nn.Module):
     num_classes: class labels 0..num_classes-1, null id num_classes;
       0 = unconditional.
     dtype: compute dtype (parameters stay float32).
+    attention_impl: "" (cuDNN on GPU in half precision, else XLA), "xla" or "cudnn".
   """
 
   vocab_size: int = 256
@@ -123,6 +126,7 @@ class DiT(nn.Module):
   frequency_dim: int = 256
   num_classes: int = 0
   dtype: layers.Dtype = jnp.float32
+  attention_impl: str = ""
 
   @nn.compact
   def __call__(self, z: Array, t: Array, label: Array | None = None, *,
@@ -155,7 +159,7 @@ class DiT(nn.Module):
 
     for i in range(self.depth):
       h = DiTBlock(self.num_heads, self.mlp_ratio, self.dropout, dtype,
-                   name=f"block_{i}")(h, cond, train)
+                   self.attention_impl, name=f"block_{i}")(h, cond, train)
 
     shift, scale = _adaln(2, self.width, dtype, cond, "adaln_out")
     h = _modulate(_layer_norm(dtype, "norm_out")(h), shift, scale)

