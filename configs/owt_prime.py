@@ -1,40 +1,17 @@
-"""MDM-Prime on an OpenWebText-style corpus with a GPT-2-sized vocabulary.
+"""MDM-Prime on an OpenWebText-style corpus: the MD4-S setup of owt.py with partial masking.
 
-A SentencePiece BPE vocabulary of 50257 pieces (GPT-2's size), sequences of
-1024 tokens, an MD4-S-sized transformer (12 layers, width 768, 12 heads).
-Tokens are written as l = 2 sub-tokens (base 225); `--config.prime.binary=True`
-uses 16 binary sub-tokens instead. Prepare the corpus once with
+Tokens of the 50257-piece vocabulary are written as l = 2 sub-tokens (base
+225); `--config.prime.binary=True` uses 16 binary sub-tokens instead. Prepare
+the corpus once with
 `python -m md4.data.prepare --config=configs/owt_prime.py --config.data.path=...`.
 """
 
-from md4 import data
-from md4 import defaults
+from configs import owt
 
 
 def get_config():
-  config = defaults.get_config()
+  config = owt.get_config()
   config.model_type = "prime"
   config.prime.length = 2
   config.prime.binary = False
-  config.dataset = "tokens"
-  config.data_dir = "~/.cache/md4/owt"
-  config.data = data.default_data_config("tokens")
-  config.data.vocab_size = 50257
-  config.data.tokenizer_type = "bpe"
-  config.seq_len = 1024
-  config.model.width = 768
-  config.model.num_layers = 12
-  config.model.num_heads = 12
-  config.model.dtype = "bfloat16"
-  config.batch_size = 512
-  config.num_train_steps = 1_000_000
-  config.optimizer.learning_rate = 3e-4
-  config.optimizer.warmup_steps = 2500
-  config.ema_rate = 0.9999
-  config.log_every_steps = 500
-  config.eval_every_steps = 20_000
-  config.num_eval_steps = 100
-  config.checkpoint_every_steps = 10_000
-  config.sample_every_steps = 20_000
-  config.sample_steps = 1000
   return config
