@@ -4,18 +4,23 @@
 # attention and precision switches. One JSON file and one log per variant go
 # to OUT_DIR, and a table is printed last.
 #
-#   benchmarks/gpu_suite.sh OUT_DIR [PEAK_TFLOPS]
+#   benchmarks/gpu_suite.sh OUT_DIR [PEAK_TFLOPS [VARIANT...]]
 #
 # PEAK_TFLOPS is the datasheet dense bf16 peak used for MFU (989: H100 SXM).
+# VARIANTs pick a subset by name (text8_bf16, owt_bf16, ...); all by default.
 set -u
-out_dir=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [PEAK_TFLOPS]}
+out_dir=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [PEAK_TFLOPS [VARIANT...]]}
 peak_tflops=${2:-989}
+variants=("${@:3}")
 mkdir -p "$out_dir"
 export PYTHONUNBUFFERED=1
 
 bench() {
   local name=$1
   shift
+  if ((${#variants[@]})) && [[ " ${variants[*]} " != *" $name "* && $name != smoke ]]; then
+    return 0
+  fi
   echo "== $name: $*"
   timeout 170 python3 benchmarks/train_step.py --peak_tflops="$peak_tflops" "$@" \
     >"$out_dir/$name.json" 2>"$out_dir/$name.log" || {

@@ -57,11 +57,31 @@ def mask_tokens(rng: Array, x: Array, alpha: Array, mask_id: int) -> Array:
   return jnp.where(keep, x, mask_id).astype(jnp.int32)
 
 
+@jax.custom_vjp
 def token_log_prob(logits: Array, x: Array) -> Array:
-  """log softmax(logits)[x] [...], without keeping a second [..., V] array."""
-  logits = logits.astype(jnp.float32)
-  logit_x = jnp.take_along_axis(logits, x[..., None], axis=-1)[..., 0]
-  return logit_x - jax.nn.logsumexp(logits, axis=-1)
+  """log softmax(logits)[x] float32 [...] for logits [..., V] and x [...].
+
+  The gradient, (one_hot(x) - softmax(logits)) g, is one elementwise pass in
+  the logits' dtype: autodiff of the gather would scatter into a float32
+  [..., V] zeros array, which then takes two more passes over memory.
+  """
+  return _token_log_prob_fwd(logits, x)[0]
+
+
+def _token_log_prob_fwd(logits: Array, x: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+  log_norm = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  logit_x = jnp.take_along_axis(logits, x[..., None], axis=-1)[..., 0].astype(jnp.float32)
+  return logit_x - log_norm, (logits, x, log_norm)
+
+
+def _token_log_prob_bwd(residuals: tuple[Array, Array, Array], g: Array) -> tuple[Array, None]:
+  logits, x, log_norm = residuals
+  probs = jnp.exp(logits.astype(jnp.float32) - log_norm[..., None])
+  one_hot = jnp.arange(logits.shape[-1]) == x[..., None]
+  return (g[..., None] * (one_hot - probs)).astype(logits.dtype), None
+
+
+token_log_prob.defvjp(_token_log_prob_fwd, _token_log_prob_bwd)
 
 
 def time_weight(sch: schedule_lib.Schedule, t: Array, cont_time: bool,

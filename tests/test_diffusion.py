@@ -89,6 +89,26 @@ def test_loss_jits_and_differentiates():
   assert jnp.isfinite(grads).all() and jnp.abs(grads).sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_token_log_prob_value_and_gradient_match_log_softmax(dtype):
+  logits = (4.0 * jax.random.normal(jax.random.PRNGKey(4), (3, 6, 11))).astype(dtype)
+  x = jax.random.randint(jax.random.PRNGKey(5), (3, 6), 0, 11)
+  weights = jax.random.normal(jax.random.PRNGKey(6), (3, 6))
+
+  def reference(logits):
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return (weights * jnp.take_along_axis(log_probs, x[..., None], axis=-1)[..., 0]).sum()
+
+  def ours(logits):
+    return (weights * diffusion.token_log_prob(logits, x)).sum()
+
+  np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+  grad = jax.jit(jax.grad(ours))(logits)
+  assert grad.dtype == dtype
+  np.testing.assert_allclose(grad.astype(jnp.float32), jax.grad(reference)(logits).astype(
+      jnp.float32), atol=1e-6 if dtype == jnp.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("x, kwargs, match", [
     (np.array([[0, 5]]), {}, "outside \\[0, 5\\)"),
     (np.array([[-1, 2]]), {}, "outside \\[0, 5\\)"),
