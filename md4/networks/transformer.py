@@ -56,6 +56,50 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
   return x * (1.0 + scale[:, None]) + shift[:, None]
 
 
+class Linear(nn.Module):
+  """Bias-free x [..., *in] -> [..., *features] over x's last num_in_axes axes, by `layers.dense`.
+
+  The kernel [*in, *features] is nn.DenseGeneral's, so checkpoints carry over.
+  """
+
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  kernel_std: float
+  dtype: Dtype
+  num_in_axes: int = 1
+
+  def kernel(self, in_shape: tuple[int, ...]) -> Array:
+    """The kernel [*in_shape, *features], in the compute dtype."""
+    init = nn.with_logical_partitioning(dense_init(self.kernel_std), self.kernel_axes)
+    return self.param("kernel", init, in_shape + self.features, jnp.float32).astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.kernel(x.shape[x.ndim - self.num_in_axes:])
+    return layers.dense(x.astype(self.dtype), kernel, self.num_in_axes)
+
+
+class MlpIn(Linear):
+  """The MLP's input projection x [..., D] -> num_in arrays [..., F] (gate and up, or one).
+
+  features = (num_in, F). On CPU each slice of the kernel [D, num_in, F] is its
+  own matmul, whose gradient needs no concatenate of the slices (XLA:CPU wrote
+  it three times, once transposed). On GPU one matmul is faster (H100, text8:
+  0.2183 against 0.2228 s/step split).
+  """
+
+  @nn.compact
+  def __call__(self, x: Array) -> list[Array]:  # pytype: disable=signature-mismatch
+    num_in = self.features[0]
+    kernel = self.kernel(x.shape[-1:])
+    x = x.astype(self.dtype)
+    if jax.default_backend() == "cpu":
+      return [layers.dense(x, kernel[:, i]) for i in range(num_in)]
+    h = layers.dense(x, kernel)
+    # One split, whose gradient is one concatenate rather than a pad and add per slice.
+    return [a[..., 0, :] for a in jnp.split(h, num_in, axis=-2)]
+
+
 class Block(nn.Module):
   """Pre-norm attention + gated MLP, modulated by a conditioning vector."""
 
@@ -84,31 +128,25 @@ class Block(nn.Module):
 
     norm = functools.partial(nn.LayerNorm, use_bias=False, use_scale=False, dtype=self.dtype)
     h = modulate(norm(name="norm_attention")(x), shift_a, scale_a)
-    qkv = nn.DenseGeneral(
-        (3, self.num_heads, head_dim), use_bias=False, dtype=self.dtype, name="qkv",
-        kernel_init=part(dense_init(0.02), ("embed", None, "heads", "head_dim")))(h)
+    qkv = Linear((3, self.num_heads, head_dim), ("embed", None, "heads", "head_dim"), 0.02,
+                 self.dtype, name="qkv")(h)
     # One split, whose gradient is one concatenate rather than three pads and adds.
     q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
     attended = layers.dot_product_attention(rotary(q), rotary(k), v, self.attention_impl)
-    h = nn.DenseGeneral(
-        width, axis=(-2, -1), use_bias=False, dtype=self.dtype, name="attention_out",
-        kernel_init=part(dense_init(self.out_init_std), ("heads", "head_dim", "embed")))(attended)
+    h = Linear((width,), ("heads", "head_dim", "embed"), self.out_init_std, self.dtype,
+               num_in_axes=2, name="attention_out")(attended)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
     x = x + gate_a[:, None] * h
 
     h = modulate(norm(name="norm_mlp")(x), shift_m, scale_m)
     num_in = 1 if self.mlp_type == "gelu" else 2
-    h = nn.DenseGeneral(
-        (num_in, self.mlp_dim), use_bias=False, dtype=self.dtype, name="mlp_in",
-        kernel_init=part(dense_init(0.02), ("embed", None, "mlp")))(h)
+    h = MlpIn((num_in, self.mlp_dim), ("embed", None, "mlp"), 0.02, self.dtype, name="mlp_in")(h)
     if self.mlp_type in ("swiglu", "geglu"):
-      gate, up = (a[..., 0, :] for a in jnp.split(h, 2, axis=-2))  # One split, as for qkv.
+      gate, up = h
       h = (nn.silu(gate) if self.mlp_type == "swiglu" else nn.gelu(gate)) * up
     else:
-      h = nn.gelu(h[..., 0, :])
-    h = nn.Dense(
-        width, use_bias=False, dtype=self.dtype, name="mlp_out",
-        kernel_init=part(dense_init(self.out_init_std), ("mlp", "embed")))(h)
+      h = nn.gelu(h[0])
+    h = Linear((width,), ("mlp", "embed"), self.out_init_std, self.dtype, name="mlp_out")(h)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
     return x + gate_m[:, None] * h
 
