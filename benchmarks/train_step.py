@@ -10,6 +10,10 @@ attention), matmul peaks measured in the same run (f32, and the compute dtype),
 the fraction of the f32 peak the step reaches, model-FLOPs utilisation (MFU)
 against the measured compute-dtype peak and, given --peak_tflops, against a
 datasheet peak, and memory.
+
+The steps are timed in --rounds rounds, each right after its own peak
+measurement, and every figure is the median over rounds: on a shared machine
+the speed of both drifts together.
 """
 
 import json
@@ -29,7 +33,8 @@ from md4 import train
 from md4.networks import layers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps, split evenly over the rounds.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds of (peak measurement, timed steps).")
 _SYNTHETIC = flags.DEFINE_bool(
     "synthetic_batches", True, "Random token batches instead of the config's dataset, so "
     "that the step alone is timed (and text8 need not be present).")
@@ -100,13 +105,23 @@ def main(argv):
   cost = cost[0] if isinstance(cost, list) else cost
   xla_flops = float(cost.get("flops", float("nan")))
 
+  # Large enough to reach the device's peak, small enough to measure quickly on a CPU.
+  peak_size = 2048 if jax.default_backend() == "cpu" else 8192
+  compute_dtype = jnp.dtype(config.model.dtype)
   state, metrics = trainer.train_step(state, batch, jax.random.PRNGKey(1))
   jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(_STEPS.value):
-    state, metrics = trainer.train_step(state, batch, jax.random.PRNGKey(1))
-  jax.block_until_ready(metrics)
-  seconds_per_step = (time.perf_counter() - start) / _STEPS.value
+  steps_per_round = max(1, _STEPS.value // _ROUNDS.value)
+  rounds = []  # (seconds per step, f32 peak, compute-dtype peak)
+  for _ in range(_ROUNDS.value):
+    peak_f32 = matmul_peak_flops(jnp.float32, peak_size) * jax.device_count()
+    peak_compute = (peak_f32 if compute_dtype == jnp.float32 else
+                    matmul_peak_flops(compute_dtype, peak_size) * jax.device_count())
+    start = time.perf_counter()
+    for _ in range(steps_per_round):
+      state, metrics = trainer.train_step(state, batch, jax.random.PRNGKey(1))
+    jax.block_until_ready(metrics)
+    rounds.append(((time.perf_counter() - start) / steps_per_round, peak_f32, peak_compute))
+  seconds_per_step, peak_f32, peak_compute = np.median(rounds, axis=0)
   if _PROFILE_DIR.value:
     with jax.profiler.trace(_PROFILE_DIR.value):
       for _ in range(3):
@@ -119,12 +134,6 @@ def main(argv):
   tokens_per_sec = tokens_per_step / seconds_per_step
   xla_flops_per_token = xla_flops / tokens_per_step
   flops_per_token = model_flops_per_token(config, params, vocab_size)
-  # Large enough to reach the device's peak, small enough to measure quickly on a CPU.
-  peak_size = 2048 if jax.default_backend() == "cpu" else 8192
-  peak_f32 = matmul_peak_flops(jnp.float32, peak_size) * jax.device_count()
-  compute_dtype = jnp.dtype(config.model.dtype)
-  peak_compute = (peak_f32 if compute_dtype == jnp.float32 else
-                  matmul_peak_flops(compute_dtype, peak_size) * jax.device_count())
   memory = jax.devices()[0].memory_stats() or {}
   analysis = compiled.memory_analysis()
   print(json.dumps({
@@ -146,8 +155,11 @@ def main(argv):
       "flops_per_token_model": flops_per_token,
       "matmul_peak_flops": peak_f32,
       "matmul_peak_flops_compute_dtype": peak_compute,
-      "fraction_of_matmul_peak": xla_flops_per_token * tokens_per_sec / peak_f32,
-      "mfu_of_measured_peak": flops_per_token * tokens_per_sec / peak_compute,
+      "fraction_of_matmul_peak": np.median(
+          [xla_flops / step / peak for step, peak, _ in rounds]),
+      "mfu_of_measured_peak": np.median(
+          [flops_per_token * tokens_per_step / step / peak for step, _, peak in rounds]),
+      "rounds": len(rounds),
       "mfu": (flops_per_token * tokens_per_sec / (_PEAK_TFLOPS.value * 1e12 * jax.device_count())
               if _PEAK_TFLOPS.value else None),
       "peak_memory_bytes": memory.get("peak_bytes_in_use"),
