@@ -119,10 +119,12 @@ def dense(x: Array, kernel: Array, num_in_axes: int = 1) -> Array:
 def _cpu_dense(x: Array, kernel: Array, num_in_axes: int) -> Array:
   """`dense` whose kernel gradient contracts the tokens with the narrower operand first.
 
-  XLA:CPU's matmuls copy their first operand transposed. Autodiff puts the
-  output gradient first, which for the MLP's input projection is a [T, F]
-  copy (and the activation's gradient fused into a transposing loop), where
-  x is [T, D]: the gated MLP then took 10-20% longer.
+  XLA:CPU copies the first operand of this contraction transposed. Autodiff
+  puts the output gradient first: for the MLP's input projections a [T, F]
+  copy, into which XLA fused the activation's gradient as a slow transposing
+  loop, where x^T is [D, T]. With MlpIn's separate halves, autodiff's order
+  made the shrunk text8 step 25% slower than one matmul did, and this order
+  5-12% faster.
   """
   return jnp.tensordot(x, kernel, num_in_axes)
 
@@ -157,8 +159,9 @@ def xla_attention(q: Array, k: Array, v: Array) -> Array:
   on CPU: every matmul, forward and backward, multiplies [M, K] by [K, N] per
   (batch, head). The small [B, H, L, D] operands are transposed for that,
   behind optimisation barriers so that XLA cannot fold the transposes back
-  into the matmuls; the [B, H, L, L] scores never are. XLA's own choice read
-  the scores across their rows, and attention took 25% longer.
+  into the matmuls; the [B, H, L, L] scores never are. With XLA's own layouts
+  some matmuls read the scores as a transposed right operand (at about 25
+  GFLOP/s on the CI's 2-core CPU), and attention took about 20% longer.
   """
   return _xla_attention_fwd(q, k, v)[0]
 
@@ -182,7 +185,7 @@ def _xla_attention_bwd(residuals: tuple[Array, ...], g: Array) -> tuple[Array, A
        k_bhdk.swapaxes(2, 3), v_bhkd.swapaxes(2, 3)))
   dv_bhdk = jnp.einsum("bhdq,bhqk->bhdk", g_bhdq, probs.astype(g.dtype))
   dprobs = jnp.einsum("bhqd,bhdk->bhqk", g_bhqd, v_bhdk, preferred_element_type=jnp.float32)
-  # Softmax's gradient in one pass: probs (dprobs - <probs, dprobs>), and <probs, dprobs> = <g, out>.
+  # Softmax's gradient, one pass: probs (dprobs - <g, out>), as <probs, dprobs> = <g, out>.
   row_dot = jnp.sum(g_bhqd.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
   dscores = (probs * (dprobs - row_dot)).astype(q_bhqd.dtype)
   scale = jnp.asarray(1.0 / math.sqrt(q_bhqd.shape[-1]), q_bhqd.dtype)
