@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 Array = jnp.ndarray
 Dtype = Any
@@ -196,6 +197,81 @@ def _xla_attention_bwd(residuals: tuple[Array, ...], g: Array) -> tuple[Array, A
 
 
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gated_unit(h: Array, activation: Callable[[Array], Array]) -> Array:
+  """activation(gate) * up for h [..., 2, F] = (gate, up) stacked -> [..., F].
+
+  The gradient [..., 2, F] is one float32 pass over h and the output gradient.
+  On one GPU, for silu, it is a Pallas kernel (`swiglu_grad_pallas`); its
+  custom call has no partitioning rule, so with more devices, and elsewhere,
+  XLA's version (`_gated_unit_grad`). For text8's [131072, 2, 3072] in bf16 the
+  H100 took 1.92 ms for autodiff's gradient and 1.39 ms for either of these,
+  which move 4 GB at the 2.9 TB/s of a plain elementwise pass. In the whole
+  text8 step XLA's version was 1% slower than the kernel.
+  """
+  return _gated_unit_fwd(h, activation)[0]
+
+
+def _gated_unit_fwd(h: Array, activation: Callable[[Array], Array]) -> tuple[Array, Array]:
+  return activation(h[..., 0, :]) * h[..., 1, :], h
+
+
+def _gated_unit_bwd(activation: Callable[[Array], Array], h: Array, g: Array) -> tuple[Array]:
+  if (activation is nn.silu and jax.default_backend() == "gpu" and jax.device_count() == 1
+      and _swiglu_grad_tiles(h.shape)):
+    return (swiglu_grad_pallas(h, g),)
+  return (_gated_unit_grad(h, g, activation),)
+
+
+gated_unit.defvjp(_gated_unit_fwd, _gated_unit_bwd)
+
+
+def _gated_unit_grad(h: Array, g: Array, activation: Callable[[Array], Array]) -> Array:
+  """The gradient [..., 2, F] of gated_unit at h [..., 2, F], output gradient g [..., F].
+
+  One select over the [..., 2, F] result, rather than a concatenate of the two
+  halves, which XLA:GPU would not fuse with their shared activation.
+  """
+  gate, up = h[..., :1, :].astype(jnp.float32), h[..., 1:, :].astype(jnp.float32)
+  g = g[..., None, :].astype(jnp.float32)
+  value, derivative = jax.jvp(activation, (gate,), (jnp.ones_like(gate),))
+  is_gate = jax.lax.broadcasted_iota(jnp.int32, h.shape, h.ndim - 2) == 0
+  return jnp.where(is_gate, g * up * derivative, g * value).astype(h.dtype)
+
+
+# Rows and columns of one program of the SwiGLU gradient kernel.
+_SWIGLU_BLOCK = (16, 256)
+
+
+def _swiglu_grad_tiles(shape: tuple[int, ...]) -> bool:
+  return math.prod(shape[:-2]) % _SWIGLU_BLOCK[0] == 0 and shape[-1] % _SWIGLU_BLOCK[1] == 0
+
+
+def _swiglu_grad_kernel(h_ref, g_ref, dh_ref):
+  gate = h_ref[:, 0, :].astype(jnp.float32)
+  up = h_ref[:, 1, :].astype(jnp.float32)
+  g = g_ref[...].astype(jnp.float32)
+  sigmoid = 1.0 / (1.0 + jnp.exp(-gate))
+  dh_ref[:, 0, :] = (g * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))).astype(dh_ref.dtype)
+  dh_ref[:, 1, :] = (g * gate * sigmoid).astype(dh_ref.dtype)
+
+
+def swiglu_grad_pallas(h: Array, g: Array, interpret: bool = False) -> Array:
+  """`_gated_unit_grad` for silu as one Pallas kernel: h [..., 2, F] and g [..., F] read once."""
+  rows, columns = _SWIGLU_BLOCK
+  num_tokens, width = math.prod(h.shape[:-2]), h.shape[-1]
+  dh = pl.pallas_call(
+      _swiglu_grad_kernel,
+      grid=(num_tokens // rows, width // columns),
+      in_specs=[pl.BlockSpec((rows, 2, columns), lambda i, j: (i, 0, j)),
+                pl.BlockSpec((rows, columns), lambda i, j: (i, j))],
+      out_specs=pl.BlockSpec((rows, 2, columns), lambda i, j: (i, 0, j)),
+      out_shape=jax.ShapeDtypeStruct((num_tokens, 2, width), h.dtype),
+      interpret=interpret,
+  )(h.reshape(num_tokens, 2, width), g.reshape(num_tokens, width))
+  return dh.reshape(h.shape)
 
 
 def attention_kernel(requested: str, dtype: Dtype, head_dim: int) -> str:
