@@ -13,7 +13,7 @@ plain pass's rate is the memory bound to compare with.
 
 import functools
 import json
-import time
+import statistics
 
 from absl import app
 from absl import flags
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from md4.networks import layers
+import timing
 
 _TOKENS = flags.DEFINE_integer("tokens", 131072, "T (batch x sequence length).")
 _WIDTH = flags.DEFINE_integer("width", 3072, "F, the MLP's hidden width.")
@@ -31,13 +32,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per function (median
 
 def median_seconds(fn, *args) -> float:
   """Median of `repeats` calls of a compiled fn, after a warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
+  return statistics.median(timing.call_seconds(fn, *args, repeats=_REPEATS.value))
 
 
 def autodiff_gated_unit(h: jax.Array) -> jax.Array:

@@ -10,7 +10,6 @@ alike.
 """
 
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -20,6 +19,7 @@ import numpy as np
 
 from md4 import diffusion
 from md4 import prime
+import timing
 
 # The two paths `prime.sub_token_log_prob` chooses between.
 per_slot_log_prob = prime._per_slot_log_prob  # pylint: disable=protected-access
@@ -36,13 +36,7 @@ _MASK_RATE = flags.DEFINE_float("mask_rate", 0.5, "Fraction of masked (sub-)toke
 
 def best_seconds(fn, *args) -> float:
   """Fastest of `repeats` calls of a compiled fn, after a warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return min(times)
+  return min(timing.call_seconds(fn, *args, repeats=_REPEATS.value))
 
 
 def masked_nll_grad(log_prob_fn):
