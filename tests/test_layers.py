@@ -3,7 +3,8 @@
 layers.Embed (nn.Embed, both paths), layers.xla_attention (the XLA path of
 jax.nn.dot_product_attention), the transformer's Linear and MlpIn
 (nn.DenseGeneral and the activation, on the CPU's path and on the other
-backends'), layers.gated_unit (autodiff, with its GPU kernel run interpreted)
+backends'), layers.gated_unit (autodiff, with its GPU kernel run interpreted,
+and lowered to Triton for CUDA)
 and the transformer's rotary embedding (autodiff of the rotation).
 """
 
@@ -146,6 +147,17 @@ def test_swiglu_kernel_matches_xla_gradient():
   g = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 768))
   np.testing.assert_allclose(layers.swiglu_grad_pallas(h, g, interpret=True),
                              layers._gated_unit_grad(h, g, nn.silu), rtol=1e-6, atol=1e-6)  # pylint: disable=protected-access
+
+
+def test_swiglu_kernel_lowers_to_triton_for_cuda():
+  # Lowered for CUDA without a GPU: Pallas's Triton lowering runs, and the kernel must use it.
+  h = jax.ShapeDtypeStruct((1024, 2, 3072), jnp.bfloat16)
+  g = jax.ShapeDtypeStruct((1024, 3072), jnp.bfloat16)
+  triton = "__gpu$xla.gpu.triton"
+  exported = jax.export.export(
+      jax.jit(layers.swiglu_grad_pallas), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(h, g)
+  assert triton in exported.mlir_module()
 
 
 def test_rotary_rotates_pairs_and_its_gradient_rotates_back():

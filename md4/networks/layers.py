@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 Array = jnp.ndarray
 Dtype = Any
@@ -269,6 +270,8 @@ def swiglu_grad_pallas(h: Array, g: Array, interpret: bool = False) -> Array:
                 pl.BlockSpec((rows, columns), lambda i, j: (i, j))],
       out_specs=pl.BlockSpec((rows, 2, columns), lambda i, j: (i, 0, j)),
       out_shape=jax.ShapeDtypeStruct((num_tokens, 2, width), h.dtype),
+      # Triton, the backend it was tuned on: some JAX versions default to Mosaic GPU.
+      compiler_params=pltriton.CompilerParams(),
       interpret=interpret,
   )(h.reshape(num_tokens, 2, width), g.reshape(num_tokens, width))
   return dh.reshape(h.shape)
