@@ -6,7 +6,7 @@ Every pipeline is the training iterator md4.data builds (shuffle, repeat,
 shard, batch, read-ahead threads), over in-memory or memory-mapped data of
 the real shapes, so nothing needs downloading:
   text8      512 x 256 chunks of a 90M-character array (the text8 train split);
-  chars      512 x 256 chunks of ../shared/data/tinyshakespeare.txt, normalised;
+  chars      512 x 256 chunks of the bundled Tiny Shakespeare, normalised;
   tokens     64 x 1024 sequences of a memory-mapped 50M-token uint16 stream;
   images     512 x 32 x 32 x 3 CIFAR-shaped images decoded from PNG per example
              (as a tfds data source without OpenCV does) with random flips;
@@ -21,16 +21,14 @@ import pathlib
 import tempfile
 import time
 
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from md4 import data as data_lib
+from md4 import defaults
 from md4.data import chars
 from md4.data import images
+from md4.data import pipeline
 from md4.data import synthetic
-
-_SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
 
 def batches_per_second(iterator, seconds: float) -> tuple[float, int]:
@@ -67,27 +65,27 @@ def run(name: str, seconds: float, workdir: pathlib.Path) -> dict[str, object]:
   rng = np.random.default_rng(0)
   if name == "text8":
     shape = (512, 256)
-    source = data_lib.ChunkSource(rng.integers(0, 27, 90_000_000, dtype=np.uint8), 256)
-    iterator = data_lib.train_iterator(source, 512, seed=0)
+    source = pipeline.ChunkSource(rng.integers(0, 27, 90_000_000, dtype=np.uint8), 256)
+    iterator = pipeline.train_iterator(source, 512, seed=0)
   elif name == "chars":
     shape = (512, 256)
-    source = data_lib.ChunkSource(chars.read_ids(str(_SHAKESPEARE)), 256)
-    iterator = data_lib.train_iterator(source, 512, seed=0)
+    source = pipeline.ChunkSource(chars.read_ids(str(chars.BUNDLED_TEXT)), 256)
+    iterator = pipeline.train_iterator(source, 512, seed=0)
   elif name == "tokens":
     shape = (64, 1024)
     path = workdir / "tokens.bin"
     rng.integers(0, 32768, 50_000_000, dtype=np.uint16).tofile(path)
-    source = data_lib.ChunkSource(np.memmap(path, dtype=np.uint16, mode="r"), 1024)
-    iterator = data_lib.train_iterator(source, 64, seed=0)
+    source = pipeline.ChunkSource(np.memmap(path, dtype=np.uint16, mode="r"), 1024)
+    iterator = pipeline.train_iterator(source, 64, seed=0)
   elif name == "images":
     shape = (512, 32, 32, 3)
-    iterator = data_lib.train_iterator(PngSource(5000), 512, seed=0,
+    iterator = pipeline.train_iterator(PngSource(5000), 512, seed=0,
                                        transform=images.to_example,
                                        random_transform=images.random_flip)
   elif name == "synthetic":
     shape = (512, 256)
-    config = ml_collections.ConfigDict({"dataset": "synthetic", "seq_len": 256,
-                                        "batch_size": 512, "seed": 0, "data": {}})
+    config = defaults.get_config()
+    config.update(dataset="synthetic", seq_len=256, batch_size=512, seed=0)
     iterator = synthetic.create(config).train
   else:
     raise ValueError(f"unknown pipeline {name!r}")
@@ -104,8 +102,6 @@ def main() -> None:
   results = {"cpu_count": os.cpu_count()}
   with tempfile.TemporaryDirectory() as workdir:
     for name in args.only.split(","):
-      if name == "chars" and not _SHAKESPEARE.exists():
-        continue
       results[name] = run(name, args.seconds, pathlib.Path(workdir))
   print(json.dumps(results))
 

@@ -27,7 +27,7 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Sequences per batch.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 27, "Vocabulary size.")
 
 
-def time_sampler(model: models.MD4, params, steps: int, reuse: bool,
+def time_sampler(model: models.MaskedDiffusion, params, steps: int, reuse: bool,
                  num_samples: int) -> dict[str, float]:
   config = model.config
   shape = (num_samples, config.seq_len)

@@ -29,6 +29,7 @@ import numpy as np
 
 from md4 import data as data_lib
 from md4 import models
+from md4 import sharding
 from md4 import train
 from md4.networks import layers
 
@@ -82,7 +83,7 @@ def model_flops_per_token(config, params, vocab_size: int) -> float:
 def main(argv):
   del argv
   config = _CONFIG.value
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(config)
   if _SYNTHETIC.value:
     example_shape = tuple(map(int, _EXAMPLE_SHAPE.value or [config.seq_len]))
     vocab_size, num_classes = _VOCAB_SIZE.value, 0
@@ -94,7 +95,7 @@ def main(argv):
   trainer = train.build_trainer(config, model, mesh)
   state = trainer.init(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
-  batch = train.global_batch(
+  batch = sharding.global_batch(
       {"x": rng.integers(0, vocab_size, (config.batch_size, *example_shape), dtype=np.int32)},
       trainer.batch_sharding)
 

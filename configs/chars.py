@@ -1,20 +1,17 @@
-"""MD4 on local text files mapped to the text8 alphabet (default: tiny Shakespeare).
+"""MD4 on local text files mapped to the text8 alphabet (default: the bundled Tiny Shakespeare).
 
-Point `--config.data.path` at one or more UTF-8 files (a glob works); 10% of
+Point `--config.chars.path` at one or more UTF-8 files (a glob works); 10% of
 the characters, at a chunk boundary, are held out. A small model: 4 layers,
 width 256, sequences of 256 characters.
 """
 
-from md4 import data
 from md4 import defaults
 
 
 def get_config():
   config = defaults.get_config()
   config.dataset = "chars"
-  config.data = data.default_data_config("chars")
-  config.data.path = "../shared/data/tinyshakespeare.txt"
-  config.data.validation_fraction = 0.1
+  config.chars.validation_fraction = 0.1
   config.seq_len = 256
   config.model.width = 256
   config.model.num_layers = 4

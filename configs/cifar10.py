@@ -8,16 +8,13 @@ warm-up steps and cosine decay over 2M steps, random horizontal flips.
 Class-conditional variant: cifar10_conditional.py.
 """
 
-from md4 import data
 from md4 import defaults
 
 
 def get_config():
   config = defaults.get_config()
   config.dataset = "cifar10"
-  config.data_dir = ""
-  config.data = data.default_data_config("cifar10")
-  config.data.random_flip = True
+  config.cifar10.random_flip = True
   config.noise_schedule = "linear"
   config.model.backbone = "unet"
   config.model.unet_channels = 128

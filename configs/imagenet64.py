@@ -8,15 +8,12 @@ compute, linear schedule, EMA 0.9999. Class-conditional variant:
 imagenet64_conditional.py.
 """
 
-from md4 import data
 from md4 import defaults
 
 
 def get_config():
   config = defaults.get_config()
   config.dataset = "imagenet64"
-  config.data_dir = ""
-  config.data = data.default_data_config("imagenet64")
   config.noise_schedule = "linear"
   config.model.backbone = "dit"
   config.model.patch_size = 4

@@ -5,20 +5,19 @@ width 768, 12 heads, batch 512, AdamW with lr 3e-4, linear schedule, EMA
 0.9999. Chosen here: a SentencePiece BPE vocabulary of 50257 pieces (GPT-2's
 size) trained on the corpus itself, 2500 warm-up steps, bf16 compute with f32
 parameters. Prepare the corpus once with
-`python -m md4.data.prepare --config=configs/owt.py --config.data.path=...`.
+`python -m md4.data.prepare --config=configs/owt.py --config.tokens.path=CORPUS`
+(CORPUS: one document per line, or see md4/data/tokens.py for other formats).
 """
 
-from md4 import data
 from md4 import defaults
 
 
 def get_config():
   config = defaults.get_config()
   config.dataset = "tokens"
-  config.data_dir = "~/.cache/md4/owt"
-  config.data = data.default_data_config("tokens")
-  config.data.vocab_size = 50257
-  config.data.tokenizer_type = "bpe"
+  config.tokens.name = "owt"
+  config.tokens.vocab_size = 50257
+  config.tokens.tokenizer_type = "bpe"
   config.seq_len = 1024
   config.noise_schedule = "linear"
   config.model.width = 768

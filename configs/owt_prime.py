@@ -3,7 +3,7 @@
 Tokens of the 50257-piece vocabulary are written as l = 2 sub-tokens (base
 225); `--config.prime.binary=True` uses 16 binary sub-tokens instead. Prepare
 the corpus once with
-`python -m md4.data.prepare --config=configs/owt_prime.py --config.data.path=...`.
+`python -m md4.data.prepare --config=configs/owt_prime.py --config.tokens.path=CORPUS`.
 """
 
 from configs import owt

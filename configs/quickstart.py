@@ -10,7 +10,7 @@ from md4 import defaults
 def get_config():
   config = defaults.get_config()
   config.dataset = "synthetic"
-  config.data.kind = "markov"
+  config.synthetic.kind = "markov"
   config.seq_len = 64
   config.batch_size = 32
   config.num_train_steps = 1300

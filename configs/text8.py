@@ -6,15 +6,12 @@ EMA 0.9999, 1M steps. Chosen here: no weight decay or dropout, gradient
 clipping at 1, bf16 compute with f32 parameters.
 """
 
-from md4 import data
 from md4 import defaults
 
 
 def get_config():
   config = defaults.get_config()
   config.dataset = "text8"
-  config.data_dir = "~/.cache/md4/text8"
-  config.data = data.default_data_config("text8")
   config.seq_len = 256
   config.noise_schedule = "linear"
   config.model.width = 768

@@ -2,18 +2,19 @@
 
 Experiment files start from `get_config()` and override what they change; a
 key that is not here (a typo) or a value of the wrong type is an error that
-names the key, raised before anything is compiled.
+names the key, raised before anything is compiled. Every data source's
+options are present under the source's name (`config.chars.path`,
+`config.text8.eval_split`, ...), so `--config.dataset=chars
+--config.chars.path=FILE` works from any experiment file.
 """
 
 from typing import Any
 
 import ml_collections
 
-MODEL_TYPES = ("md4", "genmd4", "prime")
-DATASETS = ("text8", "chars", "tokens", "synthetic", "cifar10", "imagenet64")
+from md4 import data
+
 ATTENTION_IMPLS = ("", "xla", "cudnn")
-# Keys whose value is a free-form dict (source-specific options).
-OPEN_KEYS = ("data",)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -23,10 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_type = "md4"
 
   config.dataset = "synthetic"
-  config.data_dir = "~/.cache/md4"
+  config.data_dir = "~/.cache/md4"  # Downloaded and prepared data, a folder per source.
   config.seq_len = 64
-  config.data = ml_collections.ConfigDict(dict(
-      kind="markov", order=1, concentration=0.1, source_seed=0, num_eval_examples=1024))
+  config.update(data.default_options())
 
   config.noise_schedule = "linear"
   config.cont_time = True
@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       backbone="transformer", width=128, num_layers=2, num_heads=4, mlp_ratio=4.0,
       mlp_type="swiglu", time_conditioning="adaln", dropout_rate=0.0, attention_impl="",
-      remat_policy="none", scan_layers=False, dtype="float32",
+      remat_policy="none", scan_layers=False, dtype="float32", custom_kernels=True,
       unet_channels=128, unet_channel_mult=(1,), unet_num_res_blocks=32,
       unet_attention_resolutions=(), unet_norm_groups=32, patch_size=4))
   # Class conditioning (labelled datasets) and classifier-free guidance:
@@ -95,8 +95,7 @@ def _check(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDi
     if isinstance(default, ml_collections.ConfigDict):
       if not isinstance(value, ml_collections.ConfigDict):
         raise TypeError(f"config key {name!r} must be a ConfigDict, got {type(value).__name__}")
-      if key not in OPEN_KEYS:
-        _check(value, default, name + ".")
+      _check(value, default, name + ".")
     elif not _same_type(value, default):
       raise TypeError(f"config key {name!r} must be {type(default).__name__} like its "
                       f"default {default!r}, got {type(value).__name__} {value!r}")
@@ -114,11 +113,10 @@ def _same_type(value: Any, default: Any) -> bool:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks keys and types against the defaults and a few values; returns config."""
+  from md4 import models  # pylint: disable=g-import-not-at-top  # Flax: only when validating.
   _check(config, get_config(), "")
-  if config.model_type not in MODEL_TYPES:
-    raise ValueError(f"config.model_type={config.model_type!r}; valid: {MODEL_TYPES}")
-  if config.dataset not in DATASETS:
-    raise ValueError(f"config.dataset={config.dataset!r}; valid: {DATASETS}")
+  models.get(config.model_type)
+  data.get(config.dataset)
   if config.model.attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl={config.model.attention_impl!r}; valid: "
                      f"{ATTENTION_IMPLS} ('' picks cuDNN on GPU in half precision, else XLA)")

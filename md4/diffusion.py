@@ -12,34 +12,14 @@ s = t - 1/T and -w(t) is replaced by T (alpha_s - alpha_t) / (1 - alpha_t).
 """
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from md4 import checks
 from md4 import schedule as schedule_lib
 
 Array = jnp.ndarray
-# predict_fn(z [B, ...] int32 with mask id V, t [B] float32) -> logits [B, ..., V]
-PredictFn = Callable[[Array, Array], Array]
-
-
-def check_tokens(x: Array, vocab_size: int, name: str = "x") -> None:
-  """Raises ValueError for a non-integer x, or values outside [0, V) when concrete."""
-  if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-    raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-  if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
-    raise ValueError(f"{name} must hold integer token ids, got dtype {x.dtype}")
-  if jnp.ndim(x) < 2:
-    raise ValueError(f"{name} must have shape [B, L, ...], got {jnp.shape(x)}")
-  if not isinstance(x, jax.core.Tracer):
-    values = np.asarray(x)  # NumPy, so that a concrete x closed over inside jit is not traced.
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high >= vocab_size:
-      raise ValueError(
-          f"{name} has token ids in [{low}, {high}], outside [0, {vocab_size}) "
-          f"(vocab_size={vocab_size}; the mask id {vocab_size} is not data)")
 
 
 def sample_times(rng: Array, batch_size: int, antithetic: bool) -> Array:
@@ -104,7 +84,7 @@ def reconstruction(sch: schedule_lib.Schedule, num_tokens: int,
   return num_tokens * (1.0 - sch.alpha(jnp.float32(0.0))) * math.log(vocab_size)
 
 
-def loss(predict_fn: PredictFn,
+def loss(predict_fn: checks.PredictFn,
          x: Array,
          rng: Array,
          *,
@@ -118,9 +98,8 @@ def loss(predict_fn: PredictFn,
   Returns (nelbo [B], aux) with aux scalars: loss_diffusion, loss_recon,
   bits_per_token and masked_fraction (batch means).
   """
-  check_tokens(x, vocab_size)
-  if not cont_time and (not isinstance(timesteps, (int, np.integer)) or timesteps < 1):
-    raise ValueError(f"timesteps must be an int >= 1, got {timesteps!r}")
+  checks.tokens(x, vocab_size)
+  checks.timesteps(cont_time, timesteps)
   batch_size = x.shape[0]
   num_tokens = math.prod(x.shape[1:])
   rng_t, rng_mask = jax.random.split(rng)
@@ -128,10 +107,7 @@ def loss(predict_fn: PredictFn,
   if not cont_time:
     t = discretise(t, timesteps)
   z = mask_tokens(rng_mask, x, schedule.alpha(t), vocab_size)
-  logits = predict_fn(z, t)
-  if logits.shape != x.shape + (vocab_size,):
-    raise ValueError(f"predict_fn returned logits of shape {logits.shape}, "
-                     f"expected {x.shape + (vocab_size,)}")
+  logits = checks.logits(predict_fn(z, t), x.shape + (vocab_size,))
   is_masked = (z == vocab_size)
   masked_nll = -jnp.where(is_masked, token_log_prob(logits, x), 0.0)
   masked_nll = masked_nll.reshape(batch_size, -1).sum(axis=-1)

@@ -1,73 +1,77 @@
 """NELBO evaluation and sampling from a trained checkpoint.
 
     python -m md4.evaluate --workdir=DIR [--step=N] [--split=eval] [--num_t=8]
-    python -m md4.evaluate --workdir=DIR --text_file=other.txt       # zero-shot, characters
-    python -m md4.evaluate --workdir=DIR --token_corpus=PREPARED_DIR  # zero-shot, word pieces
+    python -m md4.evaluate --workdir=DIR --text_file=FILE    # zero-shot on other text
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --prefix="the cat"
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --infill="the ____ sat on the ___"
 
 The model, data and mesh are rebuilt from DIR/config.json; the EMA parameters
-of the checkpoint (what training's evaluation uses) are restored, alone.
-
-Low-variance NELBO: every batch of B sequences is tiled K = num_t times,
-copy-major (row kB + j is sequence j), and evaluated as one batch of KB with
-antithetic times t_r = (u + r / KB) mod 1 (`diffusion.sample_times`). Sequence
-j then gets the K times (u + j / KB + k / K) mod 1, k = 0..K-1: one in each
-of K strata of width 1/K, each uniform on [0, 1), with fresh masks. The K
-NELBOs of a sequence are averaged into its estimate; the reported standard
-error is the spread of those estimates over sequences / sqrt(N) (it counts
-the choice of sequences and the Monte-Carlo noise together, and treats
-sequences as independent, as training's evaluation does).
-
-Heavy tails: where 1 - alpha_t ~ t^k near t = 0, one masked token at a small
-t weighs k/t and is masked with probability ~ L t^k, so P(estimate > x) ~
-x^-(k+1). For linear and cosine (k = 1) that is x^-2: with few sequences the
-mean tends to come out low and the standard error understates the spread
-(measured on a small model: a one-time evaluation 3.6 of its own standard
-errors below the 128-time value). Stratification does not remove that tail;
-more sequences and times shrink its effect. poly2 and poly3 (k = 2, 3) have
-lighter tails.
+of the checkpoint (what training's evaluation uses) are restored, alone. The
+NELBO estimate and its standard error are `md4.likelihood`'s. --text_file
+reads any text for a text model, mapped to the vocabulary as the training
+text was (`Dataset.read_text`; a word-piece model also takes a corpus folder
+prepared with its tokenizer).
 
 Results go to OUT/results_step_<N>.json (OUT = DIR/eval or --output_dir),
-merged with what earlier runs at that step wrote, and a summary to stdout.
+merged with what earlier runs at that step wrote, samples to
+OUT/samples_step_<N>.* (`md4.samples`), and a summary to stdout.
 """
 
 import dataclasses
-import functools
-import inspect
 import json
-import math
 import os
-import pathlib
+import typing
 from typing import Any, Iterator
 
 from absl import app
 from absl import flags
-from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from md4 import checkpointing
 from md4 import data as data_lib
 from md4 import defaults
+from md4 import likelihood
 from md4 import models
+from md4 import samples as samples_lib
 from md4 import sampler as sampler_lib
+from md4 import sharding as sharding_lib
 from md4 import train
-from md4.data import alphabet
-from md4.data import chars
-from md4.data import tokens
+from md4.data import pipeline
 
-Array = jnp.ndarray
 Batch = dict[str, np.ndarray]
 
 SPLITS = ("eval", "train")
-CHAR_DATASETS = ("text8", "chars", "synthetic")
-IMAGE_DATASETS = ("cifar10", "imagenet64")
+DTYPES = ("float32", "bfloat16")
 INFILL_BLANK = "_"
 RESULTS_DIR = "eval"
+
+
+@dataclasses.dataclass
+class Options:
+  """What `python -m md4.evaluate` does; the flags of the same names set these."""
+
+  workdir: str
+  step: int | None = None            # Checkpoint step; None: the latest.
+  split: str = "eval"                # The config's held-out split, or "train" (num_eval_batches).
+  num_t: int = 8                     # Stratified times per sequence.
+  num_eval_batches: int = -1         # Batches to evaluate; <= 0: all.
+  batch_size: int | None = None      # Sequences per batch; None: the config's batch_size.
+  seed: int = 0                      # Seed of the times, masks and samples.
+  dtype: str | None = None           # Compute precision; None: the config's model.dtype.
+  text_file: str | None = None       # Zero-shot NELBO on this text instead of the split.
+  nelbo: bool = True                 # Evaluate the NELBO.
+  sample: bool = False               # Write samples.
+  num_samples: int | None = None     # None: config.num_samples.
+  steps: int | None = None           # Sampler steps; None: config.sample_steps.
+  grid: str | None = None            # Sampler time grid; None: config.sample_grid.
+  top_p: float | None = None         # Nucleus mass; None: config.sample_top_p.
+  prefix: str | None = None          # Leading text every sample keeps.
+  infill: str | None = None          # Template: "_" marks a position to generate.
+  output_dir: str | None = None      # None: WORKDIR/eval.
 
 
 @dataclasses.dataclass
@@ -77,28 +81,22 @@ class Checkpoint:
   Attributes:
     workdir: the training workdir.
     step: the checkpoint's training step.
-    config: the workdir's config (batch_size possibly overridden, antithetic
-      time sampling on).
-    dataset: the config's data, for shapes, decoding and the held-out split.
+    config: the workdir's config (batch_size and model.dtype possibly overridden).
+    dataset: the config's data, for shapes, text encoding and the held-out split.
     model: the config's model.
-    trainer: mesh, shardings and compiled steps.
-    params: the EMA parameters, sharded as in training.
-    compiled_nelbo: the compiled stratified NELBO per num_t, built on first use.
+    mesh: the devices, as the config lays them out.
+    params_sharding: how params are sharded.
+    params: the EMA parameters.
   """
 
   workdir: epath.Path
   step: int
   config: ml_collections.ConfigDict
   dataset: data_lib.Dataset
-  model: models.MD4
-  trainer: train.Trainer
+  model: models.Model
+  mesh: jax.sharding.Mesh
+  params_sharding: Any
   params: Any
-  compiled_nelbo: dict[int, Any] = dataclasses.field(default_factory=dict)
-
-  @property
-  def num_tokens(self) -> int:
-    """Tokens per example: L for text, H * W * 3 for images."""
-    return math.prod(self.dataset.example_shape)
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -117,121 +115,41 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
             batch_size: int | None = None, dtype: str | None = None) -> Checkpoint:
   """The EMA parameters of checkpoint `step` (default: the latest) of workdir.
 
-  batch_size overrides config.batch_size: the number of sequences per
-  evaluation batch (before tiling by num_t); dtype overrides the compute
-  precision config.model.dtype ("float32", "bfloat16").
+  batch_size overrides config.batch_size (sequences per evaluation batch,
+  before tiling by num_t); dtype overrides the compute precision
+  config.model.dtype ("float32", "bfloat16").
   """
   workdir = epath.Path(workdir).expanduser()
   config = load_config(workdir)
-  checkpoints = workdir / "checkpoints"
-  if not checkpoints.is_dir():
-    raise ValueError(f"no checkpoints in workdir={str(workdir)!r}: {checkpoints} does not exist")
   if batch_size is not None:
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     config.batch_size = batch_size
   if dtype is not None:
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
     config.model.dtype = dtype
   # Training's antithetic times over the tiled batch are what stratify the times.
   config.antithetic_time_sampling = True
-  # A read-only manager of its own: the partial restore below needs the PyTree handler.
-  manager = ocp.CheckpointManager(checkpoints, item_names=("state",),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise ValueError(f"no checkpoints in workdir={str(workdir)!r}: {checkpoints} holds no "
-                       "finished checkpoint")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise ValueError(f"step={step}: no checkpoint at that step in {checkpoints}; "
-                       f"available steps: {sorted(steps)}")
-    mesh = train.make_mesh(config)
-    dataset = data_lib.create(config)
-    model = models.create(config, dataset.vocab_size, dataset.example_shape,
-                          dataset.num_classes)
-    trainer = train.build_trainer(config, model, mesh)
-    params = restore_ema_params(manager, trainer, step)
-  finally:
-    manager.close()
-  logging.info("Restored the EMA parameters of step %d from %s", step, checkpoints)
-  return Checkpoint(workdir, step, config, dataset, model, trainer, params)
-
-
-def restore_ema_params(manager: ocp.CheckpointManager, trainer: train.Trainer,
-                       step: int) -> Any:
-  """TrainState.ema_params of checkpoint `step`, sharded as in training; nothing else is read."""
-  state_shapes = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state_shapes.ema_params, trainer.state_sharding.ema_params)
-  item = {"ema_params": abstract}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))
-  return restored.state["ema_params"]
-
-
-def _nelbo_fn(checkpoint: Checkpoint, num_t: int):
-  """Compiled (params, global batch [B, ...], rng) -> NELBO nats [B], means over num_t times."""
-  if num_t not in checkpoint.compiled_nelbo:
-    trainer = checkpoint.trainer
-    replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
-    checkpoint.compiled_nelbo[num_t] = jax.jit(
-        functools.partial(train.eval_step, trainer.model, trainer.batch_sharding, num_t),
-        in_shardings=(trainer.state_sharding.ema_params, trainer.batch_sharding, replicated),
-        out_shardings=replicated)
-  return checkpoint.compiled_nelbo[num_t]
+  mesh = sharding_lib.make_mesh(config)
+  dataset = data_lib.create(config)
+  model = models.create(config, dataset.vocab_size, dataset.example_shape,
+                        dataset.num_classes)
+  trainer = train.build_trainer(config, model, mesh)
+  step, params = checkpointing.restore_ema_params(workdir, step, trainer.init,
+                                                  trainer.state_sharding)
+  return Checkpoint(workdir, step, config, dataset, model, mesh,
+                    trainer.state_sharding.ema_params, params)
 
 
 def nelbo_per_sequence(checkpoint: Checkpoint, batches: Iterator[Batch], *, num_t: int = 8,
                        num_batches: int = -1, seed: int = 0) -> np.ndarray:
-  """Stratified NELBO estimates float64 [N], nats per sequence (module docstring).
-
-  batches yields this process's rows of each global batch (as
-  `Dataset.eval_batches` does); num_batches > 0 stops after that many.
-  """
-  if isinstance(num_t, bool) or not isinstance(num_t, int) or num_t < 1:
-    raise ValueError(f"num_t must be an int >= 1, got {num_t!r}")
-  evaluate_batch = _nelbo_fn(checkpoint, num_t)
-  rng = jax.random.PRNGKey(seed)
-  estimates = []
-  for index, batch in enumerate(batches):
-    if 0 < num_batches <= index:
-      break
-    global_batch = train.global_batch(batch, checkpoint.trainer.batch_sharding)
-    estimates.append(np.asarray(evaluate_batch(checkpoint.params, global_batch,
-                                               jax.random.fold_in(rng, index))))
-  if not estimates:
-    raise ValueError("no batch to evaluate: the source is empty or num_batches is 0")
-  return np.concatenate(estimates).astype(np.float64)
-
-
-def summarise(nelbo_nats: np.ndarray, num_tokens: int, unit: str = "token",
-              word_pieces: bool = False) -> dict[str, float]:
-  """Mean and standard error of per-sequence NELBOs [N] (nats) in bits per `unit`.
-
-  unit is "token" (text) or "dim" (images); word_pieces adds the perplexity
-  exp(NELBO / L), an upper bound on the model's perplexity.
-  """
-  if unit not in ("token", "dim"):
-    raise ValueError(f"unit must be 'token' or 'dim', got {unit!r}")
-  nelbo_nats = np.asarray(nelbo_nats, np.float64)
-  if nelbo_nats.ndim != 1 or len(nelbo_nats) < 2:
-    raise ValueError(f"need per-sequence NELBOs [N] with N >= 2 for a standard error, got "
-                     f"shape {nelbo_nats.shape}")
-  bits = nelbo_nats / (num_tokens * math.log(2))
-  name = f"bits_per_{unit}"
-  result = {
-      name: float(bits.mean()),
-      f"{name}_stderr": float(bits.std(ddof=1) / math.sqrt(len(bits))),
-      "nats_per_sequence": float(nelbo_nats.mean()),
-      "num_sequences": len(bits),
-      "tokens_per_sequence": num_tokens,
-  }
-  if word_pieces:
-    result["perplexity"] = float(np.exp(nelbo_nats.mean() / num_tokens))
-  return result
+  """Stratified NELBO estimates float64 [N], nats per sequence (`md4.likelihood`)."""
+  step = likelihood.compile_eval_step(checkpoint.model, checkpoint.mesh,
+                                      checkpoint.params_sharding, num_t)
+  return likelihood.nelbo_per_sequence(step, checkpoint.params, batches,
+                                       sharding_lib.batch_sharding(checkpoint.mesh),
+                                       num_batches=num_batches, seed=seed)
 
 
 def split_batches(checkpoint: Checkpoint, split: str, num_batches: int) -> Iterator[Batch]:
@@ -245,111 +163,50 @@ def split_batches(checkpoint: Checkpoint, split: str, num_batches: int) -> Itera
   return (next(checkpoint.dataset.train) for _ in range(num_batches))
 
 
-def text_file_batches(path: str | os.PathLike, seq_len: int,
-                      batch_size: int) -> Iterator[Batch]:
-  """The file mapped to the text8 alphabet (md4.data.chars normalisation) in chunks of seq_len."""
+def text_file_batches(checkpoint: Checkpoint, path: str) -> Iterator[Batch]:
+  """The text at path, in the model's vocabulary (`Dataset.read_text`), in chunks of seq_len."""
+  dataset, config = checkpoint.dataset, checkpoint.config
+  if dataset.read_text is None:
+    raise ValueError(f"text_file needs a model of text; this one was trained on "
+                     f"{config.dataset!r} ({dataset.modality})")
   try:
-    ids = chars.read_ids(str(path))
-  except ValueError as error:
-    raise ValueError(f"text_file={str(path)!r}: {error}") from error
-  return _chunk_batches(ids, seq_len, batch_size, f"text_file={str(path)!r}")
-
-
-def check_token_corpus(corpus_dir: str | os.PathLike,
-                       config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The manifest of a corpus prepared by md4.data.tokens with the model's tokenizer.
-
-  Raises ValueError unless config trained on word pieces and corpus_dir was
-  tokenised by a tokenizer with the same SHA-256 as the training corpus's.
-  """
-  corpus_dir = pathlib.Path(corpus_dir).expanduser()
-  if config.dataset != "tokens":
-    raise ValueError(f"token_corpus needs a model trained on a token corpus (dataset "
-                     f"'tokens'); this one was trained on {config.dataset!r}")
-  manifest = _read_manifest(corpus_dir, "token_corpus")
-  training_folder = tokens.folder_of(config)
-  training = _read_manifest(training_folder, "the training corpus (config.data_dir)")
-  if manifest["tokenizer_sha256"] != training["tokenizer_sha256"]:
-    raise ValueError(
-        f"token_corpus={str(corpus_dir)!r} was tokenised with a different tokenizer "
-        f"(SHA-256 {manifest['tokenizer_sha256'][:12]}...) than the model's "
-        f"(SHA-256 {training['tokenizer_sha256'][:12]}... in {training_folder}): prepare "
-        f"it with data.tokenizer={str(_tokenizer_path(training_folder, training))!r}")
-  if manifest["vocab_size"] != training["vocab_size"]:
-    raise ValueError(f"token_corpus={str(corpus_dir)!r} has vocab_size "
-                     f"{manifest['vocab_size']}, the model {training['vocab_size']}")
-  return manifest
-
-
-def token_corpus_batches(corpus_dir: str | os.PathLike, config: ml_collections.ConfigDict,
-                         batch_size: int) -> Iterator[Batch]:
-  """All of a prepared token corpus (checked by `check_token_corpus`) in chunks of seq_len."""
-  manifest = check_token_corpus(corpus_dir, config)
-  path = pathlib.Path(corpus_dir).expanduser() / tokens.TOKENS
-  stream = np.memmap(path, dtype=np.dtype(manifest["dtype"]), mode="r",
-                     shape=(manifest["num_tokens"],))
-  return _chunk_batches(stream, config.seq_len, batch_size,
-                        f"token_corpus={str(corpus_dir)!r}")
-
-
-def _read_manifest(folder: pathlib.Path, what: str) -> dict[str, Any]:
-  try:
-    manifest = json.loads((folder / tokens.MANIFEST).read_text())
+    ids = dataset.read_text(path)
   except (OSError, ValueError) as error:
-    raise ValueError(f"{what}: {folder} is not a corpus prepared by md4.data.tokens "
-                     f"(cannot read {tokens.MANIFEST}: {error})") from error
-  if "tokenizer_sha256" not in manifest:
-    raise ValueError(f"{what}: {folder / tokens.MANIFEST} has no tokenizer_sha256")
-  return manifest
+    raise ValueError(f"text_file={path!r}: {error}") from error
+  source = pipeline.ChunkSource(ids, config.seq_len)
+  if len(source) < config.batch_size:
+    raise ValueError(f"text_file={path!r} makes {len(source)} sequences of "
+                     f"seq_len={config.seq_len}, fewer than one batch of {config.batch_size}: "
+                     "give more text or a smaller batch_size")
+  return pipeline.eval_iterator_fn(source, config.batch_size)()
 
 
-def _tokenizer_path(folder: pathlib.Path, manifest: dict[str, Any]) -> pathlib.Path:
-  """The SentencePiece model a prepared corpus was tokenised with."""
-  model = manifest.get("tokenizer", {}).get("model")
-  return pathlib.Path(model) if model else folder / tokens.TOKENIZER
-
-
-def _chunk_batches(ids: np.ndarray, seq_len: int, batch_size: int,
-                   what: str) -> Iterator[Batch]:
-  source = data_lib.ChunkSource(ids, seq_len)
-  if len(source) < batch_size:
-    raise ValueError(f"{what} makes {len(source)} sequences of seq_len={seq_len}, fewer "
-                     f"than one batch of {batch_size}: give more text or a smaller batch_size")
-  return data_lib.eval_iterator_fn(source, batch_size)()
-
-
-def encode_text(checkpoint: Checkpoint, text: str, what: str) -> np.ndarray:
-  """Token ids int32 [n] of text for the model's vocabulary; what names the flag in errors."""
-  dataset = checkpoint.config.dataset
-  if dataset in CHAR_DATASETS:
-    try:
-      return alphabet.encode(text).astype(np.int32)
-    except ValueError as error:
-      raise ValueError(f"{what}: {error}") from error
-  if dataset == "tokens":
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-    folder = tokens.folder_of(checkpoint.config)
-    path = _tokenizer_path(folder, _read_manifest(folder, "the training corpus"))
-    processor = spm.SentencePieceProcessor(model_file=str(path))
-    return np.asarray(processor.encode(text, out_type=int), np.int32)
-  raise ValueError(f"{what} needs a text model; this one was trained on {dataset!r}")
+def encode(checkpoint: Checkpoint, text: str, what: str) -> np.ndarray:
+  """Token ids int32 [n] of prompt text; `what` names the flag in errors."""
+  if checkpoint.dataset.encode is None:
+    raise ValueError(f"{what} takes text; this model was trained on "
+                     f"{checkpoint.config.dataset!r} ({checkpoint.dataset.modality})")
+  try:
+    return checkpoint.dataset.encode(text)
+  except ValueError as error:
+    raise ValueError(f"{what}: {error}") from error
 
 
 def infill_template(checkpoint: Checkpoint, template: str) -> tuple[np.ndarray, np.ndarray]:
   """(ids int32 [L], given bool [L]) from a template where '_' marks a position to generate.
 
-  Character models: every other character is given at its position. Word
-  pieces: each '_' is one token and the text between blanks is tokenised on
-  its own. Positions after the template are generated.
+  Each '_' is one position; the text between blanks is encoded on its own
+  (a character model gives each character its position). Positions after
+  the template are generated.
   """
-  length = checkpoint.num_tokens
+  length = checkpoint.model.num_tokens
   ids, given = [], []
   for index, piece in enumerate(template.split(INFILL_BLANK)):
     if index > 0:
       ids.append(0)
       given.append(False)
     if piece:
-      piece_ids = encode_text(checkpoint, piece, "infill")
+      piece_ids = encode(checkpoint, piece, "infill")
       ids.extend(piece_ids.tolist())
       given.extend([True] * len(piece_ids))
   if len(ids) > length:
@@ -360,155 +217,86 @@ def infill_template(checkpoint: Checkpoint, template: str) -> tuple[np.ndarray, 
           np.asarray(given + [False] * padding, np.bool_))
 
 
-def generate(checkpoint: Checkpoint, rng: Array, *, num_samples: int,
-             steps: int | None = None, grid: str | None = None, top_p: float | None = None,
-             prefix: str | None = None, infill: str | None = None) -> np.ndarray:
-  """Samples int32 [num_samples, *example_shape] with the EMA parameters.
-
-  steps, grid and top_p default to the config's sample_steps, sample_grid and
-  sample_top_p. prefix (leading text that stays) and infill (a template, see
-  `infill_template`) use md4.sampler for MD4; other models use their
-  model.sample, which must accept `prefix` / `infill` for those.
-  """
+def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int, steps: int,
+             grid: str, top_p: float, prefix: str | None = None,
+             infill: str | None = None) -> models.Samples:
+  """Samples with the EMA parameters; prefix and infill as in `Options`."""
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  config = checkpoint.config
-  steps = config.sample_steps if steps is None else steps
-  grid = config.sample_grid if grid is None else grid
-  top_p = config.sample_top_p if top_p is None else top_p
   sampler_lib.time_grid(steps, grid)  # Raises ValueError naming a bad steps or grid.
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-  if config.dataset in IMAGE_DATASETS and (prefix is not None or infill is not None):
-    raise ValueError(f"prefix and infill take text; this model was trained on images "
-                     f"({config.dataset!r})")
-  shape = (num_samples, *checkpoint.dataset.example_shape)
   conditions = {}
   if prefix is not None:
-    prefix_ids = encode_text(checkpoint, prefix, "prefix")
-    if len(prefix_ids) > checkpoint.num_tokens:
+    prefix_ids = encode(checkpoint, prefix, "prefix")
+    if len(prefix_ids) > checkpoint.model.num_tokens:
       raise ValueError(f"prefix makes {len(prefix_ids)} positions, more than the model's "
-                       f"{checkpoint.num_tokens}")
+                       f"{checkpoint.model.num_tokens}")
     conditions["prefix"] = jnp.asarray(np.tile(prefix_ids, (num_samples, 1)))
   if infill is not None:
     template, given = infill_template(checkpoint, infill)
     conditions["infill"] = (jnp.asarray(np.tile(template, (num_samples, 1))),
                             jnp.asarray(np.tile(given, (num_samples, 1))))
-  model = checkpoint.model
-  if config.model_type == "md4":
-    def draw(params: Any, rng: Array) -> Array:
-      return sampler_lib.ancestral(
-          model.predict_fn(params), rng, shape=shape, vocab_size=model.vocab_size,
-          schedule=model.schedule, steps=steps, grid=grid,
-          top_p=None if top_p >= 1.0 else top_p, **conditions)
-  else:
-    if top_p < 1.0 and config.model_type == "genmd4":
-      raise ValueError("top_p: the GenMD4 sampler (genmd4.sample) has no top-p sampling")
-    accepted = inspect.signature(model.sample).parameters
-    for name in conditions:
-      if name not in accepted:
-        raise ValueError(f"{name}: the {config.model_type} sampler ({type(model).__name__}"
-                         f".sample) has no {name} conditioning")
-    sample_config = ml_collections.ConfigDict(config.to_dict())
-    sample_config.update(sample_steps=steps, sample_grid=grid, sample_top_p=top_p)
-    model = models.create(sample_config, model.vocab_size, model.example_shape,
-                          model.num_classes)
+  model, config = checkpoint.model, checkpoint.config
 
-    def draw(params: Any, rng: Array) -> Array:
-      return model.sample(params, rng, num_samples, **conditions)
+  def draw(params: Any, rng: jax.Array) -> models.Samples:
+    return model.sample(params, rng, num_samples, steps=steps, grid=grid,
+                        top_p=None if top_p >= 1.0 else top_p,
+                        guidance_scale=config.guidance_scale, **conditions)
 
-  trainer = checkpoint.trainer
-  replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
-  draw = jax.jit(draw, in_shardings=(trainer.state_sharding.ema_params, replicated),
+  replicated = sharding_lib.replicated(checkpoint.mesh)
+  draw = jax.jit(draw, in_shardings=(checkpoint.params_sharding, replicated),
                  out_shardings=replicated)
-  return np.asarray(draw(checkpoint.params, rng))
+  return jax.device_get(draw(checkpoint.params, rng))
 
 
-def write_samples(checkpoint: Checkpoint, samples: np.ndarray,
-                  out_dir: epath.Path) -> list[str]:
-  """Writes out_dir/samples_step_<N>/sample_<i>.txt (text) or .png (images) and ids.npy."""
-  folder = out_dir / f"samples_step_{checkpoint.step}"
-  folder.mkdir(parents=True, exist_ok=True)
-  files = []
-  for index, example in enumerate(samples):
-    if checkpoint.dataset.decode is not None:
-      path = folder / f"sample_{index}.txt"
-      path.write_text(checkpoint.dataset.decode(example) + "\n")
-    else:
-      from PIL import Image  # pylint: disable=g-import-not-at-top
-      path = folder / f"sample_{index}.png"
-      with path.open("wb") as file:
-        Image.fromarray(example.astype(np.uint8)).save(file, format="PNG")
-    files.append(str(path))
-  with (folder / "ids.npy").open("wb") as file:
-    np.save(file, samples)
-  return files
+def run(options: Options) -> dict[str, Any]:
+  """What `python -m md4.evaluate` runs; returns the results.
 
-
-def run(workdir: str | os.PathLike, *, step: int | None = None, split: str = "eval",
-        num_t: int = 8, num_eval_batches: int = -1, batch_size: int | None = None,
-        seed: int = 0, text_file: str | None = None, token_corpus: str | None = None,
-        nelbo: bool = True, sample: bool = False, num_samples: int | None = None,
-        steps: int | None = None, grid: str | None = None, top_p: float | None = None,
-        prefix: str | None = None, infill: str | None = None,
-        output_dir: str | None = None, dtype: str | None = None) -> dict[str, Any]:
-  """What `python -m md4.evaluate` runs (flags of the same names); returns the results.
-
-  NELBO on text_file, else token_corpus, else the config's split; then, with
-  sample, samples. Results are merged into OUT/results_step_<N>.json.
+  NELBO on options.text_file, else the config's split; then, with sample,
+  samples. Results are merged into OUT/results_step_<N>.json.
   """
-  if text_file and token_corpus:
-    raise ValueError("give at most one of text_file and token_corpus")
-  if split not in SPLITS:
-    raise ValueError(f"split={split!r}; valid: {SPLITS}")
-  if not nelbo and not sample:
+  if options.split not in SPLITS:
+    raise ValueError(f"split={options.split!r}; valid: {SPLITS}")
+  if not options.nelbo and not options.sample:
     raise ValueError("nothing to do: nelbo and sample are both off")
-  # The data checks that need only the config come before the (slower) restore.
-  config = load_config(workdir)
-  if nelbo and text_file and config.dataset not in CHAR_DATASETS:
-    raise ValueError(f"text_file needs a character model (dataset one of {CHAR_DATASETS}); "
-                     f"this one was trained on {config.dataset!r}")
-  if nelbo and token_corpus:
-    check_token_corpus(token_corpus, config)
-  checkpoint = restore(workdir, step, batch_size, dtype)
-  config = checkpoint.config
-  out_dir = (epath.Path(output_dir).expanduser() if output_dir
+  checkpoint = restore(options.workdir, options.step, options.batch_size, options.dtype)
+  config, dataset = checkpoint.config, checkpoint.dataset
+  out_dir = (epath.Path(options.output_dir).expanduser() if options.output_dir
              else checkpoint.workdir / RESULTS_DIR)
   results = {"workdir": str(checkpoint.workdir), "step": checkpoint.step,
              "model_type": config.model_type, "dataset": config.dataset, "nelbo": {}}
-  if nelbo:
-    if text_file:
-      name = f"text_file:{os.path.abspath(text_file)}"
-      batches = text_file_batches(text_file, config.seq_len, config.batch_size)
-    elif token_corpus:
-      name = f"token_corpus:{os.path.abspath(token_corpus)}"
-      batches = token_corpus_batches(token_corpus, config, config.batch_size)
+  if options.nelbo:
+    if options.text_file:
+      name = f"text_file:{os.path.abspath(options.text_file)}"
+      batches = text_file_batches(checkpoint, options.text_file)
     else:
-      name = split
-      batches = split_batches(checkpoint, split, num_eval_batches)
-    nats = nelbo_per_sequence(checkpoint, batches, num_t=num_t,
-                              num_batches=num_eval_batches, seed=seed)
-    section = summarise(nats, checkpoint.num_tokens,
-                        unit="dim" if config.dataset in IMAGE_DATASETS else "token",
-                        word_pieces=config.dataset == "tokens")
-    section.update(num_t=num_t, seed=seed, batch_size=config.batch_size)
-    entropy = checkpoint.dataset.entropy_bits_per_token
-    if name == "eval" and entropy is not None:
-      section["data_entropy_bits_per_token"] = entropy
+      name = options.split
+      batches = split_batches(checkpoint, options.split, options.num_eval_batches)
+    nats = nelbo_per_sequence(checkpoint, batches, num_t=options.num_t,
+                              num_batches=options.num_eval_batches, seed=options.seed)
+    section = likelihood.summarise(nats, checkpoint.model.num_tokens,
+                                   unit="dim" if dataset.modality == "image" else "token",
+                                   word_pieces=dataset.word_pieces)
+    section.update(num_t=options.num_t, seed=options.seed, batch_size=config.batch_size)
+    if name == "eval" and dataset.entropy_bits_per_token is not None:
+      section["data_entropy_bits_per_token"] = dataset.entropy_bits_per_token
     results["nelbo"][name] = section
-  if sample:
-    num_samples = config.num_samples if num_samples is None else num_samples
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), checkpoint.step)
-    samples = generate(checkpoint, rng, num_samples=num_samples, steps=steps, grid=grid,
-                       top_p=top_p, prefix=prefix, infill=infill)
-    results["samples"] = {
-        "num_samples": num_samples, "seed": seed,
-        "steps": config.sample_steps if steps is None else steps,
-        "grid": config.sample_grid if grid is None else grid,
-        "top_p": config.sample_top_p if top_p is None else top_p,
-        "prefix": prefix, "infill": infill,
-        "files": write_samples(checkpoint, samples, out_dir) if jax.process_index() == 0 else [],
-    }
+  if options.sample:
+    given = {"num_samples": options.num_samples, "steps": options.steps,
+             "grid": options.grid, "top_p": options.top_p}
+    configured = {"num_samples": config.num_samples, "steps": config.sample_steps,
+                          "grid": config.sample_grid, "top_p": config.sample_top_p}
+    settings = {key: configured[key] if value is None else value
+                for key, value in given.items()}
+    rng = jax.random.fold_in(jax.random.PRNGKey(options.seed), checkpoint.step)
+    drawn = generate(checkpoint, rng, prefix=options.prefix, infill=options.infill, **settings)
+    files = []
+    if jax.process_index() == 0:
+      files = samples_lib.write(out_dir, f"samples_step_{checkpoint.step}",
+                                np.asarray(drawn.tokens), dataset)
+    results["samples"] = {**settings, "seed": options.seed, "prefix": options.prefix,
+                          "infill": options.infill, "nfe": int(drawn.nfe), "files": files}
   if jax.process_index() == 0:
     results["results_file"] = str(_write_results(out_dir, results))
   return results
@@ -523,7 +311,7 @@ def _write_results(out_dir: epath.Path, results: dict[str, Any]) -> epath.Path:
     try:
       merged = json.loads(path.read_text())
     except ValueError:
-      logging.warning("Overwriting %s, which is not valid JSON", path)
+      pass  # Not JSON: overwritten below.
   nelbo = {**merged.get("nelbo", {}), **results["nelbo"]}
   merged.update({key: value for key, value in results.items() if key != "results_file"})
   merged["nelbo"] = nelbo
@@ -547,61 +335,69 @@ def summary(results: dict[str, Any]) -> str:
       line += f"; source entropy {entropy:.4f} (gap {bits - entropy:+.4f})"
     lines.append(line)
   if "samples" in results:
-    files = results["samples"]["files"]
-    where = os.path.dirname(files[0]) if files else "(written by process 0)"
-    lines.append(f"  {results['samples']['num_samples']} samples in {where}")
+    drawn = results["samples"]
+    where = drawn["files"][0] if drawn["files"] else "(written by process 0)"
+    lines.append(f"  {drawn['num_samples']} samples ({drawn['nfe']} network evaluations): "
+                 f"{where}")
   if "results_file" in results:
     lines.append(f"  results: {results['results_file']}")
   return "\n".join(lines)
 
 
+_HELP = {
+    "workdir": "Training workdir (config.json, checkpoints/).",
+    "step": "Checkpoint step; default: the latest.",
+    "split": "Data to evaluate the NELBO on: the config's held-out split, or the first "
+             "training batches (needs --num_eval_batches).",
+    "num_t": "Stratified times per sequence.",
+    "num_eval_batches": "Batches to evaluate; <= 0: all.",
+    "batch_size": "Sequences per batch (each tiled --num_t times); default: the config's.",
+    "seed": "Seed of the times, masks and samples.",
+    "dtype": "Compute precision (float32, bfloat16); default: the config's model.dtype.",
+    "text_file": "Zero-shot NELBO on this text, mapped to the model's vocabulary as its "
+                 "training text was (word-piece models: also a prepared corpus folder).",
+    "nelbo": "Evaluate the NELBO (--nonelbo: only sample).",
+    "sample": "Write samples.",
+    "num_samples": "Default: config.num_samples.",
+    "steps": "Sampler steps; default: config.sample_steps.",
+    "grid": f"Sampler time grid ({', '.join(sampler_lib.GRIDS)}); default: "
+            "config.sample_grid.",
+    "top_p": "Nucleus mass; default: config.sample_top_p.",
+    "prefix": "Leading text every sample keeps.",
+    "infill": "Template: '_' marks a position to generate, every other character is given.",
+    "output_dir": "Default: WORKDIR/eval.",
+}
+
+
 def define_flags() -> None:
-  """The command-line flags; defined only when run as a script (md4.main has --workdir too)."""
-  flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
-  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-  flags.DEFINE_enum("split", "eval", SPLITS, "Data to evaluate the NELBO on: the config's "
-                    "held-out split, or the first training batches (needs --num_eval_batches).")
-  flags.DEFINE_integer("num_t", 8, "Stratified times per sequence.")
-  flags.DEFINE_integer("num_eval_batches", -1, "Batches to evaluate; <= 0: all.")
-  flags.DEFINE_integer("batch_size", None, "Sequences per batch (each tiled --num_t times); "
-                       "default: the config's batch_size.")
-  flags.DEFINE_integer("seed", 0, "Seed of the times, masks and samples.")
-  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute precision; default: the "
-                    "config's model.dtype.")
-  flags.DEFINE_string("text_file", None, "Zero-shot NELBO on this text (mapped to the text8 "
-                      "alphabet) instead of the split.")
-  flags.DEFINE_string("token_corpus", None, "Zero-shot NELBO on this corpus, prepared by "
-                      "md4.data.tokens with the model's tokenizer, instead of the split.")
-  flags.DEFINE_bool("nelbo", True, "Evaluate the NELBO (--nonelbo: only sample).")
-  flags.DEFINE_bool("sample", False, "Write samples.")
-  flags.DEFINE_integer("num_samples", None, "Default: config.num_samples.")
-  flags.DEFINE_integer("steps", None, "Sampler steps; default: config.sample_steps.")
-  flags.DEFINE_enum("grid", None, sampler_lib.GRIDS,
-                    "Sampler time grid; default: config.sample_grid.")
-  flags.DEFINE_float("top_p", None, "Nucleus mass; default: config.sample_top_p.")
-  flags.DEFINE_string("prefix", None, "Leading text every sample keeps.")
-  flags.DEFINE_string("infill", None, "Template: '_' marks a position to generate, every "
-                      "other character is given.")
-  flags.DEFINE_string("output_dir", None, "Default: WORKDIR/eval.")
+  """One flag per `Options` field, of its type; defined only when run as a command."""
+  definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool,
+              str: flags.DEFINE_string}
+  for field in dataclasses.fields(Options):
+    # `int | None` defines an integer flag without a default.
+    kind = next((arg for arg in typing.get_args(field.type) if arg is not type(None)),
+                field.type)
+    default = None if field.default is dataclasses.MISSING else field.default
+    definers[kind](field.name, default, _HELP[field.name])
   flags.mark_flag_as_required("workdir")
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  train.initialize_distributed()
+  sharding_lib.initialize_distributed()
   given = flags.FLAGS
-  results = run(
-      given.workdir, step=given.step, split=given.split, num_t=given.num_t,
-      num_eval_batches=given.num_eval_batches, batch_size=given.batch_size, seed=given.seed,
-      text_file=given.text_file, token_corpus=given.token_corpus, nelbo=given.nelbo,
-      sample=given.sample, num_samples=given.num_samples, steps=given.steps,
-      grid=given.grid, top_p=given.top_p, prefix=given.prefix, infill=given.infill,
-      output_dir=given.output_dir, dtype=given.dtype)
+  results = run(Options(**{field.name: given[field.name].value
+                           for field in dataclasses.fields(Options)}))
   if jax.process_index() == 0:
     print(summary(results))
 
 
-if __name__ == "__main__":
+def run_command() -> None:
+  """`python -m md4.evaluate`: flags defined here, so that importing this module defines none."""
   define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run_command()

@@ -49,18 +49,16 @@ surrogate to differentiate apart from the NELBO to report; their values agree
 """
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4 import checks
 from md4 import diffusion
 from md4 import sampler as sampler_lib
 
 Array = jnp.ndarray
-# predict_fn(z [B, ...] int32 with mask id V, t [B] float32) -> logits [B, ..., V]
-PredictFn = Callable[[Array, Array], Array]
 
 
 def mask_prob(t: Array, power_x: Array, eps: float) -> Array:
@@ -112,7 +110,7 @@ def prior(num_tokens: int, vocab_size: int, eps: float) -> float:
   return num_tokens * eps * math.log(vocab_size)
 
 
-def diffusion_loss(predict_fn: PredictFn,
+def diffusion_loss(predict_fn: checks.PredictFn,
                    x: Array,
                    t: Array,
                    rng: Array,
@@ -131,7 +129,7 @@ def diffusion_loss(predict_fn: PredictFn,
   the network 1/2 (grad L^1 + grad L^2), or grad L^1 alone if single_sample
   (copy 2's network output is then under stop_gradient).
   """
-  diffusion.check_tokens(x, vocab_size)
+  checks.tokens(x, vocab_size)
   _check_power(power, vocab_size)
   _check_eps(eps)
   if jnp.shape(t) != x.shape[:1]:
@@ -139,8 +137,8 @@ def diffusion_loss(predict_fn: PredictFn,
   rng_1, rng_2 = jax.random.split(rng)
   z_1 = mask_tokens(rng_1, x, t, power, eps, vocab_size)
   z_2 = mask_tokens(rng_2, x, t, power, eps, vocab_size)
-  logits_1 = _checked_logits(predict_fn, z_1, t, vocab_size)
-  logits_2 = _checked_logits(predict_fn, z_2, t, vocab_size)
+  logits_1 = checks.logits(predict_fn(z_1, t), x.shape + (vocab_size,))
+  logits_2 = checks.logits(predict_fn(z_2, t), x.shape + (vocab_size,))
   if single_sample:
     logits_2 = jax.lax.stop_gradient(logits_2)
   loss_1 = integrand(logits_1, x, z_1, t, power, vocab_size)
@@ -159,7 +157,7 @@ def diffusion_loss(predict_fn: PredictFn,
   return surrogate, estimate, masked_fraction
 
 
-def loss(predict_fn: PredictFn,
+def loss(predict_fn: checks.PredictFn,
          x: Array,
          rng: Array,
          *,
@@ -190,7 +188,7 @@ def loss(predict_fn: PredictFn,
     loss_prior, bits_per_token (of the NELBO), masked_fraction, power_min,
     power_mean, power_max.
   """
-  diffusion.check_tokens(x, vocab_size)
+  checks.tokens(x, vocab_size)
   _check_power(power, vocab_size)
   if not isinstance(t1, (float, int)) or not 0.0 < t1 < 1.0:
     raise ValueError(f"t1 must be a number in (0, 1), got {t1!r}")
@@ -222,14 +220,16 @@ def loss(predict_fn: PredictFn,
   return surrogate, nelbo, aux
 
 
-def sample(predict_fn: PredictFn,
+def sample(predict_fn: checks.PredictFn,
            rng: Array,
            *,
            shape: tuple[int, ...],
            vocab_size: int,
            power: Array,
            steps: int,
-           grid: str = "uniform") -> Array:
+           grid: str = "uniform",
+           prefix: Array | None = None,
+           infill: tuple[Array, Array] | None = None) -> Array:
   """Samples z int32 [B, ...] = `shape` in {0..V-1} from a GenMD4 model.
 
   Step t -> s: each masked position draws x_hat ~ softmax(logits) and is
@@ -248,18 +248,22 @@ def sample(predict_fn: PredictFn,
     steps: T.
     grid: "uniform" or "cosine" time grid 1 = t_0 > ... > t_T = 0
       (`sampler.time_grid`).
+    prefix, infill: positions given from the start, as in `sampler.ancestral`.
   """
-  sampler_lib.check_shape(shape, vocab_size)
+  checks.rng(rng)
+  checks.shape(shape)
+  checks.vocab_size(vocab_size)
   _check_power(power, vocab_size)
   shape = tuple(int(d) for d in shape)
   times = jnp.asarray(sampler_lib.time_grid(steps, grid))
   power = jnp.asarray(power, jnp.float32)
   mask_id = vocab_size
+  given, template = sampler_lib.given_positions(shape, vocab_size, prefix, infill)
 
   def step(i: Array, z: Array) -> Array:
     t, s = times[i], times[i + 1]
-    logits = _checked_logits(predict_fn, z, jnp.full((shape[0],), t, jnp.float32),
-                             vocab_size)
+    logits = checks.logits(predict_fn(z, jnp.full((shape[0],), t, jnp.float32)),
+                           shape + (vocab_size,))
     rng_value, rng_reveal = jax.random.split(jax.random.fold_in(rng, i))
     values = jax.random.categorical(rng_value, logits.astype(jnp.float32), axis=-1)
     # s = 0 gives (s / t)^w = 0: every masked position is revealed.
@@ -267,16 +271,8 @@ def sample(predict_fn: PredictFn,
     reveal = jax.random.uniform(rng_reveal, shape) < reveal_prob
     return jnp.where((z == mask_id) & reveal, values, z).astype(jnp.int32)
 
-  return jax.lax.fori_loop(0, steps, step, jnp.full(shape, mask_id, jnp.int32))
-
-
-def _checked_logits(predict_fn: PredictFn, z: Array, t: Array,
-                    vocab_size: int) -> Array:
-  logits = predict_fn(z, t)
-  if logits.shape != z.shape + (vocab_size,):
-    raise ValueError(f"predict_fn returned logits of shape {logits.shape}, "
-                     f"expected {z.shape + (vocab_size,)}")
-  return logits
+  z_init = jnp.where(given, template, mask_id).astype(jnp.int32)
+  return jax.lax.fori_loop(0, steps, step, z_init)
 
 
 def _check_power(power: Array, vocab_size: int) -> None:

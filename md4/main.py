@@ -8,6 +8,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from md4 import sharding
 from md4 import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  train.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   eval_metrics = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -1,13 +1,16 @@
-"""Glue between a network and the diffusion math, one class per model_type.
+"""Models: a network and the diffusion math behind one interface, and their registry.
 
 A model owns its Flax network(s) and turns parameters into the `predict_fn`
 that the pure loss and sampler functions take. Parameters are a dict
-{"network": ...} (GenMD4 adds {"schedule": ...}).
+{"network": ...} (GenMD4 adds {"schedule": ...}). `MODEL_TYPES` is the one
+place that maps `config.model_type` to a class; everything else asks a model
+what it supports.
 """
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,7 @@ from md4 import prime
 from md4 import sampler
 from md4 import schedule as schedule_lib
 from md4.networks import dit
+from md4.networks import layers
 from md4.networks import learned_schedule
 from md4.networks import transformer
 from md4.networks import unet
@@ -27,50 +31,130 @@ Array = jnp.ndarray
 Params = Any
 Metrics = dict[str, Array]
 
+# What a model's sampler can do beyond unconditional draws.
+FEATURES = ("prefix", "infill", "frames", "guidance")
 
-def build_network(config: ml_collections.ConfigDict, num_inputs: int,
-                  num_outputs: int, num_classes: int) -> nn.Module:
-  """The backbone named by the config, reading num_inputs ids, emitting num_outputs logits."""
+
+@flax.struct.dataclass
+class LossOutput:
+  """One batch's loss.
+
+  Attributes:
+    objective: float32 [B], nats per sequence: what training minimises (the
+      NELBO, or a surrogate with the NELBO's gradient or another objective).
+    nelbo: float32 [B], nats per sequence: the bound to report.
+    metrics: scalars for the training log.
+  """
+
+  objective: Array
+  nelbo: Array
+  metrics: Metrics
+
+
+@flax.struct.dataclass
+class Samples:
+  """A sampler's output.
+
+  Attributes:
+    tokens: int32 [N, *example_shape], no mask id left.
+    frames: int32 [F, N, *example_shape] snapshots of the reverse process
+      (mask id included), or None.
+    nfe: int32 [], network evaluations spent.
+  """
+
+  tokens: Array
+  frames: Array | None
+  nfe: Array
+
+
+class Model(Protocol):
+  """What training, evaluation and the benchmarks call."""
+
+  vocab_size: int
+  example_shape: tuple[int, ...]
+  num_classes: int
+  supports: frozenset[str]  # A subset of FEATURES.
+
+  def init(self, rng: Array) -> Params:
+    """Boxed (logically partitioned) parameters."""
+
+  def loss(self, params: Params, batch: dict[str, Array], rng: Array,
+           train: bool) -> LossOutput:
+    """The loss of batch["x"] [B, *example_shape] (and batch["label"] [B] if labelled)."""
+
+  def sample(self, params: Params, rng: Array, num_samples: int, *, steps: int, grid: str,
+             top_p: float | None = None, prefix: Array | None = None,
+             infill: tuple[Array, Array] | None = None, num_frames: int = 0,
+             guidance_scale: float = 1.0) -> Samples:
+    """num_samples draws; prefix [N, P], infill (template, given) [N, ...] as in sampler.ancestral."""
+
+
+def build_network(config: ml_collections.ConfigDict, num_outputs: int, num_classes: int,
+                  embed: nn.Module | None = None) -> nn.Module:
+  """The backbone config.model.backbone names, emitting num_outputs logits per position.
+
+  embed maps the transformer's input ids to embeddings (default: one table of
+  num_outputs + 1 rows, the mask last); the image backbones read pixel tokens.
+  """
   model = config.model
   dtype = jnp.dtype(model.dtype)
-  if model.backbone in ("unet", "dit") and num_inputs != num_outputs + 1:
-    raise ValueError(f"config.model.backbone={model.backbone!r} reads pixel tokens; it "
-                     "cannot take MDM-Prime sub-tokens")
+  if model.backbone in ("unet", "dit") and embed is not None:
+    raise ValueError(f"config.model.backbone={model.backbone!r} reads pixel tokens; use "
+                     "the transformer backbone for this model type")
   if model.backbone == "unet":
     return unet.UNet(
         vocab_size=num_outputs, channels=model.unet_channels,
         channel_mult=tuple(model.unet_channel_mult), num_res_blocks=model.unet_num_res_blocks,
         attention_resolutions=tuple(model.unet_attention_resolutions),
         num_heads=model.num_heads, dropout=model.dropout_rate, num_classes=num_classes,
-        norm_groups=model.unet_norm_groups, dtype=dtype, attention_impl=model.attention_impl)
+        norm_groups=model.unet_norm_groups, dtype=dtype, attention_impl=model.attention_impl,
+        custom_kernels=model.custom_kernels)
   if model.backbone == "dit":
     return dit.DiT(
         vocab_size=num_outputs, patch_size=model.patch_size, width=model.width,
         depth=model.num_layers, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
         dropout=model.dropout_rate, num_classes=num_classes, dtype=dtype,
-        attention_impl=model.attention_impl)
+        attention_impl=model.attention_impl, custom_kernels=model.custom_kernels)
   if model.backbone != "transformer":
     raise ValueError(f"config.model.backbone={model.backbone!r}; valid: transformer, unet, dit")
+  if embed is None:
+    embed = layers.SequenceEmbed(num_outputs + 1, model.width, dtype=dtype)
   return transformer.Transformer(
-      num_inputs=num_inputs, num_outputs=num_outputs, width=model.width,
+      embed=embed, num_outputs=num_outputs, width=model.width,
       num_layers=model.num_layers, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
       mlp_type=model.mlp_type, time_conditioning=model.time_conditioning,
       num_classes=num_classes, dropout_rate=model.dropout_rate,
       attention_impl=model.attention_impl, remat_policy=model.remat_policy,
-      scan_layers=model.scan_layers, dtype=dtype)
+      scan_layers=model.scan_layers, dtype=dtype, custom_kernels=model.custom_kernels)
 
 
-class MD4:
-  """MD4: a fixed schedule, the continuous- or discrete-time NELBO, ancestral sampling."""
+class MaskedDiffusion:
+  """What every model type shares: the network, its conditioning, and the request checks.
+
+  Subclasses set `supports` and implement `loss` and `_draw`.
+  """
+
+  supports: frozenset[str] = frozenset()
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
-               example_shape: tuple[int, ...], num_classes: int = 0):
+               example_shape: tuple[int, ...], num_classes: int = 0,
+               embed: nn.Module | None = None):
     self.config = config
     self.vocab_size = vocab_size
     self.example_shape = tuple(example_shape)
     self.num_classes = num_classes
     self.schedule = schedule_lib.get(config.noise_schedule)
-    self.network = build_network(config, vocab_size + 1, vocab_size, num_classes)
+    self.network = build_network(config, vocab_size, num_classes, embed)
+    # A network that ignores t gives the same output for the same input at any t.
+    self.network_reads_time = not (config.model.backbone == "transformer"
+                                   and config.model.time_conditioning == "none")
+    if num_classes:
+      self.supports = self.supports | {"guidance"}
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens per example: L for text, H * W * 3 for images."""
+    return math.prod(self.example_shape)
 
   def network_input(self, batch_size: int) -> Array:
     return jnp.zeros((batch_size, *self.example_shape), jnp.int32)
@@ -122,36 +206,65 @@ class MD4:
     return self.predict_fn(params, label, train, rng_dropout), rng_loss
 
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
-           train: bool) -> tuple[Array, Metrics]:
-    """(objective to minimise: NELBO nats per token, metrics with "nelbo" [B])."""
+           train: bool) -> LossOutput:
+    raise NotImplementedError
+
+  def sample(self, params: Params, rng: Array, num_samples: int, *, steps: int, grid: str,
+             top_p: float | None = None, prefix: Array | None = None,
+             infill: tuple[Array, Array] | None = None, num_frames: int = 0,
+             guidance_scale: float = 1.0) -> Samples:
+    """num_samples draws with the EMA (or any) parameters; see Model.sample.
+
+    Class-conditional models draw classes 0, 1, 2, ... in turn.
+    """
+    asked = {"prefix": prefix is not None, "infill": infill is not None,
+             "frames": num_frames > 0, "guidance": guidance_scale != 1.0}
+    for feature, wanted in asked.items():
+      if wanted and feature not in self.supports:
+        raise ValueError(f"{feature}: the {type(self).__name__} sampler of this model does "
+                         f"not support it (supports: {sorted(self.supports) or 'none'})")
+    labels = (jnp.arange(num_samples, dtype=jnp.int32) % self.num_classes
+              if self.num_classes else None)
+    predict = self.predict_fn(params, labels, guidance_scale=guidance_scale)
+    return self._draw(params, predict, rng, (num_samples, *self.example_shape), steps=steps,
+                      grid=grid, top_p=top_p, prefix=prefix, infill=infill,
+                      num_frames=num_frames)
+
+  def _draw(self, params: Params, predict, rng: Array, shape: tuple[int, ...], *,
+            steps: int, grid: str, top_p: float | None, prefix: Array | None,
+            infill: tuple[Array, Array] | None, num_frames: int) -> Samples:
+    raise NotImplementedError
+
+
+class MD4(MaskedDiffusion):
+  """MD4: a fixed schedule, the continuous- or discrete-time NELBO, ancestral sampling."""
+
+  supports = frozenset({"prefix", "infill", "frames"})
+
+  def loss(self, params: Params, batch: dict[str, Array], rng: Array,
+           train: bool) -> LossOutput:
     predict, rng_loss = self.loss_predict_fn(params, batch, rng, train)
-    nelbo, aux = diffusion.loss(
+    nelbo, metrics = diffusion.loss(
         predict, batch["x"], rng_loss, schedule=self.schedule, vocab_size=self.vocab_size,
         cont_time=self.config.cont_time, timesteps=self.config.timesteps,
         antithetic=self.config.antithetic_time_sampling)
-    num_tokens = math.prod(self.example_shape)
-    return nelbo.mean() / num_tokens, {"nelbo": nelbo, **aux}
+    return LossOutput(objective=nelbo, nelbo=nelbo, metrics=metrics)
 
-  def sample_labels(self, num_samples: int) -> Array | None:
-    """Classes 0, 1, 2, ... for class-conditional samples, else None."""
-    if not self.num_classes:
-      return None
-    return jnp.arange(num_samples, dtype=jnp.int32) % self.num_classes
-
-  def sample(self, params: Params, rng: Array, num_samples: int,
-             num_frames: int = 0) -> Array | tuple[Array, Array]:
-    """Samples int32 [N, *example_shape], and with num_frames the reverse process [F, N, ...]."""
-    predict = self.predict_fn(params, self.sample_labels(num_samples),
-                              guidance_scale=self.config.guidance_scale)
-    top_p = self.config.sample_top_p
-    return sampler.ancestral(
-        predict, rng, shape=(num_samples, *self.example_shape), vocab_size=self.vocab_size,
-        schedule=self.schedule, steps=self.config.sample_steps, grid=self.config.sample_grid,
-        top_p=None if top_p >= 1.0 else top_p, num_frames=num_frames)
+  def _draw(self, params, predict, rng, shape, *, steps, grid, top_p, prefix, infill,
+            num_frames) -> Samples:
+    del params
+    outputs = sampler.ancestral(
+        predict, rng, shape=shape, vocab_size=self.vocab_size, schedule=self.schedule,
+        steps=steps, grid=grid, top_p=top_p, prefix=prefix, infill=infill,
+        reuse_outputs=not self.network_reads_time, return_nfe=True, num_frames=num_frames)
+    tokens, nfe = outputs[:2]
+    return Samples(tokens=tokens, frames=outputs[2] if num_frames else None, nfe=nfe)
 
 
-class GenMD4(MD4):
+class GenMD4(MaskedDiffusion):
   """GenMD4: a learned per-value polynomial schedule, trained with REINFORCE-LOO."""
+
+  supports = frozenset({"prefix", "infill"})
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
                example_shape: tuple[int, ...], num_classes: int = 0):
@@ -170,82 +283,83 @@ class GenMD4(MD4):
     return self.learned_schedule.apply({"params": params["schedule"]})
 
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
-           train: bool) -> tuple[Array, Metrics]:
-    """(surrogate per token, whose gradient is the NELBO's; metrics with "nelbo" [B])."""
+           train: bool) -> LossOutput:
+    """The objective is the surrogate whose gradient is the NELBO's (same value)."""
     predict, rng_loss = self.loss_predict_fn(params, batch, rng, train)
-    surrogate, nelbo, aux = genmd4.loss(
+    surrogate, nelbo, metrics = genmd4.loss(
         predict, batch["x"], rng_loss, power=self.power(params), vocab_size=self.vocab_size,
         t1=self.config.genmd4.t1, eps=self.schedule.eps,
         antithetic=self.config.antithetic_time_sampling,
         single_sample=self.config.genmd4.single_sample)
-    num_tokens = math.prod(self.example_shape)
-    return surrogate.mean() / num_tokens, {"nelbo": nelbo, **aux}
+    return LossOutput(objective=surrogate, nelbo=nelbo, metrics=metrics)
 
-  def sample(self, params: Params, rng: Array, num_samples: int,
-             num_frames: int = 0) -> Array:
-    if num_frames:
-      raise ValueError("num_frames: the GenMD4 sampler records no reverse-process frames")
-    predict = self.predict_fn(params, self.sample_labels(num_samples),
-                              guidance_scale=self.config.guidance_scale)
-    return genmd4.sample(
-        predict, rng, shape=(num_samples, *self.example_shape),
-        vocab_size=self.vocab_size, power=self.power(params), steps=self.config.sample_steps,
-        grid=self.config.sample_grid)
+  def _draw(self, params, predict, rng, shape, *, steps, grid, top_p, prefix, infill,
+            num_frames) -> Samples:
+    del num_frames
+    if top_p is not None:
+      raise ValueError("top_p: the GenMD4 sampler (genmd4.sample) has no top-p sampling")
+    tokens = genmd4.sample(predict, rng, shape=shape, vocab_size=self.vocab_size,
+                           power=self.power(params), steps=steps, grid=grid, prefix=prefix,
+                           infill=infill)
+    return Samples(tokens=tokens, frames=None, nfe=jnp.int32(steps))
 
 
-class Prime(MD4):
+class Prime(MaskedDiffusion):
   """MDM-Prime: tokens as l sub-tokens masked independently; reports the valid NELBO."""
+
+  supports = frozenset({"prefix", "infill"})
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
                example_shape: tuple[int, ...], num_classes: int = 0):
-    super().__init__(config, vocab_size, example_shape, num_classes)
     options = config.prime
     if options.objective not in prime.OBJECTIVES:
       raise ValueError(f"config.prime.objective={options.objective!r}; valid: "
                        f"{prime.OBJECTIVES}")
     shuffle_seed = None if options.shuffle_seed < 0 else options.shuffle_seed
-    self.codec = prime.Codec(vocab_size, None if options.binary else options.length,
-                             shuffle_seed=shuffle_seed, binary=options.binary)
-    # The network reads sub-token states: b digit values plus their mask id.
-    self.network = build_network(config, self.codec.base + 1, vocab_size, num_classes)
+    codec = prime.Codec(vocab_size, None if options.binary else options.length,
+                        shuffle_seed=shuffle_seed, binary=options.binary)
+    # Each position's l sub-tokens read b digit values plus their mask id.
+    embed = layers.SlotEmbed(codec.base + 1, codec.length, config.model.width,
+                             dtype=jnp.dtype(config.model.dtype))
+    super().__init__(config, vocab_size, example_shape, num_classes, embed)
+    self.codec = codec
 
   def network_input(self, batch_size: int) -> Array:
     return jnp.zeros((batch_size, *self.example_shape, self.codec.length), jnp.int32)
 
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
-           train: bool) -> tuple[Array, Metrics]:
-    """(objective per token: the NELBO, or the joint surrogate when configured, in training).
-
-    metrics["nelbo"] is the valid sub-token NELBO [B] (its batch mean with the surrogate).
-    """
+           train: bool) -> LossOutput:
+    """The objective is the NELBO, or in training the joint surrogate when configured."""
     predict, rng_loss = self.loss_predict_fn(params, batch, rng, train)
-    objective = self.config.prime.objective if train else "nelbo"
-    per_sequence, aux = prime.loss(
+    objective, metrics = prime.loss(
         predict, batch["x"], rng_loss, codec=self.codec, schedule=self.schedule,
         cont_time=self.config.cont_time, timesteps=self.config.timesteps,
-        antithetic=self.config.antithetic_time_sampling, objective=objective)
-    if objective == "nelbo":
-      aux["nelbo"] = per_sequence
-    return per_sequence.mean() / math.prod(self.example_shape), aux
+        antithetic=self.config.antithetic_time_sampling,
+        objective=self.config.prime.objective if train else "nelbo")
+    nelbo = metrics.pop("nelbo")
+    return LossOutput(objective=objective, nelbo=nelbo, metrics=metrics)
 
-  def sample(self, params: Params, rng: Array, num_samples: int,
-             num_frames: int = 0) -> Array:
-    if num_frames:
-      raise ValueError("num_frames: the MDM-Prime sampler records no reverse-process frames")
-    predict = self.predict_fn(params, self.sample_labels(num_samples),
-                              guidance_scale=self.config.guidance_scale)
-    top_p = self.config.sample_top_p
-    return prime.sample(
-        predict, rng, shape=(num_samples, *self.example_shape), codec=self.codec,
-        schedule=self.schedule, steps=self.config.sample_steps, grid=self.config.sample_grid,
-        top_p=None if top_p >= 1.0 else top_p)
+  def _draw(self, params, predict, rng, shape, *, steps, grid, top_p, prefix, infill,
+            num_frames) -> Samples:
+    del params, num_frames
+    tokens = prime.sample(predict, rng, shape=shape, codec=self.codec,
+                          schedule=self.schedule, steps=steps, grid=grid, top_p=top_p,
+                          prefix=prefix, infill=infill)
+    return Samples(tokens=tokens, frames=None, nfe=jnp.int32(steps))
+
+
+MODEL_TYPES: dict[str, type[MaskedDiffusion]] = {"md4": MD4, "genmd4": GenMD4, "prime": Prime}
+
+
+def get(model_type: str) -> type[MaskedDiffusion]:
+  """The class for config.model_type; ValueError listing the valid ones otherwise."""
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"config.model_type={model_type!r}; valid: {', '.join(MODEL_TYPES)}")
+  return MODEL_TYPES[model_type]
 
 
 def create(config: ml_collections.ConfigDict, vocab_size: int,
-           example_shape: tuple[int, ...], num_classes: int = 0) -> MD4:
+           example_shape: tuple[int, ...], num_classes: int = 0) -> Model:
   """The model for config.model_type; labels condition it only if config.class_conditional."""
   num_classes = num_classes if config.class_conditional else 0
-  model_classes = {"md4": MD4, "genmd4": GenMD4, "prime": Prime}
-  if config.model_type not in model_classes:
-    raise ValueError(f"config.model_type={config.model_type!r}; valid: {sorted(model_classes)}")
-  return model_classes[config.model_type](config, vocab_size, example_shape, num_classes)
+  return get(config.model_type)(config, vocab_size, example_shape, num_classes)

@@ -39,26 +39,20 @@ sub-token is revealed at once and the two processes coincide.)
 """
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4 import checks
 from md4 import diffusion
 from md4 import sampler as sampler_lib
 from md4 import schedule as schedule_lib
 
 Array = jnp.ndarray
-# predict_fn(y [B, L, l] int32 with mask id b, t [B] float32) -> logits [B, L, C]
-PredictFn = Callable[[Array, Array], Array]
 
 OBJECTIVES = ("nelbo", "joint")
 _INT32_MAX = 2**31 - 1
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def smallest_base(num_classes: int, length: int) -> int:
@@ -88,7 +82,7 @@ class Codec:
                length: int | None = None,
                shuffle_seed: int | None = None,
                binary: bool = False):
-    if not _is_int(num_classes) or not 1 <= num_classes <= _INT32_MAX:
+    if not checks.is_int(num_classes) or not 1 <= num_classes <= _INT32_MAX:
       raise ValueError(
           f"num_classes must be an int in [1, 2**31), got {num_classes!r}")
     if binary:
@@ -97,9 +91,9 @@ class Codec:
         raise ValueError(f"length={length!r} contradicts binary=True, which "
                          f"needs length ceil(log2 {num_classes}) = {binary_length}")
       length = binary_length
-    if not _is_int(length) or length < 1:
+    if not checks.is_int(length) or length < 1:
       raise ValueError(f"length must be an int >= 1 (or binary=True), got {length!r}")
-    if shuffle_seed is not None and not _is_int(shuffle_seed):
+    if shuffle_seed is not None and not checks.is_int(shuffle_seed):
       raise ValueError(f"shuffle_seed must be None or an int, got {shuffle_seed!r}")
     self.num_classes = int(num_classes)
     self.length = int(length)
@@ -328,7 +322,7 @@ def _per_slot_log_prob(logits: Array, y_t: Array, y_0: Array, codec: Codec) -> A
   return jnp.stack(log_marginals, axis=-1) - log_norm[..., None]
 
 
-def loss(predict_fn: PredictFn,
+def loss(predict_fn: checks.PredictFn,
          x: Array,
          rng: Array,
          *,
@@ -353,19 +347,19 @@ def loss(predict_fn: PredictFn,
       that is not a bound (module docstring).
 
   Returns:
-    (loss [B], aux) with aux scalars (batch means): nelbo, loss_diffusion,
-    loss_recon and bits_per_token (NELBO / (L ln 2), per original token) of
-    the valid bound whatever the objective, masked_fraction (of sub-tokens),
-    and loss_surrogate with objective "joint".
+    (loss [B], aux): aux["nelbo"] is the valid bound per sequence [B] whatever
+    the objective (equal to loss for "nelbo"); its other entries are scalars
+    (batch means): loss_diffusion, loss_recon and bits_per_token (NELBO /
+    (L ln 2), per original token) of the valid bound, masked_fraction (of
+    sub-tokens), and loss_surrogate with objective "joint".
   """
   if objective not in OBJECTIVES:
     raise ValueError(
         f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
   if not isinstance(codec, Codec):
     raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
-  diffusion.check_tokens(x, codec.num_classes)
-  if not cont_time and (not _is_int(timesteps) or timesteps < 1):
-    raise ValueError(f"timesteps must be an int >= 1, got {timesteps!r}")
+  checks.tokens(x, codec.num_classes)
+  checks.timesteps(cont_time, timesteps)
   batch_size = x.shape[0]
   num_tokens = math.prod(x.shape[1:])
   rng_t, rng_mask = jax.random.split(rng)
@@ -374,10 +368,7 @@ def loss(predict_fn: PredictFn,
     t = diffusion.discretise(t, timesteps)
   y_0 = codec.encode(x)
   y_t = diffusion.mask_tokens(rng_mask, y_0, schedule.alpha(t), codec.mask_id)
-  logits = predict_fn(y_t, t)
-  if logits.shape != x.shape + (codec.num_classes,):
-    raise ValueError(f"predict_fn returned logits of shape {logits.shape}, "
-                     f"expected {x.shape + (codec.num_classes,)}")
+  logits = checks.logits(predict_fn(y_t, t), x.shape + (codec.num_classes,))
   is_masked = y_t == codec.mask_id
   log_mu = sub_token_log_prob(logits, y_t, y_0, codec)
   masked_nll = -jnp.where(is_masked, log_mu, 0.0).reshape(batch_size, -1).sum(axis=-1)
@@ -386,7 +377,7 @@ def loss(predict_fn: PredictFn,
   loss_recon = diffusion.reconstruction(schedule, num_tokens * codec.length, codec.base)
   nelbo = loss_diffusion + loss_recon
   aux = {
-      "nelbo": nelbo.mean(),
+      "nelbo": nelbo,
       "loss_diffusion": loss_diffusion.mean(),
       "loss_recon": loss_recon,
       "bits_per_token": nelbo.mean() / (num_tokens * math.log(2)),
@@ -402,7 +393,7 @@ def loss(predict_fn: PredictFn,
   return surrogate, aux
 
 
-def sample_sub_tokens(predict_fn: PredictFn,
+def sample_sub_tokens(predict_fn: checks.PredictFn,
                       rng: Array,
                       *,
                       shape: tuple[int, ...],
@@ -411,26 +402,28 @@ def sample_sub_tokens(predict_fn: PredictFn,
                       steps: int,
                       grid: str = "cosine",
                       top_p: float | None = None,
-                      prefix: Array | None = None) -> Array:
+                      prefix: Array | None = None,
+                      infill: tuple[Array, Array] | None = None) -> Array:
   """Prime sampler (module docstring): final sub-token states int32 [*shape, l].
 
   Every state is a valid code (`codec.is_valid` holds everywhere). Arguments
   as in `sample`.
   """
-  _check_sample_args(rng, shape, codec, top_p)
+  if not isinstance(codec, Codec):
+    raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
+  sampler_lib.check_args(rng, shape, codec.num_classes, schedule, top_p)
   shape = tuple(int(d) for d in shape)
   batch_size = shape[0]
   times = jnp.asarray(sampler_lib.time_grid(steps, grid))
   reveal_probs = sampler_lib.reveal_probs(schedule, times)
   table = jnp.asarray(codec.digit_table)
-  y_init = _initial_state(shape, codec, prefix)
+  given, template = sampler_lib.given_positions(shape, codec.num_classes, prefix, infill)
+  # Given positions start with every sub-token revealed; the rest fully masked.
+  y_init = jnp.where(given[..., None], table[template], codec.mask_id).astype(jnp.int32)
 
   def step(i: Array, y: Array) -> Array:
     logits = predict_fn(y, jnp.full((batch_size,), times[i], jnp.float32))
-    if logits.shape != shape + (codec.num_classes,):
-      raise ValueError(f"predict_fn returned logits of shape {logits.shape}, "
-                       f"expected {shape + (codec.num_classes,)}")
-    logits = carry_over(logits, y, codec)
+    logits = carry_over(checks.logits(logits, shape + (codec.num_classes,)), y, codec)
     rng_draw, rng_reveal = jax.random.split(jax.random.fold_in(rng, i))
     x_hat = jax.random.categorical(
         rng_draw, sampler_lib.top_p_log_probs(logits, top_p), axis=-1)
@@ -447,7 +440,7 @@ def sample_sub_tokens(predict_fn: PredictFn,
   return jax.lax.fori_loop(0, steps, step, y_init)
 
 
-def sample(predict_fn: PredictFn,
+def sample(predict_fn: checks.PredictFn,
            rng: Array,
            *,
            shape: tuple[int, ...],
@@ -456,7 +449,8 @@ def sample(predict_fn: PredictFn,
            steps: int,
            grid: str = "cosine",
            top_p: float | None = None,
-           prefix: Array | None = None) -> Array:
+           prefix: Array | None = None,
+           infill: tuple[Array, Array] | None = None) -> Array:
   """Samples tokens int32 [B, L, ...] = `shape` in {0..C-1} with the Prime sampler.
 
   A `lax.fori_loop` of exactly `steps` network calls; callers jit it with the
@@ -476,48 +470,10 @@ def sample(predict_fn: PredictFn,
     grid: "uniform" (t_i = 1 - i/T) or "cosine" (t_i = cos(pi/2 i/T)).
     top_p: draw x_hat from the renormalised top-p nucleus of p(. | y_t);
       None or 1.0 draws from all of it.
-    prefix: int32 [B, P]; the first P positions (row-major over the dims after
-      B) are given fully unmasked and never change.
+    prefix, infill: positions given from the start, fully unmasked, as in
+      `sampler.ancestral`.
   """
   codes = sample_sub_tokens(predict_fn, rng, shape=shape, codec=codec,
                             schedule=schedule, steps=steps, grid=grid, top_p=top_p,
-                            prefix=prefix)
+                            prefix=prefix, infill=infill)
   return codec.decode(codes)
-
-
-def _initial_state(shape: tuple[int, ...], codec: Codec,
-                   prefix: Array | None) -> Array:
-  """All sub-tokens masked [*shape, l], except the prefix positions, given."""
-  y = jnp.full((shape[0], math.prod(shape[1:]), codec.length), codec.mask_id,
-               jnp.int32)
-  if prefix is not None:
-    prefix = jnp.asarray(prefix)
-    diffusion.check_tokens(prefix, codec.num_classes, name="prefix")
-    if prefix.ndim != 2 or prefix.shape[0] != shape[0]:
-      raise ValueError(f"prefix must have shape [B, P] with B = {shape[0]}, "
-                       f"got {prefix.shape}")
-    if prefix.shape[1] > y.shape[1]:
-      raise ValueError(f"prefix has {prefix.shape[1]} positions, more than the "
-                       f"{y.shape[1]} of shape {shape}")
-    y = y.at[:, :prefix.shape[1]].set(codec.encode(prefix))
-  return y.reshape(shape + (codec.length,))
-
-
-def _check_sample_args(rng: Array, shape: tuple[int, ...], codec: Codec,
-                       top_p: float | None) -> None:
-  """Raises ValueError naming the first bad argument (steps and grid: time_grid)."""
-  rng_dtype = getattr(rng, "dtype", None)
-  is_typed_key = rng_dtype is not None and jnp.issubdtype(rng_dtype,
-                                                           jax.dtypes.prng_key)
-  if not is_typed_key and (rng_dtype != jnp.uint32 or jnp.ndim(rng) != 1):
-    raise ValueError(f"rng must be a PRNG key (jax.random.key or PRNGKey), got "
-                     f"{type(rng).__name__} of dtype {rng_dtype}")
-  if (not isinstance(shape, (tuple, list)) or len(shape) < 2 or
-      not all(_is_int(d) and d >= 1 for d in shape)):
-    raise ValueError(f"shape must be a tuple (B, L, ...) of positive ints, got {shape!r}")
-  if not isinstance(codec, Codec):
-    raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
-  if top_p is not None and (
-      isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
-      or not 0.0 < top_p <= 1.0):
-    raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")

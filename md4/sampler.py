@@ -1,5 +1,5 @@
-"""MD4 samplers over a `predict_fn`: ancestral, top-p and mean, with prefix,
-infill and reuse of network outputs.
+"""MD4 samplers over a `predict_fn`: ancestral and top-p, with prefix, infill
+and reuse of network outputs.
 
 Time grid 1 = t_0 > t_1 > ... > t_T = 0:
 
@@ -8,8 +8,8 @@ Time grid 1 = t_0 > t_1 > ... > t_T = 0:
 
 Step i goes from t = t_i to s = t_{i+1}: each masked position is revealed with
 probability (alpha_s - alpha_t) / (1 - alpha_t), to a draw from
-softmax(logits) (or its renormalised top-p nucleus); revealed positions never
-change. Positions still masked after the last step take the network's most
+softmax(logits) (or its renormalised top-p nucleus); the reveal and the value
+are drawn apart; revealed positions never change. Positions still masked after the last step take the network's most
 likely value under the logits of that step, so a run costs exactly T network
 evaluations (fewer with `reuse_outputs`).
 
@@ -22,26 +22,22 @@ Python arguments static, e.g.
 """
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md4 import diffusion
+from md4 import checks
 from md4 import schedule as schedule_lib
 
 Array = jnp.ndarray
-# predict_fn(z [B, ...] int32 with mask id V, t [B] float32) -> logits [B, ..., V]
-PredictFn = Callable[[Array, Array], Array]
 
 GRIDS = ("uniform", "cosine")
-SAMPLERS = ("ancestral", "mean")
 
 
 def time_grid(steps: int, grid: str) -> np.ndarray:
   """Times 1 = t_0 > ... > t_T = 0 [T + 1], float32 (see module docstring)."""
-  _check_steps(steps)
+  checks.positive_int(steps, "steps")
   if grid not in GRIDS:
     raise ValueError(f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}")
   fraction = np.arange(steps + 1, dtype=np.float64) / steps
@@ -84,7 +80,7 @@ def top_p_log_probs(logits: Array, top_p: float | None) -> Array:
       jnp.where(probs >= threshold, log_probs, -jnp.inf), axis=-1)
 
 
-def ancestral(predict_fn: PredictFn,
+def ancestral(predict_fn: checks.PredictFn,
               rng: Array,
               *,
               shape: tuple[int, ...],
@@ -95,7 +91,6 @@ def ancestral(predict_fn: PredictFn,
               top_p: float | None = None,
               prefix: Array | None = None,
               infill: tuple[Array, Array] | None = None,
-              sampler: str = "ancestral",
               reuse_outputs: bool = False,
               return_nfe: bool = False,
               num_frames: int = 0) -> Array | tuple[Array, ...]:
@@ -118,13 +113,6 @@ def ancestral(predict_fn: PredictFn,
       `given` is True hold `template` from the start and never change
       (template values elsewhere are ignored). Where prefix and infill both
       give a position, the prefix wins.
-    sampler: "ancestral" draws each masked position's next state from one
-      categorical over the V values and the mask; "mean" is the MD4
-      reference's two-draw variant: a value x0 ~ mu for every position and an
-      independent Bernoulli(reveal probability) coin, the position taking x0
-      where the coin says reveal. Both have the same law per step; the
-      reference keeps the two-draw form for comparison and notes it tends to
-      do worse than the one-draw form (Shi et al., 2024, App. G).
     reuse_outputs: skip the network in a step when no position changed since
       its last call, reusing those logits. Only valid for a network that
       ignores t. The skip is decided for the whole batch at once.
@@ -138,21 +126,18 @@ def ancestral(predict_fn: PredictFn,
     the tuple (z, nfe int32 [], frames) with only the ones asked for. Without
     reuse_outputs nfe == steps.
   """
-  _check_args(rng, shape, vocab_size, schedule, steps, grid, top_p, sampler)
+  check_args(rng, shape, vocab_size, schedule, top_p)
   shape = tuple(int(d) for d in shape)
   mask_id = vocab_size
   batch_size = shape[0]
-  given, template = _given_positions(shape, vocab_size, prefix, infill)
+  given, template = given_positions(shape, vocab_size, prefix, infill)
   z_init = jnp.where(given, template, mask_id).astype(jnp.int32)
   times = jnp.asarray(time_grid(steps, grid))
   probs = reveal_probs(schedule, times)
 
   def call_network(z: Array, t: Array) -> Array:
     logits = predict_fn(z, jnp.full((batch_size,), t, jnp.float32))
-    if logits.shape != shape + (vocab_size,):
-      raise ValueError(f"predict_fn returned logits of shape {logits.shape}, "
-                       f"expected {shape + (vocab_size,)}")
-    return logits.astype(jnp.float32)
+    return checks.logits(logits, shape + (vocab_size,)).astype(jnp.float32)
 
   frame_steps = jnp.asarray(np.unique(np.linspace(0, steps, max(num_frames, 1)).round()),
                             jnp.int32)
@@ -167,7 +152,7 @@ def ancestral(predict_fn: PredictFn,
       logits = call_network(z, times[i])
       nfe = nfe + 1
     draw = _draw(jax.random.fold_in(rng, i), top_p_log_probs(logits, top_p),
-                 probs[i], mask_id, sampler)
+                 probs[i], mask_id)
     z_next = jnp.where(z == mask_id, draw, z)
     still_masked = z_next == mask_id
     z_next = jnp.where((i == steps - 1) & still_masked,
@@ -188,25 +173,18 @@ def ancestral(predict_fn: PredictFn,
   return outputs if len(outputs) > 1 else z
 
 
-def _draw(rng: Array, log_probs: Array, reveal_prob: Array, mask_id: int,
-          sampler: str) -> Array:
+def _draw(rng: Array, log_probs: Array, reveal_prob: Array, mask_id: int) -> Array:
   """Next state of a masked position [B, ...]: a value, or mask_id if unrevealed."""
-  if sampler == "ancestral":
-    stay_masked = jnp.broadcast_to(jnp.log1p(-reveal_prob), log_probs.shape[:-1])
-    joint = jnp.concatenate(
-        [log_probs + jnp.log(reveal_prob), stay_masked[..., None]], axis=-1)
-    # Index V of the joint categorical is the mask id.
-    return jax.random.categorical(rng, joint, axis=-1).astype(jnp.int32)
   rng_value, rng_reveal = jax.random.split(rng)
   values = jax.random.categorical(rng_value, log_probs, axis=-1)
   reveal = jax.random.bernoulli(rng_reveal, reveal_prob, values.shape)
   return jnp.where(reveal, values, mask_id).astype(jnp.int32)
 
 
-def _given_positions(shape: tuple[int, ...], vocab_size: int,
-                     prefix: Array | None,
-                     infill: tuple[Array, Array] | None) -> tuple[Array, Array]:
-  """(given bool, template int32), both `shape`, from prefix and infill."""
+def given_positions(shape: tuple[int, ...], vocab_size: int,
+                    prefix: Array | None,
+                    infill: tuple[Array, Array] | None) -> tuple[Array, Array]:
+  """(given bool, template int32), both `shape`, from prefix and infill (see `ancestral`)."""
   given = jnp.zeros(shape, jnp.bool_)
   template = jnp.zeros(shape, jnp.int32)
   if infill is not None:
@@ -223,8 +201,8 @@ def _given_positions(shape: tuple[int, ...], vocab_size: int,
           f"infill template must hold integer token ids, got dtype {template.dtype}")
     # Only the given positions must be valid ids; elsewhere anything goes.
     with jax.ensure_compile_time_eval():
-      diffusion.check_tokens(jnp.where(given, template, 0), vocab_size,
-                             name="infill template (at given positions)")
+      checks.tokens(jnp.where(given, template, 0), vocab_size,
+                    name="infill template (at given positions)")
     template = template.astype(jnp.int32)
   if prefix is not None:
     prefix = jnp.asarray(prefix)
@@ -240,50 +218,20 @@ def _given_positions(shape: tuple[int, ...], vocab_size: int,
       return given, template
     # Under jit a concrete prefix still gets its values checked.
     with jax.ensure_compile_time_eval():
-      diffusion.check_tokens(prefix, vocab_size, name="prefix")
+      checks.tokens(prefix, vocab_size, name="prefix")
     given = given.reshape(shape[0], -1).at[:, :length].set(True).reshape(shape)
     template = template.reshape(shape[0], -1).at[:, :length].set(
         prefix.astype(jnp.int32)).reshape(shape)
   return given, template
 
 
-def check_shape(shape: tuple[int, ...], vocab_size: int) -> None:
-  """Raises ValueError unless shape is (B, L, ...) of positive ints and vocab_size >= 1."""
-  if (not isinstance(shape, (tuple, list)) or len(shape) < 2 or
-      not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-              and d >= 1 for d in shape)):
-    raise ValueError(f"shape must be a tuple (B, L, ...) of positive ints, got {shape!r}")
-  if (isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer))
-      or vocab_size < 1):
-    raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-
-
-def _check_steps(steps: int) -> None:
-  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-    raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-
-
-def _check_args(rng: Array, shape: tuple[int, ...], vocab_size: int,
-                schedule: schedule_lib.Schedule, steps: int, grid: str,
-                top_p: float | None, sampler: str) -> None:
-  """Raises ValueError naming the first bad argument."""
-  rng_dtype = getattr(rng, "dtype", None)
-  is_typed_key = rng_dtype is not None and jnp.issubdtype(rng_dtype,
-                                                           jax.dtypes.prng_key)
-  if not is_typed_key and (rng_dtype != jnp.uint32 or jnp.ndim(rng) != 1):
-    raise ValueError(f"rng must be a PRNG key (jax.random.key or PRNGKey), got "
-                     f"{type(rng).__name__} of dtype {rng_dtype}")
-  check_shape(shape, vocab_size)
-  _check_steps(steps)
-  if grid not in GRIDS:
-    raise ValueError(f"unknown grid {grid!r}; valid grids: {', '.join(GRIDS)}")
+def check_args(rng: Array, shape: tuple[int, ...], vocab_size: int,
+               schedule: schedule_lib.Schedule, top_p: float | None) -> None:
+  """Raises ValueError naming the first bad argument (steps and grid: `time_grid`)."""
+  checks.rng(rng)
+  checks.shape(shape)
+  checks.vocab_size(vocab_size)
   if not callable(getattr(schedule, "alpha", None)):
     raise ValueError(f"schedule must be a schedule.Schedule (see schedule.get), "
                      f"got {schedule!r}")
-  if top_p is not None and (
-      isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
-      or not 0.0 < top_p <= 1.0):
-    raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-  if sampler not in SAMPLERS:
-    raise ValueError(
-        f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+  checks.top_p(top_p)

@@ -1,15 +1,13 @@
-"""train_and_evaluate: mesh, sharded jit steps, evaluation, samples, checkpoints.
+"""train_and_evaluate: the training loop, which only glues.
 
-The loop only glues: `models` turns parameters into losses and samples,
-`data` yields batches, Orbax keeps the train state and the data iterator.
+`models` turns parameters into losses and samples, `data` yields batches,
+`sharding` lays them and the state over the devices, `checkpointing` keeps
+the train state and the data position, `likelihood` estimates the held-out
+bound.
 """
 
-import contextlib
 import dataclasses
 import functools
-import glob
-import math
-import os
 import signal
 import time
 from typing import Any
@@ -17,11 +15,8 @@ from typing import Any
 from absl import logging
 from clu import parameter_overview
 from etils import epath
-import flax
 import flax.linen as nn
-import grain
 import jax
-from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
@@ -29,78 +24,18 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from md4 import checkpointing
 from md4 import data as data_lib
 from md4 import defaults
+from md4 import likelihood
 from md4 import metric_writers
 from md4 import models
-from md4 import visualize
+from md4 import samples as samples_lib
+from md4 import sharding as sharding_lib
 
 Array = jnp.ndarray
 Metrics = dict[str, Array]
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-
-
-def _on_cloud_tpu_vm() -> bool:
-  """TPU VMs expose their chips as /dev/accel* or /dev/vfio/<n>; jax finds the other hosts."""
-  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-  """Joins the other processes of a multi-process run, if this is one.
-
-  Cloud TPU VMs and SLURM jobs are detected; other launchers pass the
-  coordinator's host:port, the number of processes and this one's index.
-  """
-  # CPU-only processes need a collectives backend to talk to each other.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if coordinator_address is not None:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or _on_cloud_tpu_vm():
-    jax.distributed.initialize()
-
-
-def make_mesh(config: ml_collections.ConfigDict,
-              devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A Mesh of the devices (default: all) with config.mesh_axes; a -1 takes the rest."""
-  devices = jax.devices() if devices is None else devices
-  shape = list(config.mesh_shape)
-  num_devices = len(devices)
-  if shape.count(-1) > 1:
-    raise ValueError(f"config.mesh_shape={tuple(shape)} may hold at most one -1")
-  if -1 in shape:
-    known = math.prod(s for s in shape if s != -1)
-    shape[shape.index(-1)] = num_devices // known
-  if math.prod(shape) != num_devices:
-    raise ValueError(f"config.mesh_shape={tuple(config.mesh_shape)} needs {math.prod(shape)} "
-                     f"devices, but {num_devices} are present")
-  device_grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  return jax.sharding.Mesh(device_grid, tuple(config.mesh_axes))
-
-
-def logical_rules(config: ml_collections.ConfigDict,
-                  mesh: jax.sharding.Mesh) -> tuple[tuple[str, str | None], ...]:
-  """config.sharding_rules with mesh axes absent from (or of size 1 in) the mesh dropped."""
-  rules = []
-  for logical, mesh_axis in config.sharding_rules:
-    keep = mesh_axis in mesh.shape and mesh.shape[mesh_axis] > 1
-    rules.append((logical, mesh_axis if keep else None))
-  return tuple(rules)
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  """Batches split over every data-parallel axis (data and fsdp) present."""
-  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
+TrainState = checkpointing.TrainState
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -125,7 +60,7 @@ def tree_norm(tree: Any) -> Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def train_step(model: models.MD4, tx: optax.GradientTransformation,
+def train_step(model: models.Model, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict, state: TrainState,
                batch: dict[str, Array], rng: Array) -> tuple[TrainState, Metrics]:
   """One optimizer step over config.grad_accum_steps micro-batches."""
@@ -134,11 +69,15 @@ def train_step(model: models.MD4, tx: optax.GradientTransformation,
   micro_batches = jax.tree.map(
       lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
 
+  def objective(params, micro_batch, micro_rng):
+    output = model.loss(params, micro_batch, micro_rng, True)
+    return output.objective.mean() / model.num_tokens, output
+
   def micro_step(grads_sum, inputs):
     micro_batch, micro_rng = inputs
-    grad_fn = jax.value_and_grad(model.loss, has_aux=True)
-    (objective, aux), grads = grad_fn(state.params, micro_batch, micro_rng, True)
-    metrics = {"loss": objective, **{k: v for k, v in aux.items() if jnp.ndim(v) == 0}}
+    (loss, output), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params, micro_batch, micro_rng)
+    metrics = {"loss": loss, **output.metrics}
     return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -156,26 +95,11 @@ def train_step(model: models.MD4, tx: optax.GradientTransformation,
   return new_state, metrics
 
 
-def eval_step(model: models.MD4, batch_sharding: jax.sharding.NamedSharding, num_t: int,
-              params: Any, batch: dict[str, Array], rng: Array) -> Array:
-  """Per-sequence NELBO [B], nats, averaged over num_t times per sequence.
-
-  The batch is tiled num_t times (row k B + j is sequence j), so antithetic
-  times over the tiled batch give each sequence one time in each 1/num_t
-  stratum: the per-sequence estimates have far less variance than one t.
-  """
-  tiled = {key: jnp.tile(value, (num_t,) + (1,) * (value.ndim - 1))
-           for key, value in batch.items()}
-  tiled = jax.lax.with_sharding_constraint(tiled, batch_sharding)
-  _, aux = model.loss(params, tiled, rng, False)
-  return aux["nelbo"].reshape(num_t, -1).mean(axis=0)
-
-
 @dataclasses.dataclass
 class Trainer:
   """Compiled steps and the shardings they use."""
 
-  model: models.MD4
+  model: models.Model
   mesh: jax.sharding.Mesh
   state_sharding: Any
   batch_sharding: jax.sharding.NamedSharding
@@ -185,7 +109,7 @@ class Trainer:
   sample: Any
 
 
-def build_trainer(config: ml_collections.ConfigDict, model: models.MD4,
+def build_trainer(config: ml_collections.ConfigDict, model: models.Model,
                   mesh: jax.sharding.Mesh) -> Trainer:
   tx = create_optimizer(config)
 
@@ -194,48 +118,44 @@ def build_trainer(config: ml_collections.ConfigDict, model: models.MD4,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), ema_params=params)
 
-  abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-  rules = logical_rules(config, mesh)
-  state_sharding = nn.logical_to_mesh_sharding(
-      nn.get_partition_spec(abstract_state), mesh, rules)
-  data_sharding = batch_sharding(mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_sharding = sharding_lib.tree_sharding(config, mesh,
+                                              jax.eval_shape(init_state, jax.random.PRNGKey(0)))
+  data_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
   init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_sharding)
   step = jax.jit(functools.partial(train_step, model, tx, config),
                  in_shardings=(state_sharding, data_sharding, replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  evaluate = jax.jit(functools.partial(eval_step, model, data_sharding, config.eval_num_t),
-                     in_shardings=(state_sharding.ema_params, data_sharding, replicated),
-                     out_shardings=replicated)
-  sample = jax.jit(model.sample, static_argnums=(2, 3),
-                   in_shardings=(state_sharding.ema_params, replicated),
+  evaluate_step = likelihood.compile_eval_step(model, mesh, state_sharding.ema_params,
+                                               config.eval_num_t)
+  sample = jax.jit(functools.partial(sample_from_config, model, config),
+                   static_argnums=(2, 3), in_shardings=(state_sharding.ema_params, replicated),
                    out_shardings=replicated)
-  return Trainer(model, mesh, state_sharding, data_sharding, init, step, evaluate, sample)
+  return Trainer(model, mesh, state_sharding, data_sharding, init, step, evaluate_step, sample)
 
 
-def global_batch(batch: dict[str, np.ndarray],
-                 sharding: jax.sharding.NamedSharding) -> dict[str, Array]:
-  """Assembles each process's local batch into one global array per key."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def sample_from_config(model: models.Model, config: ml_collections.ConfigDict, params: Any,
+                       rng: Array, num_samples: int, num_frames: int) -> models.Samples:
+  """model.sample with the config's sampler settings."""
+  top_p = config.sample_top_p
+  return model.sample(params, rng, num_samples, steps=config.sample_steps,
+                      grid=config.sample_grid, top_p=None if top_p >= 1.0 else top_p,
+                      num_frames=num_frames, guidance_scale=config.guidance_scale)
 
 
 def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
-             dataset: data_lib.Dataset, rng: Array) -> dict[str, float]:
+             dataset: data_lib.Dataset, rng_seed: int) -> dict[str, float]:
   """Mean held-out NELBO in bits per token over the split (or num_eval_steps batches).
 
-  Each sequence's estimate averages config.eval_num_t stratified times; the
-  standard error is that of the mean of these independent estimates.
+  Each sequence's estimate averages config.eval_num_t stratified times.
   """
-  nelbos = []
-  for index, batch in enumerate(dataset.eval_batches()):
-    if 0 < config.num_eval_steps <= index:
-      break
-    nelbos.append(np.asarray(trainer.eval_step(
-        params, global_batch(batch, trainer.batch_sharding), jax.random.fold_in(rng, index))))
-  bits = np.concatenate(nelbos) / (math.prod(dataset.example_shape) * math.log(2))
-  result = {"eval_bits_per_token": float(bits.mean()),
-            "eval_bits_per_token_stderr": float(bits.std(ddof=1) / math.sqrt(len(bits))),
-            "eval_examples": len(bits)}
+  nats = likelihood.nelbo_per_sequence(
+      trainer.eval_step, params, dataset.eval_batches(), trainer.batch_sharding,
+      num_batches=config.num_eval_steps, seed=rng_seed)
+  summary = likelihood.summarise(nats, trainer.model.num_tokens)
+  result = {"eval_bits_per_token": summary["bits_per_token"],
+            "eval_bits_per_token_stderr": summary["bits_per_token_stderr"],
+            "eval_examples": summary["num_sequences"]}
   if dataset.entropy_bits_per_token is not None:
     result["data_entropy_bits_per_token"] = dataset.entropy_bits_per_token
   return result
@@ -244,22 +164,14 @@ def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
 def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
                   dataset: data_lib.Dataset, workdir: epath.Path, step: int,
                   rng: Array) -> None:
-  """Text to samples/step_<N>.txt; images to a PNG grid and a reverse-process strip."""
-  is_image = dataset.decode is None
-  num_frames = config.num_montage_frames if is_image and config.model_type == "md4" else 0
-  outputs = trainer.sample(params, rng, config.num_samples, num_frames)
-  samples, frames = outputs if num_frames else (outputs, None)
-  samples = np.asarray(multihost_utils.process_allgather(samples, tiled=True))
-  if jax.process_index() != 0:
-    return
-  folder = workdir / "samples"
-  if is_image:
-    visualize.write_image_samples(folder, step, samples,
-                                  None if frames is None else np.asarray(frames))
-    return
-  folder.mkdir(parents=True, exist_ok=True)
-  text = "\n".join(dataset.decode(sample) for sample in samples)
-  (folder / f"step_{step}.txt").write_text(text + "\n")
+  """Samples from params to workdir/samples/step_<N>.* (md4.samples)."""
+  with_frames = dataset.modality == "image" and "frames" in trainer.model.supports
+  num_frames = config.num_montage_frames if with_frames else 0
+  drawn = trainer.sample(params, rng, config.num_samples, num_frames)
+  tokens = np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
+  if jax.process_index() == 0:
+    frames = None if drawn.frames is None else np.asarray(drawn.frames)
+    samples_lib.write(workdir / "samples", f"step_{step}", tokens, dataset, frames)
 
 
 def summary_line(eval_metrics: dict[str, float]) -> str:
@@ -284,85 +196,6 @@ def check_finite(history: list[tuple[int, Metrics]]) -> None:
             "and re-run to resume from it.")
 
 
-def checkpoint_manager(config: ml_collections.ConfigDict,
-                       workdir: epath.Path) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints,
-      enable_async_checkpointing=config.async_checkpointing)
-  return ocp.CheckpointManager(
-      workdir / "checkpoints", options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint written by a model of another shape."""
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-  return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def check_compatible(saved_state: Any, abstract_state: TrainState, directory: str) -> None:
-  """Raises CheckpointMismatchError naming the first parameter whose shape differs."""
-  saved = {_path_name(path): tuple(leaf.shape)
-           for path, leaf in jax.tree_util.tree_leaves_with_path(saved_state["params"])}
-  expected = {_path_name(path): tuple(leaf.shape)
-              for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state.params)}
-  for name in sorted(set(saved) | set(expected)):
-    if saved.get(name) != expected.get(name):
-      raise CheckpointMismatchError(
-          f"checkpoint {directory} does not fit this model: parameter {name} has shape "
-          f"{saved.get(name, 'absent')} there and {expected.get(name, 'absent')} in the "
-          "config. Use the config it was trained with, or another --workdir.")
-
-
-def restore_or_init(manager: ocp.CheckpointManager, trainer: Trainer,
-                    dataset: data_lib.Dataset, rng: Array) -> TrainState:
-  """The newest readable checkpoint's state (and data position), or a fresh state.
-
-  An unreadable checkpoint is reported and moved aside to checkpoints_unreadable/
-  (nothing is deleted), and the one before it is tried.
-  """
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      jax.eval_shape(trainer.init, rng), trainer.state_sharding)
-  for step in sorted(manager.all_steps(), reverse=True):
-    directory = manager.directory / str(step)
-    try:
-      check_compatible(manager.item_metadata(step)["state"], abstract, str(directory))
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          data=grain.checkpoint.CheckpointRestore(dataset.train)))
-    except CheckpointMismatchError:
-      raise
-    except Exception as error:  # pylint: disable=broad-except
-      aside = manager.directory.parent / "checkpoints_unreadable" / str(step)
-      logging.error("Checkpoint %s is unreadable (%s: %s); moving it to %s and trying the "
-                    "previous one.", directory, type(error).__name__, error, aside)
-      if jax.process_index() == 0:
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        directory.rename(aside)
-      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
-      manager.reload()
-      continue
-    logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
-    return restored.state
-  return trainer.init(rng)
-
-
-@contextlib.contextmanager
-def saving_errors(manager: ocp.CheckpointManager, step: int):
-  """Turns a failed (possibly asynchronous) save into an error that says what is kept."""
-  try:
-    yield
-  except Exception as error:  # pylint: disable=broad-except
-    raise OSError(
-        f"saving a checkpoint (at or before step {step}) in {manager.directory} failed: "
-        f"{type(error).__name__}: {error}. The older checkpoints there are intact; free "
-        "disk space or fix the path, then re-run to resume from the latest of them.") from error
-
-
 class Preemption:
   """Whether to checkpoint and exit now because of a preemption notice (SIGTERM).
 
@@ -382,9 +215,9 @@ class Preemption:
     logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
     self.requested = True
 
-  def reached(self, manager: ocp.CheckpointManager, step: int) -> bool:
+  def reached(self, checkpoints: ocp.CheckpointManager, step: int) -> bool:
     if jax.process_count() > 1:
-      self.requested = self.requested or manager.reached_preemption(step)
+      self.requested = self.requested or checkpoints.reached_preemption(step)
     return self.requested
 
   def restore(self) -> None:
@@ -404,16 +237,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  mesh = make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   dataset = data_lib.create(config)
   model = models.create(config, dataset.vocab_size, dataset.example_shape,
                         dataset.num_classes)
   trainer = build_trainer(config, model, mesh)
-  rng_init, rng_train, rng_eval, rng_sample = jax.random.split(
-      jax.random.PRNGKey(config.seed), 4)
+  rng_init, rng_train, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
-  manager = checkpoint_manager(config, workdir)
-  state = restore_or_init(manager, trainer, dataset, rng_init)
+  checkpoints = checkpointing.manager(config, workdir)
+  state = checkpointing.restore_or_init(checkpoints, trainer.init, trainer.state_sharding,
+                                        dataset.train, rng_init)
   step = int(state.step)
   if step == 0:
     logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
@@ -425,15 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Training %s on %s from step %d to %d on mesh %s", config.model_type,
                config.dataset, step, config.num_train_steps, dict(mesh.shape))
 
-  def save(step: int) -> None:
-    with saving_errors(manager, step):
-      manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(dataset.train)))
-
   try:
     while step < config.num_train_steps:
-      batch = global_batch(next(dataset.train), trainer.batch_sharding)
+      batch = sharding_lib.global_batch(next(dataset.train), trainer.batch_sharding)
       state, metrics = trainer.train_step(state, batch, rng_train)
       step += 1
       history.append((step, metrics))
@@ -452,25 +279,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      steps_per_sec, time.strftime("%H:%M:%S", time.gmtime(eta)))
         history = []
       if step % config.eval_every_steps == 0 or last:
-        eval_metrics = evaluate(config, trainer, state.ema_params, dataset, rng_eval)
+        eval_metrics = evaluate(config, trainer, state.ema_params, dataset, config.seed)
         writer.write_scalars(step, eval_metrics)
       if step % config.sample_every_steps == 0 or last:
         write_samples(config, trainer, state.ema_params, dataset, workdir, step,
                       jax.random.fold_in(rng_sample, step))
-      preempted = preemption.reached(manager, step)
+      preempted = preemption.reached(checkpoints, step)
       if step % config.checkpoint_every_steps == 0 or last or preempted:
         if config.check_nans and history:
           check_finite(jax.device_get(history))
-        save(step)
+        checkpointing.save(checkpoints, state, dataset.train)
       if preempted:
-        with saving_errors(manager, step):
-          manager.wait_until_finished()
+        with checkpointing.saving_errors(checkpoints, step):
+          checkpoints.wait_until_finished()
         raise SystemExit(f"Preempted at step {step}: checkpoint saved in "
-                         f"{manager.directory}; re-run the same command to resume.")
+                         f"{checkpoints.directory}; re-run the same command to resume.")
   finally:
-    with saving_errors(manager, step):
-      manager.wait_until_finished()
-    manager.close()
+    with checkpointing.saving_errors(checkpoints, step):
+      checkpoints.wait_until_finished()
+    checkpoints.close()
     writer.close()
     preemption.restore()
   return eval_metrics

@@ -36,18 +36,3 @@ def save_png(path: epath.Path, image: np.ndarray) -> None:
   buffer = io.BytesIO()
   Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
   epath.Path(path).write_bytes(buffer.getvalue())
-
-
-def load_png(path: epath.Path) -> np.ndarray:
-  with epath.Path(path).open("rb") as f:
-    return np.asarray(Image.open(f).convert("RGB"))
-
-
-def write_image_samples(folder: epath.Path, step: int, samples: np.ndarray,
-                        frames: np.ndarray | None = None) -> None:
-  """samples [N, H, W, 3] -> step_<N>.png; frames [F, N, H, W, 3] of sample 0 -> a strip."""
-  folder.mkdir(parents=True, exist_ok=True)
-  save_png(folder / f"step_{step}.png", grid(to_pixels(samples)))
-  if frames is not None:
-    strip = grid(to_pixels(frames[:, 0]), columns=len(frames))
-    save_png(folder / f"step_{step}_reverse_process.png", strip)

@@ -10,14 +10,15 @@ import pytest
 from md4 import data as data_lib
 from md4.data import alphabet
 from md4.data import chars
+from md4.data import pipeline
+from tests import helpers
 
 _SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
 
-def _config(path, seq_len=10, batch_size=5, **data) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "dataset": "chars", "data_dir": "", "seq_len": seq_len, "batch_size": batch_size,
-      "seed": 0, "data": {"path": path, **data}})
+def _config(path, seq_len=10, batch_size=5, **options) -> ml_collections.ConfigDict:
+  return helpers.data_config("chars", seq_len=seq_len, batch_size=batch_size, path=path,
+                             **options)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -63,7 +64,7 @@ def test_split_sizes_at_a_chunk_boundary(tmp_path):
   text = alphabet.decode(np.random.default_rng(0).integers(0, 26, 1005))  # No spaces.
   (tmp_path / "a.txt").write_text(text)
   # 1005 characters -> 100 chunks of 10; a quarter held out from the end.
-  assert data_lib.split_chunks(1005, 10, 0.25) == (75, 25)
+  assert pipeline.split_chunks(1005, 10, 0.25) == (75, 25)
   dataset = data_lib.create(_config(str(tmp_path / "a.txt"), validation_fraction=0.25))
   ids = alphabet.encode(text)
   eval_rows = np.concatenate([batch["x"] for batch in dataset.eval_batches()])
@@ -82,18 +83,18 @@ def test_files_and_globs_are_joined_in_order_with_one_space(tmp_path):
 
 def test_bad_paths_and_options_are_rejected(tmp_path):
   (tmp_path / "a.txt").write_text("abc " * 100)
-  with pytest.raises(ValueError, match="data.path must name"):
+  with pytest.raises(ValueError, match="path must name"):
     chars.read_ids("")
   with pytest.raises(ValueError, match="no file matches"):
     chars.read_ids(str(tmp_path / "missing.txt"))
   with pytest.raises(ValueError, match="no file matches"):
     chars.read_ids(str(tmp_path / "*.none"))
-  with pytest.raises(ValueError, match=r"data.validation_fraction must be in \(0, 1\)"):
+  with pytest.raises(ValueError, match=r"chars.validation_fraction must be in \(0, 1\)"):
     data_lib.create(_config(str(tmp_path / "a.txt"), validation_fraction=1.0))
   with pytest.raises(ValueError, match="and 0 for validation"):
     data_lib.create(_config(str(tmp_path / "a.txt"), validation_fraction=0.01))
-  with pytest.raises(ValueError, match="unknown option.*data.order"):
-    data_lib.create(_config(str(tmp_path / "a.txt"), order=2))
+  with pytest.raises(ValueError, match="unknown config key 'chars.order'"):
+    _config(str(tmp_path / "a.txt"), order=2)
   (tmp_path / "latin1.txt").write_bytes(b"abc\xe9")
   with pytest.raises(ValueError, match="latin1.txt: not UTF-8 at byte 3"):
     chars.read_ids(str(tmp_path / "latin1.txt"))
@@ -102,14 +103,17 @@ def test_bad_paths_and_options_are_rejected(tmp_path):
     chars.read_ids(str(tmp_path / "empty.txt"))
 
 
-@pytest.mark.skipif(not _SHAKESPEARE.exists(), reason="shared corpus not present")
-def test_tinyshakespeare_maps_to_the_alphabet():
-  ids = chars.read_ids(str(_SHAKESPEARE))
+def test_bundled_tinyshakespeare_is_the_default_and_maps_to_the_alphabet():
+  if _SHAKESPEARE.exists():
+    assert chars.BUNDLED_TEXT.read_bytes() == _SHAKESPEARE.read_bytes()
+  ids = chars.read_ids(str(chars.BUNDLED_TEXT))
   text = alphabet.decode(ids)
   assert len(ids) == 1_059_742
   assert text.startswith("first citizen before we proceed any further hear me speak")
   assert "  " not in text and text == text.strip()
-  dataset = data_lib.create(_config(str(_SHAKESPEARE), seq_len=256, batch_size=8))
+  dataset = data_lib.create(_config("", seq_len=256, batch_size=8))
+  np.testing.assert_array_equal(next(dataset.eval_batches())["x"][0],
+                                ids[(len(ids) // 256 - 414) * 256:][:256])
   batch = next(dataset.train)["x"]
   assert batch.shape == (8, 256) and batch.dtype == np.int32
   assert 0 <= batch.min() and batch.max() < 27

@@ -8,12 +8,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from md4 import data as data_lib
-from md4.data import images
+from tests import helpers
 
 
-def _config(dataset="cifar10", batch_size=8, **data) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"dataset": dataset, "data_dir": "", "batch_size": batch_size,
-                                    "seed": 0, "data": data})
+def _config(dataset="cifar10", batch_size=8, **options) -> ml_collections.ConfigDict:
+  return helpers.data_config(dataset, batch_size=batch_size, **options)
 
 
 def _source_images(name: str, split: str) -> dict[bytes, int]:
@@ -78,14 +77,13 @@ def test_mock_data_source_needs_no_tensorflow():
 
 
 def test_missing_data_says_how_to_prepare_it(tmp_path):
-  config = _config()
-  config.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="md4.data.prepare"):
-    data_lib.create(config)
+    data_lib.create(_config(tfds_data_dir=str(tmp_path)))
 
 
 def test_options():
-  assert images.tfds_name(_config("imagenet64"), ml_collections.ConfigDict(
-      {"tfds_name": "downsampled_imagenet/64x64"})) == "downsampled_imagenet/64x64"
-  with pytest.raises(ValueError, match="unknown option.*data.flip"):
-    data_lib.create(_config(flip=True))
+  assert _config("imagenet64").imagenet64.tfds_name == "imagenet_resized/64x64"
+  assert _config("imagenet64").imagenet64.eval_split == "validation"
+  assert _config().cifar10.eval_split == "test"
+  with pytest.raises(ValueError, match="unknown config key 'cifar10.flip'"):
+    _config(flip=True)

@@ -11,28 +11,27 @@ import pytest
 import tensorflow_datasets as tfds
 
 from md4 import data as data_lib
+from md4 import defaults
 from md4.data import alphabet
-from md4.data import prepare
+from tests import helpers
 
 
-def _config(dataset, **overrides) -> ml_collections.ConfigDict:
-  config = {"dataset": dataset, "data_dir": "", "seq_len": 8, "batch_size": 4, "seed": 0,
-            "data": {}}
-  config.update(overrides)
-  return ml_collections.ConfigDict(config)
+def _config(dataset, data_dir="", **options) -> ml_collections.ConfigDict:
+  return helpers.data_config(dataset, data_dir=data_dir, seq_len=8, batch_size=4, **options)
 
 
 def test_text8_reports_the_splits_of_a_local_file(tmp_path):
-  with zipfile.ZipFile(tmp_path / "text8.zip", "w") as archive:
+  (tmp_path / "text8").mkdir()
+  with zipfile.ZipFile(tmp_path / "text8" / "text8.zip", "w") as archive:
     archive.writestr("text8", "ab " * 100)
-  summary = prepare.prepare(_config("text8", data_dir=str(tmp_path), data={"download": False}))
+  summary = data_lib.prepare_dataset(_config("text8", data_dir=str(tmp_path), download=False))
   assert summary["characters"] == 300
   assert summary["splits"] == {"train": (0, 270), "validation": (270, 285), "test": (285, 300)}
 
 
 def test_chars_reports_the_split(tmp_path):
   (tmp_path / "a.txt").write_text("Hello world " * 20)
-  summary = prepare.prepare(_config("chars", data={"path": str(tmp_path / "a.txt")}))
+  summary = data_lib.prepare_dataset(_config("chars", path=str(tmp_path / "a.txt")))
   # 239 characters: 29 chunks of 8, round(2.9) = 3 held out.
   assert summary == {"dataset": "chars", "characters": 239, "train_chunks": 26,
                      "validation_chunks": 3}
@@ -44,12 +43,12 @@ def test_tokens_builds_once_from_the_command_line(tmp_path):
   (tmp_path / "corpus.txt").write_text(
       "\n".join(" ".join(rng.choice(words, size=8)) for _ in range(200)))
   (tmp_path / "config.py").write_text(f"""
-import ml_collections
+from md4 import defaults
 def get_config():
-  return ml_collections.ConfigDict({{
-      "dataset": "tokens", "data_dir": {str(tmp_path / "out")!r}, "seq_len": 16,
-      "batch_size": 4, "seed": 0,
-      "data": {{"path": {str(tmp_path / "corpus.txt")!r}, "vocab_size": 40}}}})
+  config = defaults.get_config()
+  config.update(dataset="tokens", data_dir={str(tmp_path / "out")!r}, seq_len=16, batch_size=4)
+  config.tokens.update(path={str(tmp_path / "corpus.txt")!r}, vocab_size=40)
+  return config
 """)
   command = [sys.executable, "-m", "md4.data.prepare", f"--config={tmp_path / 'config.py'}"]
   first = json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
@@ -61,14 +60,14 @@ def get_config():
 
 
 def test_synthetic_reports_the_entropy():
-  summary = prepare.prepare(_config("synthetic"))
+  summary = data_lib.prepare_dataset(_config("synthetic"))
   assert summary["entropy_bits_per_token"] == pytest.approx(
       data_lib.create(_config("synthetic")).entropy_bits_per_token)
 
 
 def test_images_prepare_both_splits():
   with tfds.testing.mock_data(num_examples=6):
-    summary = prepare.prepare(_config("cifar10"))
+    summary = data_lib.prepare_dataset(_config("cifar10"))
   assert summary == {"dataset": "cifar10", "tfds_name": "cifar10",
                      "examples": {"train": 6, "test": 6}}
 
@@ -81,10 +80,11 @@ def test_alphabet_round_trip_and_errors():
     alphabet.encode("Upper")
 
 
-def test_default_data_configs_and_unknown_datasets():
-  for name in data_lib.DATASETS:
-    assert isinstance(data_lib.default_data_config(name), ml_collections.ConfigDict)
-  with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
-    data_lib.create(_config("mnist"))
-  with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
-    prepare.prepare(_config("mnist"))
+def test_every_source_has_its_options_in_the_defaults_and_unknown_datasets_fail():
+  config = defaults.get_config()
+  for name, source in data_lib.sources().items():
+    assert config[name].to_dict() == dict(source.options)
+  config.dataset = "mnist"
+  for call in (defaults.validate, data_lib.create, data_lib.prepare_dataset):
+    with pytest.raises(ValueError, match="config.dataset='mnist' is not a data source"):
+      call(config)

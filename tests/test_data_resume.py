@@ -19,15 +19,14 @@ import tensorflow_datasets as tfds
 
 from md4 import data as data_lib
 from md4.data import alphabet
+from tests import helpers
 
 _TOTAL, _INTERRUPT = 20, 13
 
 
-def _config(dataset, **overrides) -> ml_collections.ConfigDict:
-  config = {"dataset": dataset, "data_dir": "", "seq_len": 16, "batch_size": 8, "seed": 7,
-            "data": {}}
-  config.update(overrides)
-  return ml_collections.ConfigDict(config)
+def _config(dataset, data_dir="", seq_len=16, **options) -> ml_collections.ConfigDict:
+  return helpers.data_config(dataset, data_dir=data_dir, seq_len=seq_len, batch_size=8,
+                             seed=7, **options)
 
 
 @pytest.fixture(params=["chars", "text8", "tokens", "synthetic", "cifar10"])
@@ -38,22 +37,22 @@ def make_dataset(request, tmp_path):
   name = request.param
   if name == "chars":
     (tmp_path / "a.txt").write_text(text)
-    config = _config("chars", data={"path": str(tmp_path / "a.txt"), "strict": True})
+    config = _config("chars", path=str(tmp_path / "a.txt"), strict=True)
   elif name == "text8":
-    with zipfile.ZipFile(tmp_path / "text8.zip", "w") as archive:
+    (tmp_path / "text8").mkdir()
+    with zipfile.ZipFile(tmp_path / "text8" / "text8.zip", "w") as archive:
       archive.writestr("text8", text)
-    config = _config("text8", data_dir=str(tmp_path), seq_len=8, data={"download": False})
+    config = _config("text8", data_dir=str(tmp_path), seq_len=8, download=False)
   elif name == "tokens":
     words = np.array("alpha beta gamma delta epsilon zeta eta theta".split())
     lines = [" ".join(rng.choice(words, size=rng.integers(2, 12))) for _ in range(300)]
     (tmp_path / "corpus.txt").write_text("\n".join(lines))
-    config = _config("tokens", data_dir=str(tmp_path / "tokens"),
-                     data={"path": str(tmp_path / "corpus.txt"), "vocab_size": 40,
-                           "validation_fraction": 0.2})
+    config = _config("tokens", data_dir=str(tmp_path), path=str(tmp_path / "corpus.txt"),
+                     vocab_size=40, validation_fraction=0.2)
   elif name == "synthetic":
-    config = _config("synthetic", data={"num_eval_examples": 16})
+    config = _config("synthetic", num_eval_examples=16)
   else:
-    config = _config("cifar10", data={"random_flip": True})
+    config = _config("cifar10", random_flip=True)
   with contextlib.ExitStack() as stack:
     if name == "cifar10":
       stack.enter_context(tfds.testing.mock_data(num_examples=40))

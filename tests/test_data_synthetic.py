@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from md4 import data as data_lib
+from md4 import defaults
 from md4.data import alphabet
 from md4.data import synthetic
+from tests import helpers
 
 
-def _config(seq_len=16, batch_size=8, seed=0, **data) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "dataset": "synthetic", "data_dir": "", "seq_len": seq_len, "batch_size": batch_size,
-      "seed": seed, "data": data})
+def _config(seq_len=16, batch_size=8, seed=0, **options) -> ml_collections.ConfigDict:
+  return helpers.data_config("synthetic", seq_len=seq_len, batch_size=batch_size, seed=seed,
+                             **options)
 
 
 def _markov_log_prob(chain: synthetic.MarkovChain, x: np.ndarray) -> float:
@@ -146,19 +147,19 @@ def test_dataset_reports_the_exact_entropy_and_is_deterministic():
 def test_defaults_build_the_quick_start_source():
   dataset = data_lib.create(_config(seq_len=32))
   assert 0 < dataset.entropy_bits_per_token < math.log2(27)
-  assert data_lib.default_data_config("synthetic").to_dict() == synthetic.DEFAULTS
+  assert defaults.get_config().synthetic.to_dict() == synthetic.OPTIONS
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"kind": "zipf"}, "unknown data.kind 'zipf'"),
-    ({"order": 0}, "data.order must be >= 1"),
-    ({"order": 5}, "lower data.order"),
-    ({"concentration": 0.0}, "data.concentration must be > 0"),
-    ({"kind": "pairs", "concentration": -1.0}, "data.concentration must be > 0"),
-    ({"source_seed": -1}, "data.source_seed"),
+    ({"kind": "zipf"}, "unknown synthetic.kind 'zipf'"),
+    ({"order": 0}, "synthetic.order must be >= 1"),
+    ({"order": 5}, "lower synthetic.order"),
+    ({"concentration": 0.0}, "synthetic.concentration must be > 0"),
+    ({"kind": "pairs", "concentration": -1.0}, "synthetic.concentration must be > 0"),
+    ({"source_seed": -1}, "synthetic.source_seed"),
     ({"order": 3, "seq_len": 2}, "shorter than the Markov order"),
     ({"kind": "pairs", "seq_len": 7}, "even seq_len"),
-    ({"path": "x.txt"}, "unknown option.*data.path"),
+    ({"path": "x.txt"}, "unknown config key 'synthetic.path'"),
 ])
 def test_invalid_options_are_rejected(data, message):
   seq_len = data.pop("seq_len", 16)

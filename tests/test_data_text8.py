@@ -17,9 +17,11 @@ import pytest
 from md4 import data as data_lib
 from md4.data import alphabet
 from md4.data import text8
+from tests import helpers
 
 
 def _write_zip(path: pathlib.Path, text: bytes, member: str = "text8") -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
   with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
     archive.writestr(member, text)
   return path
@@ -30,15 +32,14 @@ def _random_text(num_chars: int, seed: int = 0) -> bytes:
   return alphabet.decode(ids).encode("ascii")
 
 
-def _config(data_dir, seq_len=16, batch_size=25, **data) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "dataset": "text8", "data_dir": str(data_dir), "seq_len": seq_len,
-      "batch_size": batch_size, "seed": 0,
-      "data": {"download": False, **data}})
+def _config(data_dir, seq_len=16, batch_size=25, **options) -> ml_collections.ConfigDict:
+  """Reads <data_dir>/text8/text8.zip."""
+  return helpers.data_config("text8", data_dir=str(data_dir), seq_len=seq_len,
+                             batch_size=batch_size, **{"download": False, **options})
 
 
 def test_ids_follow_the_alphabet_space_last(tmp_path):
-  path = _write_zip(tmp_path / "text8.zip", b" abc zyx")
+  path = _write_zip(tmp_path / "text8" / "text8.zip", b" abc zyx")
   np.testing.assert_array_equal(text8.read_ids(path), [26, 0, 1, 2, 26, 25, 24, 23])
 
 
@@ -52,9 +53,9 @@ def test_split_bounds_are_90_5_5_of_the_file():
 
 def test_chunks_and_split_boundaries_scale_to_the_file(tmp_path):
   text = _random_text(20_050)
-  _write_zip(tmp_path / "text8.zip", text)
+  _write_zip(tmp_path / "text8" / "text8.zip", text)
   ids = alphabet.encode(text.decode())
-  sources = text8.chunk_sources(text8.read_ids(tmp_path / "text8.zip"), 16)
+  sources = text8.chunk_sources(text8.read_ids(tmp_path / "text8" / "text8.zip"), 16)
   # 18045 // 16, 1002 // 16, 1003 // 16 non-overlapping chunks.
   assert {name: len(source) for name, source in sources.items()} == {
       "train": 1127, "validation": 62, "test": 62}
@@ -66,7 +67,7 @@ def test_chunks_and_split_boundaries_scale_to_the_file(tmp_path):
 
 def test_create_covers_each_training_chunk_once_per_epoch(tmp_path):
   text = _random_text(20_000)
-  _write_zip(tmp_path / "text8.zip", text)
+  _write_zip(tmp_path / "text8" / "text8.zip", text)
   dataset = data_lib.create(_config(tmp_path))
   assert (dataset.vocab_size, dataset.example_shape) == (27, (16,))
   # 18000 / 16 = 1125 chunks = 45 batches of 25.
@@ -85,7 +86,7 @@ def test_create_covers_each_training_chunk_once_per_epoch(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt", "not_a_zip"])
 def test_damaged_zip_is_rejected_with_a_clear_message(tmp_path, damage):
-  path = _write_zip(tmp_path / "text8.zip", _random_text(50_000))
+  path = _write_zip(tmp_path / "text8" / "text8.zip", _random_text(50_000))
   raw = bytearray(path.read_bytes())
   if damage == "truncate":
     raw = raw[:len(raw) // 2]
@@ -99,18 +100,18 @@ def test_damaged_zip_is_rejected_with_a_clear_message(tmp_path, damage):
 
 
 def test_zip_without_the_text8_member_or_with_foreign_characters_is_rejected(tmp_path):
-  _write_zip(tmp_path / "text8.zip", b"abc", member="other")
+  _write_zip(tmp_path / "text8" / "text8.zip", b"abc", member="other")
   with pytest.raises(ValueError, match="no member 'text8'"):
-    text8.read_ids(tmp_path / "text8.zip")
-  _write_zip(tmp_path / "text8.zip", b"abc De")
+    text8.read_ids(tmp_path / "text8" / "text8.zip")
+  _write_zip(tmp_path / "text8" / "text8.zip", b"abc De")
   with pytest.raises(ValueError, match="b'D' at offset 4"):
-    text8.read_ids(tmp_path / "text8.zip")
+    text8.read_ids(tmp_path / "text8" / "text8.zip")
 
 
 def test_without_download_a_missing_file_fails_at_once_saying_where_to_put_it(tmp_path):
   start = time.monotonic()
   with pytest.raises(FileNotFoundError,
-                     match=f"Put text8.zip .* at {re.escape(str(tmp_path / 'text8.zip'))}"):
+                     match=f"Put text8.zip .* at {re.escape(str(tmp_path / 'text8' / 'text8.zip'))}"):
     data_lib.create(_config(tmp_path))
   assert time.monotonic() - start < 1.0
 
@@ -131,7 +132,7 @@ def test_offline_download_fails_within_seconds_and_leaves_no_file(tmp_path, sile
   with pytest.raises(FileNotFoundError, match="downloading .* failed.*Put text8.zip"):
     data_lib.create(config)
   assert time.monotonic() - start < 10.0
-  assert list((tmp_path / "cache").iterdir()) == []
+  assert list((tmp_path / "cache" / "text8").iterdir()) == []
 
 
 def test_refused_connection_fails_within_seconds(tmp_path):
@@ -140,8 +141,8 @@ def test_refused_connection_fails_within_seconds(tmp_path):
   url = f"http://127.0.0.1:{probe.getsockname()[1]}/text8.zip"
   probe.close()  # Nothing listens there now.
   start = time.monotonic()
-  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "text8.zip"))):
-    text8.find_or_download(tmp_path, url=url, timeout=2.0)
+  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "text8" / "text8.zip"))):
+    text8.find_or_download(tmp_path / "text8", url=url, timeout=2.0)
   assert time.monotonic() - start < 10.0
 
 
@@ -186,20 +187,20 @@ def test_find_or_download_fetches_once_then_create_reads_it(tmp_path, file_serve
   served, base = file_server
   content = _write_zip(served / "text8.zip", _random_text(20_000)).read_bytes()
   checks = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
-  path = text8.find_or_download(tmp_path / "cache", url=f"{base}/text8.zip", **checks)
+  path = text8.find_or_download(tmp_path / "cache" / "text8", url=f"{base}/text8.zip", **checks)
   assert path.read_bytes() == content
   (served / "text8.zip").unlink()  # A second call must not need the server.
-  assert text8.find_or_download(tmp_path / "cache", url=f"{base}/text8.zip", **checks) == path
+  assert text8.find_or_download(tmp_path / "cache" / "text8", url=f"{base}/text8.zip", **checks) == path
   dataset = data_lib.create(_config(tmp_path / "cache"))
   assert next(dataset.train)["x"].shape == (25, 16)
 
 
 def test_invalid_options_are_rejected(tmp_path):
-  _write_zip(tmp_path / "text8.zip", _random_text(20_000))
-  with pytest.raises(ValueError, match="data.eval_split"):
+  _write_zip(tmp_path / "text8" / "text8.zip", _random_text(20_000))
+  with pytest.raises(ValueError, match="text8.eval_split"):
     data_lib.create(_config(tmp_path, eval_split="train"))
-  with pytest.raises(ValueError, match="data.path"):
-    data_lib.create(_config(tmp_path, path="x"))
+  with pytest.raises(ValueError, match="unknown config key 'text8.path'"):
+    _config(tmp_path, path="x")
   with pytest.raises(ValueError, match="timeout must be > 0"):
     text8.download("http://127.0.0.1:9/x", tmp_path / "y", timeout=0)
 

@@ -11,6 +11,7 @@ import sentencepiece as spm
 
 from md4 import data as data_lib
 from md4.data import tokens
+from tests import helpers
 
 _WORDS = ("the cat dog sat on mat and ran far away from home when rain fell over hills "
           "quick brown fox jumps lazy river stone tree under light dark night day sun "
@@ -32,15 +33,15 @@ def corpus(tmp_path) -> tuple[pathlib.Path, list[str]]:
 
 
 def _options(path, **overrides) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({**tokens.DEFAULTS, "path": str(path), "vocab_size": 120,
+  return ml_collections.ConfigDict({**tokens.OPTIONS, "path": str(path), "vocab_size": 120,
                                     **overrides})
 
 
-def _config(path, data_dir, seq_len=32, batch_size=4, **data) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "dataset": "tokens", "data_dir": str(data_dir), "seq_len": seq_len,
-      "batch_size": batch_size, "seed": 0,
-      "data": {"path": str(path), "vocab_size": 120, "validation_fraction": 0.1, **data}})
+def _config(path, data_dir, seq_len=32, batch_size=4, **options) -> ml_collections.ConfigDict:
+  """Prepares into <data_dir>/tokens/corpus."""
+  return helpers.data_config("tokens", data_dir=str(data_dir), seq_len=seq_len,
+                             batch_size=batch_size, **{"path": str(path), "vocab_size": 120,
+                                                       "validation_fraction": 0.1, **options})
 
 
 @pytest.mark.parametrize("tokenizer_type, vocab_size", [("bpe", 120), ("unigram", 60)])
@@ -165,20 +166,20 @@ def test_document_formats(tmp_path, documents, content, expected):
 
 def test_invalid_options_are_rejected(tmp_path, corpus):
   path, _ = corpus
-  with pytest.raises(ValueError, match="data.documents"):
+  with pytest.raises(ValueError, match="tokens.documents"):
     tokens.load_or_build(_options(path, documents="pages"), tmp_path / "out")
-  with pytest.raises(ValueError, match="data.tokenizer_type"):
+  with pytest.raises(ValueError, match="tokens.tokenizer_type"):
     tokens.load_or_build(_options(path, tokenizer_type="wordpiece"), tmp_path / "out")
-  with pytest.raises(ValueError, match="data.vocab_size=100000"):
+  with pytest.raises(ValueError, match="tokens.vocab_size=100000"):
     tokens.load_or_build(_options(path, vocab_size=100_000), tmp_path / "out")
-  with pytest.raises(ValueError, match="data.tokenizer: no file"):
+  with pytest.raises(ValueError, match="tokens.tokenizer: no file"):
     tokens.load_or_build(_options(path, tokenizer=str(tmp_path / "none.model")),
                          tmp_path / "out")
   (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n[1, 2]\n')
   with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON object"):
     list(tokens.iter_documents([tmp_path / "bad.jsonl"], "jsonl"))
-  with pytest.raises(ValueError, match="unknown option.*data.kind"):
-    data_lib.create(_config(path, tmp_path / "out", kind="markov"))
+  with pytest.raises(ValueError, match="unknown config key 'tokens.kind'"):
+    _config(path, tmp_path / "out", kind="markov")
 
 
 def test_token_dtype():

@@ -8,19 +8,19 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from md4 import data as data_lib
 from md4 import diffusion
 from md4 import evaluate
+from md4 import likelihood
 from md4 import models
 from md4 import train
 from md4.data import alphabet
-from md4.data import tokens
 from tests.test_train import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +30,12 @@ NUM_EVAL_EXAMPLES = 1024
 TRAIN_STEPS = 16
 
 
-def _config() -> ml_collections.ConfigDict:
+def run(workdir, **options) -> dict:
+  """What `python -m md4.evaluate --workdir=... --option=value ...` runs."""
+  return evaluate.run(evaluate.Options(str(workdir), **options))
+
+
+def _config():
   # poly3: 1 - alpha_t = t^3 near 0. With linear or cosine (1 - alpha_t ~ t) the
   # per-sequence NELBO has a right tail P(X > x) ~ x^-2 (md4.evaluate's docstring) and
   # sample standard errors understate the spread (measured: a training eval 3.6 of its
@@ -41,7 +46,7 @@ def _config() -> ml_collections.ConfigDict:
       log_every_steps=TRAIN_STEPS, eval_every_steps=TRAIN_STEPS,
       checkpoint_every_steps=TRAIN_STEPS, sample_every_steps=TRAIN_STEPS,
       noise_schedule="poly3", ema_rate=0.9, eval_num_t=1)
-  config.data.num_eval_examples = NUM_EVAL_EXAMPLES
+  config.synthetic.num_eval_examples = NUM_EVAL_EXAMPLES
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 4
   return config
@@ -66,7 +71,7 @@ def _training_eval(workdir: pathlib.Path, step: int) -> dict:
 
 
 def test_nelbo_matches_the_training_eval_within_standard_errors(workdir):
-  results = evaluate.run(workdir, num_t=4)
+  results = run(workdir, num_t=4)
   section = results["nelbo"]["eval"]
   reference = _training_eval(workdir, TRAIN_STEPS)
   assert results["step"] == TRAIN_STEPS
@@ -96,8 +101,8 @@ def test_standard_error_shrinks_as_one_over_sqrt_of_the_sequences(checkpoint):
                                       num_t=2, num_batches=num_batches, seed=1)
   # Same seed and batches: the first quarter is the same estimates.
   np.testing.assert_array_equal(small, large[:len(small)])
-  se_small = evaluate.summarise(small, SEQ_LEN)["bits_per_token_stderr"]
-  se_large = evaluate.summarise(large, SEQ_LEN)["bits_per_token_stderr"]
+  se_small = likelihood.summarise(small, SEQ_LEN)["bits_per_token_stderr"]
+  se_large = likelihood.summarise(large, SEQ_LEN)["bits_per_token_stderr"]
   # se_N / se_4N = 2 s_N / s_4N. For sample standard deviations of n draws with kurtosis k,
   # var(log s) ~ (k - 1) / (4 n); s_N is part of s_4N, so var(log s_N - log s_4N) ~
   # (k - 1) / 4 * (1/N - 1/(4N)). Allow 4 of those standard deviations.
@@ -116,9 +121,10 @@ class _RowRecorder:
     self.rows = None
 
   def loss(self, params, batch, rng, train_mode):
-    del params, train_mode
+    del params, rng, train_mode
     self.rows = batch["x"][:, 0]
-    return 0.0, {"nelbo": batch["x"][:, 0].astype(jnp.float32)}
+    rows = batch["x"][:, 0].astype(jnp.float32)
+    return models.LossOutput(objective=rows, nelbo=rows, metrics={})
 
 
 def test_tiled_batch_gives_each_sequence_one_time_per_stratum():
@@ -127,7 +133,8 @@ def test_tiled_batch_gives_each_sequence_one_time_per_stratum():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   model = _RowRecorder()
-  per_sequence = train.eval_step(model, sharding, num_t, None, batch, jax.random.PRNGKey(0))
+  per_sequence = likelihood.eval_step(model, sharding, num_t, None, batch,
+                                      jax.random.PRNGKey(0))
   # Copy-major tiling (row k B + j is sequence j), averaged back per sequence.
   np.testing.assert_array_equal(model.rows, np.tile(np.arange(batch_size), num_t))
   np.testing.assert_array_equal(per_sequence, np.arange(batch_size))
@@ -141,31 +148,32 @@ def test_tiled_batch_gives_each_sequence_one_time_per_stratum():
 
 def test_summarise_units_and_perplexity():
   nats = np.array([30.0, 34.0, 38.0, 42.0])
-  text = evaluate.summarise(nats, 8, word_pieces=True)
+  text = likelihood.summarise(nats, 8, word_pieces=True)
   bits = nats / (8 * math.log(2))
   assert text["bits_per_token"] == pytest.approx(bits.mean())
   assert text["bits_per_token_stderr"] == pytest.approx(bits.std(ddof=1) / 2)
   assert text["perplexity"] == pytest.approx(math.exp(36.0 / 8))
-  images = evaluate.summarise(nats, 8, unit="dim")
+  images = likelihood.summarise(nats, 8, unit="dim")
   assert images["bits_per_dim"] == pytest.approx(bits.mean()) and "perplexity" not in images
   with pytest.raises(ValueError, match="unit"):
-    evaluate.summarise(nats, 8, unit="pixel")
+    likelihood.summarise(nats, 8, unit="pixel")
 
 
 def test_sample_with_an_infill_template_keeps_the_given_text(workdir, tmp_path):
   template = "the ____ sat on the ___"
-  results = evaluate.run(workdir, nelbo=False, sample=True, num_samples=3, steps=6,
-                              infill=template, output_dir=str(tmp_path))
-  files = results["samples"]["files"]
-  assert len(files) == 3
-  for file in files:
-    text = pathlib.Path(file).read_text().rstrip("\n")
+  results = run(workdir, nelbo=False, sample=True, num_samples=3, steps=6, infill=template,
+                output_dir=str(tmp_path))
+  text_file, ids_file = (tmp_path / f"samples_step_{TRAIN_STEPS}.{ext}" for ext in ("txt", "npy"))
+  assert results["samples"]["files"] == [str(text_file), str(ids_file)]
+  texts = text_file.read_text().splitlines()
+  assert len(texts) == 3
+  for text in texts:
     assert len(text) == SEQ_LEN and set(text) <= set(alphabet.ALPHABET)
     kept = [(i, c) for i, c in enumerate(template) if c != "_"]
     assert [text[i] for i, _ in kept] == [c for _, c in kept], text
-  ids = np.load(tmp_path / f"samples_step_{TRAIN_STEPS}" / "ids.npy")
+  ids = np.load(ids_file)
   assert ids.shape == (3, SEQ_LEN)
-  assert alphabet.decode(ids[0]) == pathlib.Path(files[0]).read_text().rstrip("\n")
+  assert alphabet.decode(ids[0]) == texts[0]
 
 
 def test_cli_on_eight_devices_samples_with_a_prefix_and_matches_one_device(
@@ -179,14 +187,14 @@ def test_cli_on_eight_devices_samples_with_a_prefix_and_matches_one_device(
       env=dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "8 samples in" in result.stdout and "NELBO on eval" in result.stdout
-  folder = tmp_path / f"samples_step_{TRAIN_STEPS}"
-  texts = [(folder / f"sample_{i}.txt").read_text().rstrip("\n") for i in range(8)]
-  assert all(len(text) == SEQ_LEN and text.startswith(prefix) for text in texts), texts
+  assert "8 samples (6 network evaluations)" in result.stdout
+  assert "NELBO on eval" in result.stdout
+  texts = (tmp_path / f"samples_step_{TRAIN_STEPS}.txt").read_text().splitlines()
+  assert len(texts) == 8 and all(len(text) == SEQ_LEN and text.startswith(prefix) for text in texts), texts
   written = json.loads((tmp_path / f"results_step_{TRAIN_STEPS}.json").read_text())
   assert written["samples"]["prefix"] == prefix and written["samples"]["top_p"] == 0.9
   # The batch split over 8 devices (2 rows each, tiled to 8) gives the one-device numbers.
-  one_device = evaluate.summarise(
+  one_device = likelihood.summarise(
       evaluate.nelbo_per_sequence(checkpoint, checkpoint.dataset.eval_batches(), num_t=4,
                                   num_batches=2, seed=0), SEQ_LEN)
   eight_devices = written["nelbo"]["eval"]
@@ -198,8 +206,7 @@ def test_cli_on_eight_devices_samples_with_a_prefix_and_matches_one_device(
 def test_zero_shot_on_a_text_file(workdir, tmp_path):
   path = tmp_path / "other.txt"
   path.write_text("The Cat sat on the mat, 42 times!\nA dog ran far away.\n" * 60)
-  results = evaluate.run(workdir, text_file=str(path), num_t=2,
-                              output_dir=str(tmp_path / "out"))
+  results = run(workdir, text_file=str(path), num_t=2, output_dir=str(tmp_path / "out"))
   (name,) = results["nelbo"]
   assert name == f"text_file:{path}"
   section = results["nelbo"][name]
@@ -207,7 +214,7 @@ def test_zero_shot_on_a_text_file(workdir, tmp_path):
   assert section["num_sequences"] == (num_chars // SEQ_LEN) // BATCH_SIZE * BATCH_SIZE
   assert np.isfinite(section["bits_per_token"]) and section["bits_per_token"] >= 0
   with pytest.raises(ValueError, match="text_file='/no/such/file.txt'"):
-    evaluate.run(workdir, text_file="/no/such/file.txt")
+    run(workdir, text_file="/no/such/file.txt")
 
 
 def _corpus(path: pathlib.Path) -> pathlib.Path:
@@ -217,72 +224,62 @@ def _corpus(path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _tokens_config(corpus: pathlib.Path, data_dir: pathlib.Path,
-                   **data) -> ml_collections.ConfigDict:
+def _tokens_config(corpus: pathlib.Path, data_dir: pathlib.Path, **options):
   config = tiny_config(dataset="tokens", data_dir=str(data_dir))
-  config.data = ml_collections.ConfigDict({**tokens.DEFAULTS, "path": str(corpus),
-                                           "vocab_size": 40, **data})
+  config.tokens.update(path=str(corpus), vocab_size=40, **options)
   return config
 
 
-def test_token_corpus_needs_the_training_tokenizer(tmp_path):
+def test_zero_shot_text_for_word_pieces_needs_the_training_tokenizer(tmp_path):
   corpus = _corpus(tmp_path / "corpus.txt")
-  trained = _tokens_config(corpus, tmp_path / "trained")
-  tokens.load_or_build(trained.data, tmp_path / "trained")
-  other = tokens.load_or_build(_tokens_config(corpus, tmp_path / "x", vocab_size=48).data,
-                               tmp_path / "other")
-  assert other.vocab_size == 48
-  with pytest.raises(ValueError, match="different tokenizer .* data.tokenizer="):
-    evaluate.check_token_corpus(tmp_path / "other", trained)
-  tokens.load_or_build(_tokens_config(corpus, tmp_path / "x",
-                                      tokenizer=str(tmp_path / "trained" / "tokenizer.model")
-                                      ).data, tmp_path / "same")
-  manifest = evaluate.check_token_corpus(tmp_path / "same", trained)
-  assert manifest["vocab_size"] == 40
-  batches = list(evaluate.token_corpus_batches(tmp_path / "same", trained, 4))
-  assert len(batches) == manifest["num_tokens"] // 16 // 4
-  assert all(batch["x"].shape == (4, 16) for batch in batches)
-  # Through the command's function: the check comes before any checkpoint is read.
-  (tmp_path / "run").mkdir()
-  (tmp_path / "run" / "config.json").write_text(trained.to_json_best_effort())
-  with pytest.raises(ValueError, match="token_corpus=.*other' was tokenised with a different"):
-    evaluate.run(tmp_path / "run", token_corpus=str(tmp_path / "other"))
+  trained = data_lib.create(_tokens_config(corpus, tmp_path / "trained"))
+  data_lib.create(_tokens_config(corpus, tmp_path / "other", vocab_size=48))
+  folder = lambda root: str(root / "tokens" / "corpus")
+  with pytest.raises(ValueError, match="different tokenizer .* tokens.tokenizer="):
+    trained.read_text(folder(tmp_path / "other"))
+  tokenizer = tmp_path / "trained" / "tokens" / "corpus" / "tokenizer.model"
+  same = data_lib.create(_tokens_config(corpus, tmp_path / "same", tokenizer=str(tokenizer)))
+  from_folder = trained.read_text(folder(tmp_path / "same"))
+  # A folder prepared with the same tokenizer, or the text file itself: the same ids.
+  np.testing.assert_array_equal(from_folder, trained.read_text(str(corpus)))
+  assert same.vocab_size == trained.vocab_size == 40
   with pytest.raises(ValueError, match="not a corpus prepared by md4.data.tokens"):
-    evaluate.check_token_corpus(tmp_path, trained)
-  with pytest.raises(ValueError, match="dataset 'tokens'"):
-    evaluate.check_token_corpus(tmp_path / "same", tiny_config())
+    trained.read_text(str(tmp_path))
 
 
 def test_missing_workdir_config_or_checkpoint_fails_naming_the_path(workdir, tmp_path):
   with pytest.raises(ValueError, match="/no/such/workdir"):
-    evaluate.run("/no/such/workdir")
+    run("/no/such/workdir")
   with pytest.raises(ValueError, match=f"{tmp_path}/config.json not found"):
-    evaluate.run(tmp_path)
+    run(tmp_path)
   shutil.copy(workdir / "config.json", tmp_path / "config.json")
   with pytest.raises(ValueError, match=f"{tmp_path}/checkpoints does not exist"):
-    evaluate.run(tmp_path)
+    run(tmp_path)
   (tmp_path / "checkpoints").mkdir()
   with pytest.raises(ValueError, match=f"{tmp_path}/checkpoints holds no finished checkpoint"):
-    evaluate.run(tmp_path)
+    run(tmp_path)
   with pytest.raises(ValueError, match=rf"step=7: .* available steps: \[{TRAIN_STEPS}\]"):
-    evaluate.run(workdir, step=7)
+    run(workdir, step=7)
   with pytest.raises(ValueError, match="split='test'"):
-    evaluate.run(workdir, split="test")
+    run(workdir, split="test")
 
 
-def test_prefix_on_a_sampler_without_it_is_a_clear_error(checkpoint):
-  config = tiny_config(model_type="genmd4")
-  dataset = data_lib.create(config)
-  model = models.create(config, dataset.vocab_size, dataset.example_shape)
-  trainer = train.build_trainer(config, model, checkpoint.trainer.mesh)
-  # The checks come before any parameter is read.
-  genmd4 = evaluate.Checkpoint(checkpoint.workdir, 0, config, dataset, model, trainer,
-                               params=None)
-  with pytest.raises(ValueError, match="prefix: the genmd4 sampler .* has no prefix"):
-    evaluate.generate(genmd4, jax.random.PRNGKey(0), num_samples=2, prefix="the")
-  with pytest.raises(ValueError, match="top_p"):
-    evaluate.generate(genmd4, jax.random.PRNGKey(0), num_samples=2, top_p=0.5)
+def test_a_feature_the_model_lacks_is_a_clear_error(checkpoint):
+  model = models.create(tiny_config(model_type="genmd4"), 27, (SEQ_LEN,))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0)))
+  draw = lambda **kwargs: model.sample(params, jax.random.PRNGKey(0), 2, steps=4,
+                                       grid="cosine", **kwargs)
+  with pytest.raises(ValueError, match=r"frames: the GenMD4 sampler .* \(supports: "
+                                       r"\['infill', 'prefix'\]\)"):
+    draw(num_frames=3)
+  with pytest.raises(ValueError, match="guidance: the GenMD4 sampler"):
+    draw(guidance_scale=2.0)
+  with pytest.raises(ValueError, match="top_p: the GenMD4 sampler"):
+    draw(top_p=0.5)
+  generate = lambda **kwargs: evaluate.generate(checkpoint, jax.random.PRNGKey(0),
+                                                num_samples=2, steps=4, grid="cosine",
+                                                top_p=1.0, **kwargs)
   with pytest.raises(ValueError, match="prefix: character b'T'"):
-    evaluate.generate(checkpoint, jax.random.PRNGKey(0), num_samples=2, prefix="The")
+    generate(prefix="The")
   with pytest.raises(ValueError, match="infill template makes 40 positions"):
-    evaluate.generate(checkpoint, jax.random.PRNGKey(0), num_samples=2, infill="_" * 40)
+    generate(infill="_" * 40)

@@ -7,6 +7,7 @@ import pathlib
 import flax.linen as nn
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -17,6 +18,10 @@ from md4 import train
 from md4 import visualize
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_png(path: pathlib.Path) -> np.ndarray:
+  return np.asarray(Image.open(path).convert("RGB"))
 
 
 def load_config(name: str):
@@ -46,9 +51,9 @@ def test_two_training_steps_on_mocked_tfds(name, tmp_path):
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
   assert [line["step"] for line in lines if "loss" in line] == [1, 2]
   size = 32 if name.startswith("cifar10") else 64
-  sample_grid = visualize.load_png(tmp_path / "samples/step_2.png")
+  sample_grid = load_png(tmp_path / "samples/step_2.png")
   assert sample_grid.shape == (2 * (size + 2) + 2, 2 * (size + 2) + 2, 3)
-  strip = visualize.load_png(tmp_path / "samples/step_2_reverse_process.png")
+  strip = load_png(tmp_path / "samples/step_2_reverse_process.png")
   assert strip.shape == (size + 4, 3 * (size + 2) + 2, 3)
   first_frame = strip[2:2 + size, 2:2 + size]
   assert (first_frame == visualize.MASK_COLOR).all()  # The reverse process starts masked.
@@ -56,7 +61,6 @@ def test_two_training_steps_on_mocked_tfds(name, tmp_path):
 
 def test_guidance_scale_zero_is_the_unconditional_sampler():
   config = shrink(load_config("cifar10_conditional"))
-  config.guidance_scale = 0.0
   model = models.create(config, 256, (8, 8, 3), num_classes=10)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0)))
   # Perturbed away from the zero-initialised output layers, so that labels matter.
@@ -65,20 +69,23 @@ def test_guidance_scale_zero_is_the_unconditional_sampler():
   params = jax.tree.unflatten(treedef, [
       leaf + 0.3 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
   rng = jax.random.PRNGKey(1)
-  guided = jax.jit(lambda p: model.sample(p, rng, 4))(params)
+
+  def guided(scale):
+    return jax.jit(lambda p: model.sample(p, rng, 4, steps=config.sample_steps,
+                                          grid=config.sample_grid,
+                                          guidance_scale=scale).tokens)(params)
+
   unconditional = jax.jit(lambda p: sampler.ancestral(
       model.predict_fn(p, label=None), rng, shape=(4, 8, 8, 3), vocab_size=256,
       schedule=model.schedule, steps=config.sample_steps, grid=config.sample_grid))(params)
-  np.testing.assert_array_equal(guided, unconditional)
-  config.guidance_scale = 3.0
-  guided = jax.jit(lambda p: models.create(config, 256, (8, 8, 3), 10).sample(p, rng, 4))(params)
-  assert (np.asarray(guided) != np.asarray(unconditional)).any()
+  np.testing.assert_array_equal(guided(0.0), unconditional)
+  assert (np.asarray(guided(3.0)) != np.asarray(unconditional)).any()
 
 
 def test_png_reads_back_identical(tmp_path):
   image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
   visualize.save_png(tmp_path / "a.png", image)
-  np.testing.assert_array_equal(visualize.load_png(tmp_path / "a.png"), image)
+  np.testing.assert_array_equal(load_png(tmp_path / "a.png"), image)
 
 
 def test_masked_pixels_are_drawn_grey():

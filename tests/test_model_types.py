@@ -14,7 +14,7 @@ def run(tmp_path, **overrides) -> dict[str, float]:
                        checkpoint_every_steps=30, sample_every_steps=30, **overrides)
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 5
-  config.data.num_eval_examples = 64
+  config.synthetic.num_eval_examples = 64
   return config, train.train_and_evaluate(config, tmp_path)
 
 

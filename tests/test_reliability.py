@@ -20,7 +20,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.seq_len=16", "--config.batch_size=8", "--config.model.width=32",
         "--config.model.num_layers=1", "--config.model.num_heads=2",
-        "--config.data.num_eval_examples=16", "--config.sample_steps=8",
+        "--config.synthetic.num_eval_examples=16", "--config.sample_steps=8",
         "--config.eval_every_steps=1000", "--config.sample_every_steps=1000"]
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 FSDP_MEMORY = """
 import json, jax
-from md4 import data, models, train
+from md4 import data, models, sharding, train
 from tests.test_train import tiny_config
 out = {}
 for name, shape, axes in [("data", (8,), ("data",)), ("fsdp2", (4, 2), ("data", "fsdp")),
@@ -112,9 +112,9 @@ for name, shape, axes in [("data", (8,), ("data",)), ("fsdp2", (4, 2), ("data", 
   config.model.width, config.model.num_heads = 256, 4
   dataset = data.create(config)
   model = models.create(config, dataset.vocab_size, dataset.example_shape)
-  trainer = train.build_trainer(config, model, train.make_mesh(config))
+  trainer = train.build_trainer(config, model, sharding.make_mesh(config))
   state = trainer.init(jax.random.PRNGKey(0))
-  batch = train.global_batch(next(dataset.train), trainer.batch_sharding)
+  batch = sharding.global_batch(next(dataset.train), trainer.batch_sharding)
   compiled = trainer.train_step.lower(state, batch, jax.random.PRNGKey(1)).compile()
   memory = compiled.memory_analysis()
   _, metrics = trainer.train_step(state, batch, jax.random.PRNGKey(1))

@@ -19,7 +19,7 @@ from md4 import defaults
 from md4 import evaluate
 from md4 import models
 from md4 import train
-from md4.networks import layers
+from md4.networks import kernels
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.model.width = 32
   config.model.num_layers = 1
   config.model.num_heads = 2
-  config.data.num_eval_examples = 16
+  config.synthetic.num_eval_examples = 16
   config.log_every_steps = 2
   config.eval_every_steps = 4
   config.checkpoint_every_steps = 2
@@ -84,8 +84,8 @@ def test_unknown_attention_implementation_fails_naming_it():
 
 
 def test_default_attention_is_xla_on_cpu_and_a_named_one_is_kept():
-  assert layers.attention_kernel("", jax.numpy.bfloat16, 64) == "xla"
-  assert layers.attention_kernel("cudnn", jax.numpy.bfloat16, 64) == "cudnn"
+  assert kernels.attention_kernel("", jax.numpy.bfloat16, 64) == "xla"
+  assert kernels.attention_kernel("cudnn", jax.numpy.bfloat16, 64) == "cudnn"
 
 
 def test_wrong_config_flag_fails_before_compilation(tmp_path):
@@ -100,17 +100,17 @@ def test_wrong_config_flag_fails_before_compilation(tmp_path):
 
 MESH_STEP = """
 import json, jax, numpy as np
-from md4 import data, models, train
+from md4 import data, models, sharding, train
 from tests.test_train import tiny_config
 results = {}
 for shape in [(1, 1), (8, 1), (2, 4)]:
   config = tiny_config(mesh_shape=shape, mesh_axes=("data", "fsdp"))
-  mesh = train.make_mesh(config, jax.devices()[:int(np.prod(shape))])
+  mesh = sharding.make_mesh(config, jax.devices()[:int(np.prod(shape))])
   dataset = data.create(config)
   model = models.create(config, dataset.vocab_size, dataset.example_shape)
   trainer = train.build_trainer(config, model, mesh)
   state = trainer.init(jax.random.PRNGKey(0))
-  batch = train.global_batch(next(dataset.train), trainer.batch_sharding)
+  batch = sharding.global_batch(next(dataset.train), trainer.batch_sharding)
   state, metrics = trainer.train_step(state, batch, jax.random.PRNGKey(1))
   embed = state.params["network"]["embed"]["embedding"]
   results[str(shape)] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
@@ -181,8 +181,8 @@ def test_nan_stops_with_the_step_and_metric(tmp_path, monkeypatch):
   original_loss = models.MD4.loss
 
   def poisoned_loss(self, params, batch, rng, train_mode):
-    objective, aux = original_loss(self, params, batch, rng, train_mode)
-    return objective * np.nan, aux
+    output = original_loss(self, params, batch, rng, train_mode)
+    return output.replace(objective=output.objective * np.nan)
 
   monkeypatch.setattr(models.MD4, "loss", poisoned_loss)
   with pytest.raises(FloatingPointError, match="step 1: loss is nan"):
@@ -230,7 +230,7 @@ def test_quickstart_bound_is_above_the_entropy_and_close_to_it(tmp_path):
     checkpoint = evaluate.restore(tmp_path, dtype=dtype)
     nats = evaluate.nelbo_per_sequence(
         checkpoint, evaluate.split_batches(checkpoint, "eval", 8), num_t=4, seed=0)
-    bits[dtype] = nats / (checkpoint.num_tokens * math.log(2))
+    bits[dtype] = nats / (checkpoint.model.num_tokens * math.log(2))
   difference = bits["bfloat16"] - bits["float32"]
   paired_error = difference.std(ddof=1) / math.sqrt(len(difference))
   assert abs(difference.mean()) < max(4 * paired_error, 1e-3), (difference.mean(), paired_error)

@@ -1,57 +1,28 @@
-"""Input pipelines. `create(config)` returns a `Dataset` for `config.dataset`.
+"""Data sources, one module each, and the registry that finds them.
+
+A source is a module under md4/data/ that registers a `Source` when it is
+imported: its name (the value of `config.dataset`), its options with their
+defaults (they live under `config.<name>` in every config, so any source can
+be picked on the command line), `create(config) -> Dataset` and, where there
+is something to do once, `prepare(config, progress) -> summary`. Every module
+of this package is imported on the first lookup, so a new source is one new
+file; nothing else lists the names.
 
 Every pipeline is grain, deterministic given `config.seed`, and sharded per
-JAX process: global batch s is examples sB .. sB + B - 1 of one seeded global
-order (each epoch reshuffled), and process p of P reads its contiguous block of
-b = batch_size / P rows, pb .. pb + b - 1, so that the global array assembled
-from the processes' blocks is the batch a single process would read. The training iterator's checkpointable state is the
-next global step, so a resumed run reads the batches an uninterrupted run
-would. Batches are dicts of numpy arrays: "x" int32 [b, *example_shape]
-(token ids in [0, vocab_size)) and, for labelled images, "label" int32 [b].
-
-Config keys read by every source: `dataset`, `data_dir`, `seq_len` (text),
-`batch_size`, `seed`. Source options live under `config.data`;
-`default_data_config(name)` lists them with their defaults, and an option the
-source does not know is an error.
+JAX process (`md4.data.pipeline`).
 """
 
 import dataclasses
-import functools
 import importlib
-from typing import Any, Callable, Iterator, Mapping, Protocol
+import pkgutil
+from typing import Any, Callable, Iterator, Mapping
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
 Batch = dict[str, np.ndarray]
-
-# Dataset name -> module under md4.data that builds it (imported on use).
-_MODULES = {
-    "text8": "text8",
-    "chars": "chars",
-    "tokens": "tokens",
-    "synthetic": "synthetic",
-    "cifar10": "images",
-    "imagenet64": "images",
-}
-DATASETS = tuple(_MODULES)
-
-# Threads that read batches ahead of the consumer, and how many batches they may hold.
-_READ_THREADS = 4
-_PREFETCH_BATCHES = 8
-_ENDLESS = 2**62  # Training steps in an "endless" iterator.
-
-
-class RandomAccessSource(Protocol):
-  """A length and indexing; optionally get_batch(indices [b]) -> Batch, read in one go."""
-
-  def __len__(self) -> int:
-    ...
-
-  def __getitem__(self, index: int) -> Any:
-    ...
+MODALITIES = ("text", "image")
 
 
 @dataclasses.dataclass
@@ -59,11 +30,19 @@ class Dataset:
   """One data source, ready for training and evaluation.
 
   Attributes:
-    train: an endless, checkpointable grain iterator of training batches.
+    train: an endless, checkpointable grain iterator of training batches:
+      "x" int32 [b, *example_shape] (ids in [0, vocab_size)) and, for labelled
+      images, "label" int32 [b]; b is this process's share of the batch.
     eval_batches: returns a fresh iterator over the held-out split, one pass.
     vocab_size: number of token values V (the mask id is V).
     example_shape: shape of one example, (L,) for text, (H, W, 3) for images.
-    decode: maps one example's ids to text (None for images).
+    modality: "text" (samples are written as text) or "image" (as PNG).
+    decode: one example's ids [...] -> text (text sources).
+    encode: prompt text -> ids int32 [n], refusing what the vocabulary cannot
+      represent (text sources).
+    read_text: a path -> ids int32 [N] for zero-shot evaluation: a text file
+      mapped to the vocabulary as the training text was (text sources).
+    word_pieces: whether ids are word pieces (evaluation adds a perplexity).
     entropy_bits_per_token: exact entropy of the held-out data per token, when known.
     num_classes: number of class labels (0 when unlabelled).
   """
@@ -72,201 +51,95 @@ class Dataset:
   eval_batches: Callable[[], Iterator[Batch]]
   vocab_size: int
   example_shape: tuple[int, ...]
+  modality: str = "text"
   decode: Callable[[np.ndarray], str] | None = None
+  encode: Callable[[str], np.ndarray] | None = None
+  read_text: Callable[[str], np.ndarray] | None = None
+  word_pieces: bool = False
   entropy_bits_per_token: float | None = None
   num_classes: int = 0
 
 
-class ChunkSource:
-  """Non-overlapping chunks of a 1-D token array: example i is ids[start + iL : start + (i+1)L].
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A registered data source.
 
-  `ids` may be a np.memmap; only the chunks that are read are paged in.
+  Attributes:
+    name: the value of config.dataset that picks it; its options are config.<name>.
+    options: option name -> default; the defaults' types are the options' types.
+    create: config -> Dataset.
+    prepare: (config, progress) -> a JSON-able summary of what is ready, or
+      None when the source needs no preparation.
   """
 
-  def __init__(self, ids: np.ndarray, length: int, start: int = 0,
-               num_chunks: int | None = None):
-    if length < 1:
-      raise ValueError(f"seq_len must be >= 1, got {length}")
-    available = (len(ids) - start) // length
-    num_chunks = available if num_chunks is None else num_chunks
-    if not 0 <= num_chunks <= available:
-      raise ValueError(f"{num_chunks} chunks of {length} from offset {start} do not fit "
-                       f"in {len(ids)} tokens")
-    self.ids = ids
-    self.length = length
-    self.start = start
-    self.num_chunks = num_chunks
-
-  def __len__(self) -> int:
-    return self.num_chunks
-
-  def __getitem__(self, index: int) -> Batch:
-    if not 0 <= index < self.num_chunks:
-      raise IndexError(f"chunk {index} out of range [0, {self.num_chunks})")
-    begin = self.start + index * self.length
-    return {"x": np.asarray(self.ids[begin:begin + self.length], dtype=np.int32)}
-
-  def get_batch(self, indices: np.ndarray) -> Batch:
-    """Chunks `indices` [b] in one gather: {"x": int32 [b, L]}."""
-    begins = self.start + np.asarray(indices, dtype=np.int64) * self.length
-    return {"x": self.ids[begins[:, None] + np.arange(self.length)].astype(np.int32)}
+  name: str
+  options: Mapping[str, Any]
+  create: Callable[[ml_collections.ConfigDict], Dataset]
+  prepare: Callable[[ml_collections.ConfigDict, bool], dict[str, Any]] | None = None
 
 
-def split_chunks(num_tokens: int, length: int, validation_fraction: float
-                 ) -> tuple[int, int]:
-  """(train chunks, validation chunks): the last fraction of whole chunks is held out."""
-  if not 0.0 < validation_fraction < 1.0:
-    raise ValueError(f"data.validation_fraction must be in (0, 1), got {validation_fraction}")
-  num_chunks = num_tokens // length
-  num_validation = int(round(num_chunks * validation_fraction))
-  num_train = num_chunks - num_validation
-  if num_validation < 1 or num_train < 1:
-    raise ValueError(
-        f"{num_tokens} tokens make {num_chunks} chunks of seq_len={length}; "
-        f"data.validation_fraction={validation_fraction} leaves {num_train} for training "
-        f"and {num_validation} for validation (each needs >= 1): use more data, a "
-        "shorter seq_len or another fraction")
-  return num_train, num_validation
+_REGISTRY: dict[str, Source] = {}
+_builtins_imported = False
 
 
-def data_options(config: ml_collections.ConfigDict, defaults: Mapping[str, Any]
-                 ) -> ml_collections.ConfigDict:
-  """config.data over `defaults`; raises ValueError for a key the source does not know."""
-  given = config.get("data", None)
-  given = {} if given is None else dict(given.items())
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(f"unknown option(s) data.{', data.'.join(unknown)} for "
-                     f"dataset={config.dataset!r}; valid: {sorted(defaults)}")
-  return ml_collections.ConfigDict({**defaults, **given})
+def register(source: Source) -> Source:
+  """Adds a source (a module's import does this for the built-in ones); returns it."""
+  known = _REGISTRY.get(source.name)
+  if known is not None and known != source:
+    raise ValueError(f"a data source named {source.name!r} is already registered")
+  _REGISTRY[source.name] = source
+  return source
 
 
-def default_data_config(dataset: str) -> ml_collections.ConfigDict:
-  """The `config.data` options of `dataset` with their defaults."""
-  return ml_collections.ConfigDict(dict(_module(dataset).DEFAULTS))
+def unregister(name: str) -> None:
+  """Removes a source registered with `register` (tests use this to clean up)."""
+  _REGISTRY.pop(name, None)
 
 
-def local_batch_size(batch_size: int) -> int:
-  """The part of the global batch that this process reads."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if batch_size % jax.process_count():
-    raise ValueError(f"batch_size={batch_size} must be divisible by the number of "
-                     f"processes ({jax.process_count()})")
-  return batch_size // jax.process_count()
+def sources() -> dict[str, Source]:
+  """Every registered source by name, the built-in ones imported first."""
+  global _builtins_imported
+  if not _builtins_imported:
+    for module in pkgutil.iter_modules(__path__):
+      importlib.import_module(f"{__name__}.{module.name}")
+    _builtins_imported = True
+  return dict(_REGISTRY)
 
 
-def _read_options() -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=_READ_THREADS,
-                           prefetch_buffer_size=_PREFETCH_BATCHES)
+def get(name: str) -> Source:
+  """The source called name; ValueError listing the valid names otherwise."""
+  registered = sources()
+  if name not in registered:
+    raise ValueError(f"config.dataset={name!r} is not a data source; valid: "
+                     f"{', '.join(sorted(registered))}")
+  return registered[name]
 
 
-class _GlobalOrder:
-  """Position in the endless training stream -> example index.
-
-  Epoch e (positions eN .. eN + N - 1) visits every example once, in a
-  permutation seeded by (seed, e) when shuffling, else in order.
-  """
-
-  def __init__(self, num_examples: int, seed: int, shuffle: bool):
-    self.num_examples = num_examples
-    self.seed = seed
-    self.shuffle = shuffle
-    # A batch usually spans at most two epochs; threads reading ahead share the cache.
-    self._permutation = functools.lru_cache(maxsize=2)(self._make_permutation)
-
-  def _make_permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_examples)
-
-  def __call__(self, positions: np.ndarray) -> np.ndarray:
-    epochs, indices = np.divmod(positions, self.num_examples)
-    if not self.shuffle:
-      return indices
-    for epoch in np.unique(epochs):
-      in_epoch = epochs == epoch
-      indices[in_epoch] = self._permutation(int(epoch))[indices[in_epoch]]
-    return indices
+def default_options() -> ml_collections.ConfigDict:
+  """{source name: its options with their defaults}, for every source."""
+  return ml_collections.ConfigDict(
+      {name: dict(source.options) for name, source in sources().items()})
 
 
-def _local_positions(step: int, batch_size: int) -> np.ndarray:
-  """Stream positions of this process's rows of global batch `step` [b]."""
-  local = local_batch_size(batch_size)
-  return step * batch_size + jax.process_index() * local + np.arange(local)
-
-
-def _read_batch(source: RandomAccessSource, indices: np.ndarray, positions: np.ndarray,
-                seed: int, transform: Callable[[Any], Batch] | None,
-                random_transform: Callable[[Any, np.random.Generator], Any] | None) -> Batch:
-  """Examples `indices` of `source`, transformed and stacked; source.get_batch when it has one."""
-  if transform is None and random_transform is None and hasattr(source, "get_batch"):
-    return source.get_batch(indices)
-  examples = []
-  for index, position in zip(indices.tolist(), positions.tolist()):
-    example = source[index]
-    if random_transform is not None:
-      example = random_transform(example, np.random.default_rng([seed, 1, position]))
-    if transform is not None:
-      example = transform(example)
-    examples.append(example)
-  return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
-
-
-def train_iterator(source: RandomAccessSource, batch_size: int, seed: int,
-                   transform: Callable[[Any], Batch] | None = None,
-                   shuffle: bool = True,
-                   random_transform: Callable[[Any, np.random.Generator], Any] | None = None,
-                   ) -> grain.DatasetIterator:
-  """Endless batches: reshuffled each epoch, this process's shard, global batch_size.
-
-  Global batch s holds stream positions sB .. sB + B - 1 (see _GlobalOrder);
-  process p reads its block of rows pb .. pb + b - 1. The iterator's state is the next s.
-  `random_transform(example, rng)` draws from an rng seeded by (seed, stream
-  position), so augmentation does not depend on the number of processes.
-  """
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-  if len(source) < 1:
-    raise ValueError("the training split is empty")
-  local_batch_size(batch_size)
-  order = _GlobalOrder(len(source), seed, shuffle)
-
-  def read(step: int) -> Batch:
-    positions = _local_positions(step, batch_size)
-    return _read_batch(source, order(positions), positions, seed, transform,
-                       random_transform)
-
-  steps = grain.MapDataset.range(_ENDLESS).map(read)
-  return iter(steps.to_iter_dataset(_read_options()))
-
-
-def eval_iterator_fn(source: RandomAccessSource, batch_size: int,
-                     transform: Callable[[Any], Batch] | None = None
-                     ) -> Callable[[], Iterator[Batch]]:
-  """One pass over the held-out split in order, full global batches only.
-
-  Every process sees the same number of batches; process p reads its block
-  of rows pb .. pb + b - 1 of each.
-  """
-  local_batch_size(batch_size)
-  num_batches = len(source) // batch_size
-  if num_batches == 0:
-    raise ValueError(f"the held-out split has {len(source)} examples, fewer than one "
-                     f"batch of {batch_size}: lower batch_size or enlarge the split")
-
-  def read(step: int) -> Batch:
-    positions = _local_positions(step, batch_size)
-    return _read_batch(source, positions, positions, 0, transform, None)
-
-  batches = grain.MapDataset.range(num_batches).map(read).to_iter_dataset(_read_options())
-  return lambda: iter(batches)
-
-
-def _module(dataset: str):
-  if dataset not in _MODULES:
-    raise ValueError(f"unknown dataset {dataset!r}; valid: {DATASETS}")
-  return importlib.import_module(f"md4.data.{_MODULES[dataset]}")
+def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The options of the source config.dataset names: config.<dataset>."""
+  get(config.dataset)
+  return config[config.dataset]
 
 
 def create(config: ml_collections.ConfigDict) -> Dataset:
   """Builds the dataset named by config.dataset."""
-  return _module(config.dataset).create(config)
+  dataset = get(config.dataset).create(config)
+  if dataset.modality not in MODALITIES:
+    raise ValueError(f"source {config.dataset!r} gave modality {dataset.modality!r}; "
+                     f"valid: {MODALITIES}")
+  return dataset
+
+
+def prepare_dataset(config: ml_collections.ConfigDict, progress: bool = True) -> dict[str, Any]:
+  """Makes config.dataset ready to read offline; returns a summary."""
+  source = get(config.dataset)
+  summary = {"dataset": source.name}
+  if source.prepare is not None:
+    summary.update(source.prepare(config, progress))
+  return summary

@@ -32,3 +32,8 @@ def decode(ids: np.ndarray) -> str:
     raise ValueError(f"ids must lie in [0, {VOCAB_SIZE}), got values in "
                      f"[{ids.min()}, {ids.max()}]")
   return _ID_TO_BYTE[ids].tobytes().decode("ascii")
+
+
+def encode_prompt(text: str) -> np.ndarray:
+  """Prompt text already in the alphabet -> ids int32 [n]; other characters are an error."""
+  return encode(text).astype(np.int32)

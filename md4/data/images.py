@@ -5,11 +5,12 @@ and, when the dataset has labels, "label" int32 (for class conditioning).
 
   cifar10     tfds "cifar10": 50k train / 10k test, 32x32, 10 classes.
   imagenet64  tfds "imagenet_resized/64x64": 1.28M train / 50k validation,
-              64x64, 1000 classes. data.tfds_name may name another dataset,
-              e.g. "downsampled_imagenet/64x64" (van den Oord et al.; no labels).
+              64x64, 1000 classes. imagenet64.tfds_name may name another
+              dataset, e.g. "downsampled_imagenet/64x64" (van den Oord et al.;
+              no labels).
 
-The data must already be prepared in array_record format under
-config.data_dir (tfds's default folder when empty):
+The data must already be prepared in array_record format under the source's
+tfds_data_dir option (tfds's default folder when empty):
 `python -m md4.data.prepare --config=...` downloads and prepares it.
 """
 
@@ -17,20 +18,17 @@ import ml_collections
 import numpy as np
 
 from md4 import data as data_lib
-
-TFDS_NAMES = {"cifar10": "cifar10", "imagenet64": "imagenet_resized/64x64"}
-EVAL_SPLITS = {"cifar10": "test", "imagenet64": "validation"}
-
-DEFAULTS = {
-    "tfds_name": "",       # Empty: the dataset's usual tfds name (TFDS_NAMES).
-    "train_split": "train",
-    "eval_split": "",      # Empty: "test" for cifar10, "validation" for imagenet64.
-    "random_flip": False,  # Flip training images left-right with probability 1/2.
-}
+from md4.data import pipeline
 
 
-def tfds_name(config: ml_collections.ConfigDict, options: ml_collections.ConfigDict) -> str:
-  return options.tfds_name or TFDS_NAMES[config.dataset]
+def _options(tfds_name: str, eval_split: str) -> dict[str, object]:
+  return {
+      "tfds_name": tfds_name,   # Another tfds dataset of [H, W, 3] images may stand in.
+      "tfds_data_dir": "",      # Empty: tfds's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+      "train_split": "train",
+      "eval_split": eval_split,
+      "random_flip": False,     # Flip training images left-right with probability 1/2.
+  }
 
 
 def load_split(name: str, split: str, data_dir: str | None, *, download: bool = False):
@@ -43,7 +41,8 @@ def load_split(name: str, split: str, data_dir: str | None, *, download: bool = 
     raise FileNotFoundError(
         f"tfds dataset {name!r} split {split!r} is not prepared in array_record format "
         f"under {where}: run `python -m md4.data.prepare --config=...` once, or point "
-        f"config.data_dir at a tfds data_dir that holds it ({error})") from error
+        f"the source's tfds_data_dir option at a tfds data_dir that holds it ({error})"
+    ) from error
 
 
 def to_example(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -69,22 +68,39 @@ def _num_classes(source) -> int:
 
 def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   """Batches of config.dataset images as 256-way tokens, labels kept."""
-  options = data_lib.data_options(config, DEFAULTS)
-  name = tfds_name(config, options)
-  data_dir = config.get("data_dir", None) or None
+  options = data_lib.options(config)
+  name, data_dir = options.tfds_name, options.tfds_data_dir or None
   train = load_split(name, options.train_split, data_dir)
-  held_out = load_split(name, options.eval_split or EVAL_SPLITS[config.dataset], data_dir)
+  held_out = load_split(name, options.eval_split, data_dir)
   image_shape = tuple(to_example(train[0])["x"].shape)
   if len(image_shape) != 3 or image_shape[-1] != 3:
     raise ValueError(f"tfds dataset {name!r} has images of shape {image_shape}, "
                      "expected [H, W, 3]")
   return data_lib.Dataset(
-      train=data_lib.train_iterator(
+      train=pipeline.train_iterator(
           train, config.batch_size, config.seed, transform=to_example,
           random_transform=random_flip if options.random_flip else None),
-      eval_batches=data_lib.eval_iterator_fn(held_out, config.batch_size,
+      eval_batches=pipeline.eval_iterator_fn(held_out, config.batch_size,
                                              transform=to_example),
       vocab_size=256,
       example_shape=image_shape,
+      modality="image",
       num_classes=_num_classes(train),
   )
+
+
+def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, object]:
+  """Downloads and prepares both splits with tfds (array_record)."""
+  del progress
+  options = data_lib.options(config)
+  sizes = {split: len(load_split(options.tfds_name, split, options.tfds_data_dir or None,
+                                 download=True))
+           for split in (options.train_split, options.eval_split)}
+  return {"tfds_name": options.tfds_name, "examples": sizes}
+
+
+CIFAR10 = data_lib.register(
+    data_lib.Source("cifar10", _options("cifar10", "test"), create, prepare))
+IMAGENET64 = data_lib.register(
+    data_lib.Source("imagenet64", _options("imagenet_resized/64x64", "validation"), create,
+                    prepare))

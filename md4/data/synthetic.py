@@ -1,6 +1,6 @@
 """Sources of known entropy over the text8 alphabet, for likelihood checks.
 
-`config.data.kind` picks one:
+`config.synthetic.kind` picks one:
   markov      a seeded order-k Markov chain; each sequence starts from the
               stationary distribution of k-grams, so a sequence of length L has
               entropy H(pi_k) + (L - k) h, with h the entropy rate.
@@ -19,13 +19,14 @@ import numpy as np
 
 from md4 import data as data_lib
 from md4.data import alphabet
+from md4.data import pipeline
 
 KINDS = ("markov", "factorised", "pairs")
 _SPLIT_IDS = {"train": 0, "eval": 1}
 _TRAIN_SIZE = 2**40  # Effectively endless.
 _MAX_TABLE_SIZE = 2**24
 
-DEFAULTS = {
+OPTIONS = {
     "kind": "markov",           # markov, factorised or pairs.
     "order": 1,                 # Markov order k: the next symbol depends on the last k.
     "concentration": 0.1,       # Dirichlet concentration of the tables: lower, lower entropy.
@@ -42,7 +43,7 @@ def entropy_nats(p: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def _check_concentration(concentration: float) -> None:
   if not concentration > 0:
-    raise ValueError(f"data.concentration must be > 0, got {concentration}")
+    raise ValueError(f"synthetic.concentration must be > 0, got {concentration}")
 
 
 class MarkovChain:
@@ -54,10 +55,10 @@ class MarkovChain:
 
   def __init__(self, vocab_size: int, order: int, concentration: float, seed: int):
     if order < 1:
-      raise ValueError(f"data.order must be >= 1, got {order}")
+      raise ValueError(f"synthetic.order must be >= 1, got {order}")
     if vocab_size**(order + 1) > _MAX_TABLE_SIZE:
-      raise ValueError(f"data.order={order} needs a transition table of {vocab_size}^"
-                       f"{order + 1} entries, more than {_MAX_TABLE_SIZE}: lower data.order")
+      raise ValueError(f"synthetic.order={order} needs a transition table of {vocab_size}^"
+                       f"{order + 1} entries, more than {_MAX_TABLE_SIZE}: lower synthetic.order")
     _check_concentration(concentration)
     self.vocab_size = vocab_size
     self.order = order
@@ -91,7 +92,7 @@ class MarkovChain:
       if np.abs(moved - pi).sum() < 1e-13:
         return moved / moved.sum()
       pi = 0.5 * (pi + moved)
-    raise RuntimeError("Markov chain did not mix: raise data.concentration")
+    raise RuntimeError("Markov chain did not mix: raise synthetic.concentration")
 
   def entropy_rate(self) -> float:
     """h = sum_s pi(s) H(P(. | s)) in nats per symbol."""
@@ -183,8 +184,8 @@ class Pairs:
 
 
 def make_process(config: ml_collections.ConfigDict):
-  """The source process named by config.data.kind."""
-  options = data_lib.data_options(config, DEFAULTS)
+  """The source process named by config.synthetic.kind."""
+  options = config.synthetic
   kind = options.kind
   vocab_size = alphabet.VOCAB_SIZE
   if kind == "markov":
@@ -193,7 +194,7 @@ def make_process(config: ml_collections.ConfigDict):
     return Factorised(vocab_size, config.seq_len, options.concentration, options.source_seed)
   if kind == "pairs":
     return Pairs(vocab_size, options.concentration, options.source_seed)
-  raise ValueError(f"unknown data.kind {kind!r} for dataset 'synthetic'; valid: {KINDS}")
+  raise ValueError(f"unknown synthetic.kind {kind!r}; valid: {KINDS}")
 
 
 class SyntheticSplit:
@@ -225,14 +226,14 @@ class SyntheticSplit:
 
 
 def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-  """Sequences of config.seq_len symbols from the source named by config.data.kind."""
-  options = data_lib.data_options(config, DEFAULTS)
+  """Sequences of config.seq_len symbols from the source named by config.synthetic.kind."""
+  options = config.synthetic
   length = config.seq_len
   if length < 1:
     raise ValueError(f"seq_len must be >= 1, got {length}")
   if options.source_seed < 0 or config.seed < 0:
-    raise ValueError(f"data.source_seed ({options.source_seed}) and seed ({config.seed}) "
-                     "must be >= 0")
+    raise ValueError(f"synthetic.source_seed ({options.source_seed}) and seed "
+                     f"({config.seed}) must be >= 0")
   process = make_process(config)
   # Training draws depend on config.seed; the held-out split only on the source.
   train = SyntheticSplit(process, length, (options.source_seed, config.seed),
@@ -240,10 +241,20 @@ def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   held_out = SyntheticSplit(process, length, (options.source_seed,), "eval",
                             options.num_eval_examples)
   return data_lib.Dataset(
-      train=data_lib.train_iterator(train, config.batch_size, config.seed, shuffle=False),
-      eval_batches=data_lib.eval_iterator_fn(held_out, config.batch_size),
+      train=pipeline.train_iterator(train, config.batch_size, config.seed, shuffle=False),
+      eval_batches=pipeline.eval_iterator_fn(held_out, config.batch_size),
       vocab_size=alphabet.VOCAB_SIZE,
       example_shape=(length,),
       decode=alphabet.decode,
+      encode=alphabet.encode_prompt,
       entropy_bits_per_token=process.sequence_entropy(length) / (length * math.log(2)),
   )
+
+
+def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, float]:
+  """Nothing to prepare; reports the exact entropy."""
+  del progress
+  return {"entropy_bits_per_token": create(config).entropy_bits_per_token}
+
+
+SOURCE = data_lib.register(data_lib.Source("synthetic", OPTIONS, create, prepare))

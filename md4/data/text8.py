@@ -5,10 +5,10 @@ The file of N characters splits into the first 90/100 (train), the next
 5/100 (validation) and the last 5/100 (test): 90M / 5M / 5M for the real
 file. Examples are non-overlapping chunks of seq_len characters.
 
-`text8.zip` is looked for in `config.data_dir` (default ~/.cache/md4/text8)
-and, when absent, downloaded to a `.part` file whose size and SHA-256 are
-checked before it is renamed, so an interrupted download never leaves a file
-that looks complete.
+`text8.zip` is looked for in `<config.data_dir>/text8` (~/.cache/md4/text8 by
+default) and, when absent, downloaded to a `.part` file whose size and
+SHA-256 are checked before it is renamed, so an interrupted download never
+leaves a file that looks complete. Options, under `config.text8`: see OPTIONS.
 """
 
 import hashlib
@@ -28,18 +28,19 @@ import numpy as np
 
 from md4 import data as data_lib
 from md4.data import alphabet
+from md4.data import chars
+from md4.data import pipeline
 
 URL = "http://mattmahoney.net/dc/text8.zip"
 FILENAME = "text8.zip"
 MEMBER = "text8"
 ZIP_SIZE = 31_344_016
 ZIP_SHA256 = "a6640522afe85d1963ad56c05b0ede0a0c000dddc9671758a6cc09b7a38e5232"
-DEFAULT_DIR = "~/.cache/md4/text8"
 SPLITS = ("train", "validation", "test")
 # Split boundaries in hundredths of the file: [0, 90), [90, 95), [95, 100).
 _SPLIT_PERCENT = (0, 90, 95, 100)
 
-DEFAULTS = {
+OPTIONS = {
     "eval_split": "validation",  # The split eval_batches() reads: validation or test.
     "download": True,            # False: never touch the network, fail if the file is absent.
     "url": URL,
@@ -104,9 +105,9 @@ def find_or_download(data_dir: str | os.PathLike, *, url: str = URL, allow_downl
   if path.exists():
     return path
   where = (f"Put text8.zip ({ZIP_SIZE} bytes, from {URL}) at {path}, or point "
-           "config.data_dir at the folder that holds it")
+           "config.data_dir at the folder whose text8/ subfolder holds it")
   if not allow_download:
-    raise FileNotFoundError(f"{path} does not exist and data.download is False. {where}.")
+    raise FileNotFoundError(f"{path} does not exist and text8.download is False. {where}.")
   logging.info("Downloading %s to %s", url, path)
   try:
     return download(url, path, size=size, sha256=sha256, timeout=timeout)
@@ -138,30 +139,53 @@ def split_bounds(num_chars: int) -> dict[str, tuple[int, int]]:
   return {name: (edges[i], edges[i + 1]) for i, name in enumerate(SPLITS)}
 
 
-def chunk_sources(ids: np.ndarray, length: int) -> dict[str, data_lib.ChunkSource]:
+def chunk_sources(ids: np.ndarray, length: int) -> dict[str, pipeline.ChunkSource]:
   """Non-overlapping chunks of `length` characters within each split."""
   sources = {}
   for name, (start, stop) in split_bounds(len(ids)).items():
-    sources[name] = data_lib.ChunkSource(ids, length, start, (stop - start) // length)
+    sources[name] = pipeline.ChunkSource(ids, length, start, (stop - start) // length)
   return sources
 
 
-def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-  """text8 in chunks of config.seq_len; eval_batches reads data.eval_split."""
-  options = data_lib.data_options(config, DEFAULTS)
-  if options.eval_split not in SPLITS[1:]:
-    raise ValueError(f"data.eval_split must be 'validation' or 'test', got {options.eval_split!r}")
-  data_dir = config.get("data_dir", None) or DEFAULT_DIR
-  path = find_or_download(data_dir, url=options.url, allow_download=options.download,
+def folder(config: ml_collections.ConfigDict) -> pathlib.Path:
+  """Where text8.zip lives: <config.data_dir>/text8."""
+  return pathlib.Path(config.data_dir).expanduser() / "text8"
+
+
+def _zip_path(config: ml_collections.ConfigDict) -> pathlib.Path:
+  options = config.text8
+  return find_or_download(folder(config), url=options.url, allow_download=options.download,
                           timeout=options.timeout)
+
+
+def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+  """text8 in chunks of config.seq_len; eval_batches reads text8.eval_split."""
+  options = config.text8
+  if options.eval_split not in SPLITS[1:]:
+    raise ValueError(f"text8.eval_split must be 'validation' or 'test', got "
+                     f"{options.eval_split!r}")
+  path = _zip_path(config)
   sources = chunk_sources(read_ids(path), config.seq_len)
   if len(sources["train"]) == 0:
     raise ValueError(f"{path} has too few characters for one training chunk of "
                      f"seq_len={config.seq_len}")
   return data_lib.Dataset(
-      train=data_lib.train_iterator(sources["train"], config.batch_size, config.seed),
-      eval_batches=data_lib.eval_iterator_fn(sources[options.eval_split], config.batch_size),
+      train=pipeline.train_iterator(sources["train"], config.batch_size, config.seed),
+      eval_batches=pipeline.eval_iterator_fn(sources[options.eval_split], config.batch_size),
       vocab_size=alphabet.VOCAB_SIZE,
       example_shape=(config.seq_len,),
       decode=alphabet.decode,
+      encode=alphabet.encode_prompt,
+      read_text=chars.read_ids,
   )
+
+
+def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, object]:
+  """Downloads text8.zip once (checked size and SHA-256); reports the splits."""
+  del progress
+  path = _zip_path(config)
+  ids = read_ids(path)
+  return {"path": str(path), "characters": len(ids), "splits": split_bounds(len(ids))}
+
+
+SOURCE = data_lib.register(data_lib.Source("text8", OPTIONS, create, prepare))

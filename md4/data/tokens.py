@@ -1,9 +1,9 @@
 """Tokenised corpora (OpenWebText-style) with SentencePiece.
 
-One-off preparation, into `config.data_dir` (one folder per corpus):
+One-off preparation, into `<config.data_dir>/tokens/<config.tokens.name>`:
   tokenizer.model  a SentencePiece model trained on the corpus (BPE or unigram,
-                   data.vocab_size pieces, id 0 = <unk>, id 1 = </s> = end of
-                   document), unless data.tokenizer names a `.model` to load;
+                   tokens.vocab_size pieces, id 0 = <unk>, id 1 = </s> = end of
+                   document), unless tokens.tokenizer names a `.model` to load;
   tokens.bin       every document's ids followed by the end-of-document id,
                    concatenated, as uint16 (vocabulary <= 65536) or uint32;
   manifest.json    what the files were built from (corpus paths, sizes and
@@ -16,7 +16,7 @@ A loaded model without an end-of-sentence piece gets an extra id
 (= its piece count) for the end of a document. The token stream is packed
 into non-overlapping sequences of seq_len ids, so every slot holds a real
 token and documents run across sequence boundaries; the last
-data.validation_fraction of the sequences is held out.
+tokens.validation_fraction of the sequences is held out.
 
 `python -m md4.data.prepare --config=...` runs the preparation with a
 progress bar; `create` runs it when needed in a single-process job.
@@ -37,8 +37,8 @@ import numpy as np
 
 from md4 import data as data_lib
 from md4.data import chars
+from md4.data import pipeline
 
-DEFAULT_DIR = "~/.cache/md4/tokens"
 DOCUMENT_FORMATS = ("line", "blank_line", "file", "jsonl")
 TOKENIZER_TYPES = ("bpe", "unigram")
 MANIFEST = "manifest.json"
@@ -49,8 +49,9 @@ _UNK_ID, _EOS_ID = 0, 1
 _ENCODE_BATCH_BYTES = 1 << 23
 _MAX_SENTENCE_BYTES = 1 << 14
 
-DEFAULTS = {
-    "path": None,              # Corpus: a file, a glob pattern, or a list of them (UTF-8).
+OPTIONS = {
+    "name": "corpus",          # The folder <data_dir>/tokens/<name> of the prepared files.
+    "path": "",                # Corpus: a file or a glob pattern (UTF-8).
     "documents": "line",       # line: one per line; blank_line: separated by blank lines;
                                # file: one per file; jsonl: one JSON object per line, key "text".
     "tokenizer": "",           # A SentencePiece .model to load; empty: train one on the corpus.
@@ -86,7 +87,7 @@ def iter_documents(paths: Sequence[pathlib.Path], documents: str
                    ) -> Iterator[tuple[str, int]]:
   """(document text, input bytes consumed since the previous one); empty documents skipped."""
   if documents not in DOCUMENT_FORMATS:
-    raise ValueError(f"data.documents must be one of {DOCUMENT_FORMATS}, got {documents!r}")
+    raise ValueError(f"tokens.documents must be one of {DOCUMENT_FORMATS}, got {documents!r}")
   for path in paths:
     if documents == "file":
       text = chars.read_text(path)
@@ -145,12 +146,12 @@ def train_tokenizer(paths: Sequence[pathlib.Path], documents: str, model_path: p
   """Trains a SentencePiece model on the lines of the corpus and writes it to model_path."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   if tokenizer_type not in TOKENIZER_TYPES:
-    raise ValueError(f"data.tokenizer_type must be one of {TOKENIZER_TYPES}, "
+    raise ValueError(f"tokens.tokenizer_type must be one of {TOKENIZER_TYPES}, "
                      f"got {tokenizer_type!r}")
   if vocab_size < 3:
-    raise ValueError(f"data.vocab_size must be >= 3, got {vocab_size}")
+    raise ValueError(f"tokens.vocab_size must be >= 3, got {vocab_size}")
   if max_sentences < 1:
-    raise ValueError(f"data.max_training_sentences must be >= 1, got {max_sentences}")
+    raise ValueError(f"tokens.max_training_sentences must be >= 1, got {max_sentences}")
   total = sum(path.stat().st_size for path in paths)
 
   def sentences() -> Iterator[str]:
@@ -170,7 +171,7 @@ def train_tokenizer(paths: Sequence[pathlib.Path], documents: str, model_path: p
         bos_id=-1, pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as error:
     raise ValueError(f"SentencePiece could not train a {tokenizer_type} model with "
-                     f"data.vocab_size={vocab_size} on {len(paths)} file(s): {error}") from error
+                     f"tokens.vocab_size={vocab_size} on {len(paths)} file(s): {error}") from error
   _write_atomic(model_path, model.getvalue())
 
 
@@ -185,7 +186,7 @@ def _load_processor(path: pathlib.Path):
   try:
     return spm.SentencePieceProcessor(model_file=str(path))
   except (OSError, RuntimeError) as error:
-    raise ValueError(f"data.tokenizer: cannot load a SentencePiece model from {path} "
+    raise ValueError(f"tokens.tokenizer: cannot load a SentencePiece model from {path} "
                      f"({error})") from error
 
 
@@ -240,7 +241,7 @@ def _build_key(options: ml_collections.ConfigDict, paths: Sequence[pathlib.Path]
   if options.tokenizer:
     model = pathlib.Path(options.tokenizer).expanduser().resolve()
     if not model.is_file():
-      raise ValueError(f"data.tokenizer: no file {model}")
+      raise ValueError(f"tokens.tokenizer: no file {model}")
     tokenizer = {"model": str(model), "sha256": _sha256(model)}
   else:
     tokenizer = {"type": options.tokenizer_type, "vocab_size": options.vocab_size,
@@ -254,7 +255,7 @@ def _build_key(options: ml_collections.ConfigDict, paths: Sequence[pathlib.Path]
           "documents": options.documents, "tokenizer": tokenizer}
 
 
-def _read_manifest(folder: pathlib.Path) -> dict[str, Any] | None:
+def _manifest_or_none(folder: pathlib.Path) -> dict[str, Any] | None:
   try:
     return json.loads((folder / MANIFEST).read_text())
   except (OSError, ValueError):
@@ -278,14 +279,14 @@ def load_or_build(options: ml_collections.ConfigDict, folder: str | os.PathLike,
                   *, progress: bool = False, allow_build: bool = True) -> TokenCorpus:
   """The prepared corpus in `folder`, rebuilt first if its manifest does not match."""
   if options.documents not in DOCUMENT_FORMATS:
-    raise ValueError(f"data.documents must be one of {DOCUMENT_FORMATS}, "
+    raise ValueError(f"tokens.documents must be one of {DOCUMENT_FORMATS}, "
                      f"got {options.documents!r}")
   folder = pathlib.Path(folder).expanduser()
-  paths = chars.resolve_paths(options.path)
+  paths = chars.resolve_paths(options.path, "tokens.path")
   key = _build_key(options, paths)
   tokenizer_path = (pathlib.Path(key["tokenizer"]["model"]) if options.tokenizer
                     else folder / TOKENIZER)
-  manifest = _read_manifest(folder)
+  manifest = _manifest_or_none(folder)
   rebuilt = not _is_current(manifest, key, folder, tokenizer_path)
   if rebuilt:
     if not allow_build:
@@ -294,7 +295,7 @@ def load_or_build(options: ml_collections.ConfigDict, folder: str | os.PathLike,
           "`python -m md4.data.prepare --config=...` once before a multi-process job")
     manifest = _build(options, paths, key, folder, tokenizer_path, progress)
   if manifest["num_tokens"] == 0:
-    raise ValueError(f"data.path={options.path!r} holds no documents")
+    raise ValueError(f"tokens.path={options.path!r} holds no documents")
   dtype = np.dtype(manifest["dtype"])
   tokens = np.memmap(folder / TOKENS, dtype=dtype, mode="r", shape=(manifest["num_tokens"],))
   return TokenCorpus(tokens=tokens, tokenizer_path=tokenizer_path,
@@ -349,25 +350,81 @@ def decoder(tokenizer_path: pathlib.Path, eod_id: int):
   return decode
 
 
-def folder_of(config: ml_collections.ConfigDict) -> pathlib.Path:
-  return pathlib.Path(config.get("data_dir", None) or DEFAULT_DIR).expanduser()
+def folder(config: ml_collections.ConfigDict) -> pathlib.Path:
+  """Where the prepared corpus lives: <config.data_dir>/tokens/<config.tokens.name>."""
+  return pathlib.Path(config.data_dir).expanduser() / "tokens" / config.tokens.name
+
+
+def read_manifest(corpus_dir: pathlib.Path, what: str) -> dict[str, Any]:
+  """The manifest of a prepared corpus; ValueError naming `what` if there is none."""
+  try:
+    manifest = json.loads((corpus_dir / MANIFEST).read_text())
+  except (OSError, ValueError) as error:
+    raise ValueError(f"{what}: {corpus_dir} is not a corpus prepared by md4.data.tokens "
+                     f"(cannot read {MANIFEST}: {error})") from error
+  if "tokenizer_sha256" not in manifest:
+    raise ValueError(f"{what}: {corpus_dir / MANIFEST} has no tokenizer_sha256")
+  return manifest
+
+
+def _read_other_text(path: str, corpus: TokenCorpus, documents: str) -> np.ndarray:
+  """ids int32 [N] of a text file (tokenised like the corpus) or of a prepared corpus folder.
+
+  A folder must have been tokenised with the training corpus's tokenizer (same SHA-256).
+  """
+  location = pathlib.Path(path).expanduser()
+  if not location.is_dir():
+    processor = _load_processor(corpus.tokenizer_path)
+    stream = []
+    for document, _ in iter_documents(chars.resolve_paths(path, "text file"), documents):
+      stream.extend(processor.encode(document, out_type=int))
+      stream.append(corpus.eod_id)
+    return np.asarray(stream, np.int32)
+  manifest = read_manifest(location, path)
+  if manifest["tokenizer_sha256"] != corpus.manifest["tokenizer_sha256"]:
+    raise ValueError(
+        f"{path} was tokenised with a different tokenizer (SHA-256 "
+        f"{manifest['tokenizer_sha256'][:12]}...) than the model's (SHA-256 "
+        f"{corpus.manifest['tokenizer_sha256'][:12]}...): prepare it with "
+        f"tokens.tokenizer={str(corpus.tokenizer_path)!r}")
+  if manifest["vocab_size"] != corpus.vocab_size:
+    raise ValueError(f"{path} has vocab_size {manifest['vocab_size']}, the model "
+                     f"{corpus.vocab_size}")
+  return np.memmap(location / TOKENS, dtype=np.dtype(manifest["dtype"]), mode="r",
+                   shape=(manifest["num_tokens"],))
 
 
 def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-  """Sequences of config.seq_len ids from the prepared corpus in config.data_dir."""
-  options = data_lib.data_options(config, DEFAULTS)
-  corpus = load_or_build(options, folder_of(config), allow_build=jax.process_count() == 1)
+  """Sequences of config.seq_len ids from the prepared corpus in `folder(config)`."""
+  options = config.tokens
+  corpus = load_or_build(options, folder(config), allow_build=jax.process_count() == 1)
   length = config.seq_len
   if length < 1:
     raise ValueError(f"seq_len must be >= 1, got {length}")
-  num_train, num_validation = data_lib.split_chunks(len(corpus.tokens), length,
-                                                    options.validation_fraction)
-  train = data_lib.ChunkSource(corpus.tokens, length, 0, num_train)
-  validation = data_lib.ChunkSource(corpus.tokens, length, num_train * length, num_validation)
+  num_train, num_validation = pipeline.split_chunks(
+      len(corpus.tokens), length, options.validation_fraction, "tokens.validation_fraction")
+  train = pipeline.ChunkSource(corpus.tokens, length, 0, num_train)
+  validation = pipeline.ChunkSource(corpus.tokens, length, num_train * length, num_validation)
+  processor = _load_processor(corpus.tokenizer_path)
   return data_lib.Dataset(
-      train=data_lib.train_iterator(train, config.batch_size, config.seed),
-      eval_batches=data_lib.eval_iterator_fn(validation, config.batch_size),
+      train=pipeline.train_iterator(train, config.batch_size, config.seed),
+      eval_batches=pipeline.eval_iterator_fn(validation, config.batch_size),
       vocab_size=corpus.vocab_size,
       example_shape=(length,),
       decode=decoder(corpus.tokenizer_path, corpus.eod_id),
+      encode=lambda text: np.asarray(processor.encode(text, out_type=int), np.int32),
+      read_text=lambda path: _read_other_text(path, corpus, options.documents),
+      word_pieces=True,
   )
+
+
+def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, Any]:
+  """Trains the tokenizer (unless given) and tokenises the corpus, unless already current."""
+  corpus = load_or_build(config.tokens, folder(config), progress=progress)
+  return {"folder": str(folder(config)), "rebuilt": corpus.rebuilt,
+          "vocab_size": corpus.vocab_size, "eod_id": corpus.eod_id,
+          "tokens": corpus.manifest["num_tokens"],
+          "documents": corpus.manifest["num_documents"]}
+
+
+SOURCE = data_lib.register(data_lib.Source("tokens", OPTIONS, create, prepare))

@@ -1,0 +1,38 @@
+"""Sample files, the same for training (workdir/samples/) and md4.evaluate (workdir/eval/).
+
+`<name>.txt`   text: one sample per line (a line break inside a sample is written as \\n);
+`<name>.png`   images: a grid of the samples, and `<name>_reverse_process.png`, a strip
+               of the first sample's reverse process when frames were recorded;
+`<name>.npy`   the token ids [N, *example_shape], always.
+"""
+
+import io
+
+from etils import epath
+import numpy as np
+
+from md4 import data as data_lib
+from md4 import visualize
+
+
+def write(folder: epath.Path, name: str, tokens: np.ndarray, dataset: data_lib.Dataset,
+          frames: np.ndarray | None = None) -> list[str]:
+  """Writes tokens [N, ...] (and frames [F, N, ...]) under folder; returns the files written."""
+  folder.mkdir(parents=True, exist_ok=True)
+  written = []
+  if dataset.modality == "image":
+    visualize.save_png(folder / f"{name}.png", visualize.grid(visualize.to_pixels(tokens)))
+    written.append(folder / f"{name}.png")
+    if frames is not None:
+      strip = visualize.grid(visualize.to_pixels(frames[:, 0]), columns=len(frames))
+      visualize.save_png(folder / f"{name}_reverse_process.png", strip)
+      written.append(folder / f"{name}_reverse_process.png")
+  else:
+    lines = [dataset.decode(sample).replace("\n", "\\n") for sample in tokens]
+    (folder / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    written.append(folder / f"{name}.txt")
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(tokens))
+  (folder / f"{name}.npy").write_bytes(buffer.getvalue())
+  written.append(folder / f"{name}.npy")
+  return [str(path) for path in written]

@@ -1,0 +1,18 @@
+"""Configs for tests: the defaults with one data source's options set."""
+
+import ml_collections
+
+from md4 import defaults
+
+
+def data_config(dataset: str, *, data_dir: str = "", seq_len: int = 16, batch_size: int = 8,
+                seed: int = 0, **options) -> ml_collections.ConfigDict:
+  """defaults.get_config() reading `dataset`, with config.<dataset> updated by options.
+
+  An option the source does not have fails here, as it would in training.
+  """
+  config = defaults.get_config()
+  config.update(dataset=dataset, data_dir=data_dir, seq_len=seq_len, batch_size=batch_size,
+                seed=seed)
+  config[dataset].update(options)
+  return defaults.validate(config)
