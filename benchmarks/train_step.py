@@ -30,7 +30,7 @@ import numpy as np
 from md4 import data as data_lib
 from md4 import models
 from md4 import train
-from md4.networks import layers
+from md4.networks import kernels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps, split evenly over the rounds.")
@@ -147,7 +147,7 @@ def main(argv):
       "batch_size": config.batch_size,
       "example_shape": example_shape,
       "dtype": config.model.dtype,
-      "attention_impl": layers.attention_kernel(
+      "attention_impl": kernels.attention_kernel(
           config.model.attention_impl, compute_dtype,
           config.model.width // config.model.num_heads),
       "seconds_per_step": seconds_per_step,

@@ -19,7 +19,7 @@ from md4 import defaults
 from md4 import evaluate
 from md4 import models
 from md4 import train
-from md4.networks import layers
+from md4.networks import kernels
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -84,8 +84,8 @@ def test_unknown_attention_implementation_fails_naming_it():
 
 
 def test_default_attention_is_xla_on_cpu_and_a_named_one_is_kept():
-  assert layers.attention_kernel("", jax.numpy.bfloat16, 64) == "xla"
-  assert layers.attention_kernel("cudnn", jax.numpy.bfloat16, 64) == "cudnn"
+  assert kernels.attention_kernel("", jax.numpy.bfloat16, 64) == "xla"
+  assert kernels.attention_kernel("cudnn", jax.numpy.bfloat16, 64) == "cudnn"
 
 
 def test_wrong_config_flag_fails_before_compilation(tmp_path):
