@@ -1,11 +1,11 @@
 """Custom-gradient ops and the Pallas kernel of the backbones, each beside its library op.
 
-Every public op takes `custom_kernels`. True picks, per backend, the custom
-VJP or kernel written for it; False the plain library op with autodiff's
-gradient (`jnp.tensordot`, `jax.nn.dot_product_attention`, the elementwise
-gated unit and rotation). Both compute the same values and gradients up to
-float rounding, so False is the reference to check against and the way round
-a kernel that does not suit a platform. All backend dispatch lives here.
+Every public op takes `custom_kernels`: True picks, per backend, the custom
+VJP or kernel written for it; False the library op with autodiff's gradient
+(`jnp.tensordot`, `jax.nn.dot_product_attention`, the elementwise gated unit
+and rotation), the same values and gradients up to float rounding. All
+backend dispatch of the networks lives here; what the custom ops gained is
+recorded in benchmarks/README.md.
 """
 
 import functools
@@ -28,8 +28,7 @@ ROTARY_BASE = 10_000.0
 def dense(x: Array, kernel: Array, num_in_axes: int = 1, *, custom_kernels: bool = True) -> Array:
   """x [..., *in] times kernel [*in, *out] -> [..., *out], `in` the last num_in_axes axes of x.
 
-  On CPU the kernel's gradient transposes the narrower of x and the output
-  gradient (see `_cpu_dense`); elsewhere it is autodiff's.
+  With custom_kernels, on CPU, the gradient is `_cpu_dense`'s; otherwise autodiff's.
   """
   if custom_kernels and jax.default_backend() == "cpu":
     return _cpu_dense(x, kernel, num_in_axes)
@@ -40,12 +39,8 @@ def dense(x: Array, kernel: Array, num_in_axes: int = 1, *, custom_kernels: bool
 def _cpu_dense(x: Array, kernel: Array, num_in_axes: int) -> Array:
   """`dense` whose kernel gradient contracts the tokens with the narrower operand first.
 
-  XLA:CPU copies the first operand of this contraction transposed. Autodiff
-  puts the output gradient first: for the MLP's input projections a [T, F]
-  copy, into which XLA fused the activation's gradient as a slow transposing
-  loop, where x^T is [D, T]. With MlpIn's separate halves, autodiff's order
-  made the shrunk text8 step 25% slower than one matmul did, and this order
-  5-12% faster.
+  XLA:CPU copies that contraction's first operand transposed, and autodiff
+  puts the wider one there (for the MLP's input, g [T, F] rather than x [T, D]).
   """
   return _cpu_dense_fwd(x, kernel, num_in_axes)[0]
 
@@ -76,10 +71,8 @@ def gated_dense(x: Array, kernel: Array, activation: Callable[[Array], Array], *
                 custom_kernels: bool = True) -> Array:
   """activation(x kernel[:, 0]) * (x kernel[:, 1]) for x [..., D], kernel [D, 2, F] -> [..., F].
 
-  On CPU each half is its own matmul, whose gradient needs no concatenate of
-  the halves (XLA:CPU wrote it three times, once transposed). Elsewhere one
-  matmul is faster (H100, text8: 0.2183 against 0.2228 s/step split), and
-  `gated_unit` writes the gradient of its [..., 2, F] output in one pass.
+  With custom_kernels, on CPU, two matmuls (XLA:CPU writes the concatenated gradient
+  of one three times); elsewhere one matmul, faster, and `gated_unit`'s gradient.
   """
   if custom_kernels and jax.default_backend() == "cpu":
     gate, up = (dense(x, kernel[:, i]) for i in range(2))
@@ -92,7 +85,7 @@ def gated_unit(h: Array, activation: Callable[[Array], Array], *,
                custom_kernels: bool = True) -> Array:
   """activation(gate) * up for h [..., 2, F] = (gate, up) stacked -> [..., F].
 
-  With custom_kernels the gradient is `_gated_unit`'s one pass.
+  With custom_kernels the gradient is `_gated_unit`'s, one pass over h.
   """
   if custom_kernels:
     return _gated_unit(h, activation)
@@ -103,18 +96,15 @@ def gated_unit(h: Array, activation: Callable[[Array], Array], *,
 def _gated_unit(h: Array, activation: Callable[[Array], Array]) -> Array:
   """`gated_unit` whose gradient [..., 2, F] is one float32 pass over h and the output gradient.
 
-  On one GPU, for silu, it is a Pallas kernel (`swiglu_grad_pallas`); its
-  custom call has no partitioning rule, so with more devices, and elsewhere,
-  XLA's version (`_gated_unit_grad`). For text8's [131072, 2, 3072] in bf16 the
-  H100 took 1.92 ms for autodiff's gradient and 1.39 ms for either of these,
-  which move 4 GB at the 2.9 TB/s of a plain elementwise pass. In the whole
-  text8 step XLA's version was 1% slower than the kernel.
+  On one GPU, for silu, the Pallas kernel `swiglu_grad_pallas`; elsewhere, and
+  with more devices (the kernel's custom call has no partitioning rule), XLA's
+  `_gated_unit_grad`. Both run at the speed of a plain elementwise pass.
   """
   return _gated_unit_fwd(h, activation)[0]
 
 
 def _gated_unit_fwd(h: Array, activation: Callable[[Array], Array]) -> tuple[Array, Array]:
-  return activation(h[..., 0, :]) * h[..., 1, :], h
+  return gated_unit(h, activation, custom_kernels=False), h
 
 
 def _gated_unit_bwd(activation: Callable[[Array], Array], h: Array, g: Array) -> tuple[Array]:
@@ -208,13 +198,11 @@ def dot_product_attention(q: Array, k: Array, v: Array, implementation: str = ""
 def xla_attention(q: Array, k: Array, v: Array) -> Array:
   """Softmax attention of q, k, v [B, L, H, D] -> [B, L, H, D], scores in float32.
 
-  What jax.nn.dot_product_attention's XLA path computes, faster to differentiate
-  on CPU: every matmul, forward and backward, multiplies [M, K] by [K, N] per
-  (batch, head). The small [B, H, L, D] operands are transposed for that,
-  behind optimisation barriers so that XLA cannot fold the transposes back
-  into the matmuls; the [B, H, L, L] scores never are. With XLA's own layouts
-  some matmuls read the scores as a transposed right operand (at about 25
-  GFLOP/s on the CI's 2-core CPU), and attention took about 20% longer.
+  jax.nn.dot_product_attention's XLA path with every matmul, forward and
+  backward, as [M, K] by [K, N] per (batch, head), as XLA:CPU reads a
+  transposed right operand slowly: the small [B, H, L, D] operands are
+  transposed, behind optimisation barriers that keep XLA from folding the
+  transposes back into the matmuls, and the [B, H, L, L] scores never are.
   """
   return _xla_attention_fwd(q, k, v)[0]
 
@@ -252,7 +240,10 @@ xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def _rotary_angles(length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-  """cos and sin [L, 1, D/2] of the rotary angles, as constants of the compiled program."""
+  """cos and sin [L, 1, D/2] of the rotary angles, constants of the program.
+
+  Computed in float64, as float32 angles drift from the true tables at long positions.
+  """
   frequencies = ROTARY_BASE**(-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
   angles = np.arange(length)[:, None, None] * frequencies
   return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -276,13 +267,9 @@ def rotary(x: Array, *, custom_kernels: bool = True) -> Array:
 
 @jax.custom_vjp
 def _rotary(x: Array) -> Array:
-  """`rotary` whose gradient is the rotation back.
+  """`rotary` whose gradient is the rotation back, one pass like the forward.
 
-  The cos and sin tables are computed in float64 (float32 angles put them
-  3.6e-5 off at 1024 positions) and are constants of the program. The
-  gradient is the rotation back, one pass like the forward, rather than
-  autodiff's pads and adds of the halves. Neither changed the step time
-  (H100 text8: 0.2205 against 0.2200 s/step; CPU: within noise).
+  Autodiff's gradient pads and adds the halves instead.
   """
   return _rotary_fwd(x)[0]
 
