@@ -46,9 +46,9 @@ _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Writes a profiler trace
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Datasheet peak of the device in the "
                                   "compute dtype (989 for an H100 SXM in dense bf16), for MFU.")
 
-# Per-sequence weights (time and class conditioning, adaLN) and embedding lookups
-# do no per-token matmul work.
-_NOT_PER_TOKEN = ("adaln", "time_mlp", "label_embed", "embed/", "embed_slot")
+# Per-sequence weights (time and class conditioning, adaLN) and embedding tables
+# (lookups) do no per-token matmul work.
+_NOT_PER_TOKEN = ("adaln", "time_mlp", "embedding/")
 
 
 def matmul_peak_flops(dtype: jnp.dtype, size: int, repeats: int = 10) -> float:

@@ -19,6 +19,7 @@ from md4 import prime
 from md4 import sampler
 from md4 import schedule as schedule_lib
 from md4.networks import dit
+from md4.networks import layers
 from md4.networks import learned_schedule
 from md4.networks import transformer
 from md4.networks import unet
@@ -29,8 +30,11 @@ Metrics = dict[str, Array]
 
 
 def build_network(config: ml_collections.ConfigDict, num_inputs: int,
-                  num_outputs: int, num_classes: int) -> nn.Module:
-  """The backbone named by the config, reading num_inputs ids, emitting num_outputs logits."""
+                  num_outputs: int, num_classes: int, num_slots: int | None = None) -> nn.Module:
+  """The backbone named by the config, reading num_inputs ids, emitting num_outputs logits.
+
+  num_slots: ids per position, for inputs [B, L, num_slots]; None for inputs [B, L].
+  """
   model = config.model
   dtype = jnp.dtype(model.dtype)
   if model.backbone in ("unet", "dit") and num_inputs != num_outputs + 1:
@@ -51,8 +55,12 @@ def build_network(config: ml_collections.ConfigDict, num_inputs: int,
         attention_impl=model.attention_impl)
   if model.backbone != "transformer":
     raise ValueError(f"config.model.backbone={model.backbone!r}; valid: transformer, unet, dit")
+  if num_slots is None:
+    embed = layers.SequenceEmbed(num_inputs, model.width, dtype)
+  else:
+    embed = layers.SlotEmbed(num_inputs, num_slots, model.width, dtype)
   return transformer.Transformer(
-      num_inputs=num_inputs, num_outputs=num_outputs, width=model.width,
+      embed=embed, num_outputs=num_outputs, width=model.width,
       num_layers=model.num_layers, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
       mlp_type=model.mlp_type, time_conditioning=model.time_conditioning,
       num_classes=num_classes, dropout_rate=model.dropout_rate,
@@ -207,7 +215,8 @@ class Prime(MD4):
     self.codec = prime.Codec(vocab_size, None if options.binary else options.length,
                              shuffle_seed=shuffle_seed, binary=options.binary)
     # The network reads sub-token states: b digit values plus their mask id.
-    self.network = build_network(config, self.codec.base + 1, vocab_size, num_classes)
+    self.network = build_network(config, self.codec.base + 1, vocab_size, num_classes,
+                                 num_slots=self.codec.length)
 
   def network_input(self, batch_size: int) -> Array:
     return jnp.zeros((batch_size, *self.example_shape, self.codec.length), jnp.int32)

@@ -5,7 +5,8 @@ jax.nn.dot_product_attention), the transformer's Linear and MlpIn
 (nn.DenseGeneral and the activation, on the CPU's path and on the other
 backends'), kernels.gated_unit (autodiff, with its GPU kernel run interpreted,
 and lowered to Triton for CUDA), kernels.rotary (autodiff of the rotation),
-and whole backbones with custom_kernels on and off.
+and whole backbones with custom_kernels on and off; the input adapters
+layers.SequenceEmbed and layers.SlotEmbed.
 """
 
 import functools
@@ -66,6 +67,64 @@ def test_attention_matches_jax_dot_product_attention(dtype):
     scale = float(jnp.max(jnp.abs(expected)))
     np.testing.assert_allclose(value.astype(jnp.float32), expected, rtol=tolerance,
                                atol=tolerance * scale)
+
+
+def boxed_shapes(module: nn.Module, *args) -> dict:
+  """{parameter path: (shape, logical axis names)} of module.init(*args), without compiling."""
+  params = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)["params"]
+  boxes = jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          (box.value.shape, box.names) if isinstance(box, nn.LogicallyPartitioned) else
+          (box.shape, None) for path, box in boxes}
+
+
+def test_sequence_embed_is_one_table():
+  ids = jnp.arange(2 * 7, dtype=jnp.int32).reshape(2, 7) % 28
+  embed = layers.SequenceEmbed(28, 12, dtype=jnp.bfloat16)
+  assert boxed_shapes(embed, ids) == {"embedding": ((28, 12), ("vocab", "embed"))}
+  params = embed.init(jax.random.PRNGKey(0), ids)
+  out = embed.apply(params, ids)
+  assert out.shape == (2, 7, 12) and out.dtype == jnp.bfloat16
+  table = nn.meta.unbox(params)["params"]["embedding"]
+  np.testing.assert_array_equal(out, table[ids].astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("num_slots, projected", [(2, False), (3, True), (1, False)])
+def test_slot_embed_concatenates_one_table_per_slot(num_slots, projected):
+  width = 10
+  slot_width = -(-width // num_slots)
+  ids = jnp.arange(2 * 7 * num_slots, dtype=jnp.int32).reshape(2, 7, num_slots) % 5
+  embed = layers.SlotEmbed(5, num_slots, width)
+  expected = {f"slot{j}/embedding": ((5, slot_width), ("vocab", "embed"))
+              for j in range(num_slots)}
+  if projected:
+    expected["project/kernel"] = ((num_slots * slot_width, width), ("embed", None))
+  assert boxed_shapes(embed, ids) == expected
+  params = embed.init(jax.random.PRNGKey(0), ids)
+  out = embed.apply(params, ids)
+  assert out.shape == (2, 7, width)
+  tables = nn.meta.unbox(params)["params"]
+  concatenated = jnp.concatenate(
+      [tables[f"slot{j}"]["embedding"][ids[..., j]] for j in range(num_slots)], axis=-1)
+  if projected:
+    concatenated = concatenated @ tables["project"]["kernel"]
+  np.testing.assert_allclose(out, concatenated, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="num_slots"):
+    embed.apply(params, ids[..., :1] if num_slots > 1 else jnp.concatenate([ids, ids], -1))
+
+
+def test_transformer_reads_its_input_through_embed():
+  t = jnp.array([0.3, 0.8])
+  make = functools.partial(transformer.Transformer, num_outputs=27, width=32, num_layers=1,
+                           num_heads=4)
+  ids = jnp.zeros((2, 7, 3), jnp.int32)
+  shapes = boxed_shapes(make(embed=layers.SlotEmbed(5, 3, 32)), ids, t)
+  assert {name for name in shapes if name.startswith("embed")} == {
+      "embed/slot0/embedding", "embed/slot1/embedding", "embed/slot2/embedding",
+      "embed/project/kernel"}
+  with pytest.raises(ValueError, match="width"):
+    boxed_shapes(make(embed=layers.SequenceEmbed(28, 16)), ids[..., 0], t)
 
 
 def gated(activation, h):
@@ -183,8 +242,8 @@ def test_rotary_rotates_pairs_and_its_gradient_rotates_back():
 
 BACKBONES = {  # Tiny backbones and their inputs: token ids z, times t [B].
     "transformer": (
-        functools.partial(transformer.Transformer, num_inputs=28, num_outputs=27, width=32,
-                          num_layers=2, num_heads=4),
+        functools.partial(transformer.Transformer, embed=layers.SequenceEmbed(28, 32),
+                          num_outputs=27, width=32, num_layers=2, num_heads=4),
         jnp.arange(2 * 16, dtype=jnp.int32).reshape(2, 16) % 28),
     "unet": (
         functools.partial(unet.UNet, channels=8, num_res_blocks=1, num_heads=2, dropout=0.0,

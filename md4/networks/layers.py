@@ -109,6 +109,20 @@ def timestep_embedding(t: Array, dim: int, scale: float = 1000.0,
 ONE_HOT_MAX_IDS = 1024
 
 
+# The init and logical axes of every token table.
+_TABLE_INIT = partitioned(nn.initializers.normal(1.0), "vocab", "embed")
+
+
+def _read_rows(table: Array, ids: Array, dtype: Dtype) -> Array:
+  """Rows of table [N, features] at ids [...] -> [..., features] in dtype, as `Embed` reads them."""
+  num_rows = table.shape[0]
+  if num_rows <= ONE_HOT_MAX_IDS:
+    one_hot = jax.nn.one_hot(ids, num_rows, dtype=dtype)
+    # HIGHEST: each output is exactly one table entry, also where f32 matmuls default to TF32.
+    return jnp.dot(one_hot, table.astype(dtype), precision=jax.lax.Precision.HIGHEST)
+  return jnp.take(table, ids, axis=0).astype(dtype)
+
+
 class Embed(nn.Module):
   """nn.Embed (same parameter) whose gradient avoids contended scatter-adds: ids -> [..., features].
 
@@ -128,11 +142,53 @@ class Embed(nn.Module):
   def __call__(self, ids: Array) -> Array:
     table = self.param("embedding", self.embedding_init,
                        (self.num_embeddings, self.features), jnp.float32)
-    if self.num_embeddings <= ONE_HOT_MAX_IDS:
-      one_hot = jax.nn.one_hot(ids, self.num_embeddings, dtype=self.dtype)
-      # HIGHEST: each output is exactly one table entry, also where f32 matmuls default to TF32.
-      return jnp.dot(one_hot, table.astype(self.dtype), precision=jax.lax.Precision.HIGHEST)
-    return jnp.take(table, ids, axis=0).astype(self.dtype)
+    return _read_rows(table, ids, self.dtype)
+
+
+class SequenceEmbed(nn.Module):
+  """Embeds a sequence of ids [B, L] in 0..num_ids-1 -> [B, L, features], one table.
+
+  The table is this module's own parameter "embedding", read as `Embed` reads
+  it, so that its path is that of an nn.Embed in the module's place.
+  """
+
+  num_ids: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    table = self.param("embedding", _TABLE_INIT, (self.num_ids, self.features), jnp.float32)
+    return _read_rows(table, ids, self.dtype)
+
+
+class SlotEmbed(nn.Module):
+  """Embeds positions made of K = num_slots slots: ids [B, L, K] -> [B, L, features].
+
+  Each slot has its own table ("slot0", "slot1", ...) of width
+  ceil(features / K); a position's K embeddings are concatenated, and
+  projected bias-free to features ("project") only when K does not divide it.
+  """
+
+  num_ids: int
+  num_slots: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    if ids.shape[-1] != self.num_slots:
+      raise ValueError(f"ids must have num_slots={self.num_slots} slots in their last axis, "
+                       f"got shape {ids.shape}")
+    slot_width = -(-self.features // self.num_slots)
+    h = jnp.concatenate([
+        Embed(self.num_ids, slot_width, _TABLE_INIT, self.dtype, name=f"slot{j}")(ids[..., j])
+        for j in range(self.num_slots)
+    ], axis=-1)
+    if self.num_slots * slot_width == self.features:
+      return h
+    return nn.Dense(self.features, use_bias=False, dtype=self.dtype, name="project",
+                    kernel_init=partitioned(nn.initializers.normal(0.02), "embed", None))(h)
 
 
 class TokenEmbed(nn.Module):
@@ -148,10 +204,7 @@ class TokenEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
-    table = Embed(
-        self.vocab_size + 1, self.features, dtype=self.dtype,
-        embedding_init=partitioned(nn.initializers.normal(1.0), "vocab", "embed"),
-        name="table")
+    table = Embed(self.vocab_size + 1, self.features, _TABLE_INIT, self.dtype, name="table")
     x = table(z)
     return x.reshape(z.shape[:-1] + (z.shape[-1] * self.features,))
 

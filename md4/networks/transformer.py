@@ -1,11 +1,12 @@
-"""Bidirectional DiT-style transformer over token sequences.
+"""Bidirectional DiT-style transformer over sequences.
 
-Reads masked tokens z [B, L] (ids 0..V, V = mask) or, for MDM-Prime, sub-token
-states z [B, L, l] (ids 0..b, b = sub-token mask), the time t [B] and an
-optional class label [B]; returns logits [B, L, num_outputs]. Time and class
-condition every block through adaLN-zero; positions through rotary
-embeddings. Every parameter carries logical axis names
-("vocab", "embed", "heads", "head_dim", "mlp", "layers") for the mesh rules.
+Reads input ids z through the embedding module the caller gives it (ids
+[B, L] by `layers.SequenceEmbed`, positions of K slots [B, L, K] by
+`layers.SlotEmbed`), the time t [B] and an optional class label [B]; returns
+logits [B, L, num_outputs]. Time and class condition every block through
+adaLN-zero; positions through rotary embeddings. Every parameter carries
+logical axis names ("vocab", "embed", "heads", "head_dim", "mlp", "layers")
+for the mesh rules.
 """
 
 import functools
@@ -151,18 +152,18 @@ class ScannedBlock(Block):
 
 
 class Transformer(nn.Module):
-  """Masked-token transformer: z [B, L] or [B, L, l], t [B] -> logits [B, L, num_outputs].
+  """Transformer over ids z [B, L, ...], t [B] -> logits [B, L, num_outputs].
 
   Attributes:
-    num_inputs: ids per input slot, mask included (V + 1, or b + 1 for sub-tokens).
-    num_outputs: logits per position (V, or C token classes for MDM-Prime).
+    embed: maps the ids z to embeddings [B, L, width] (its parameters: "embed").
+    num_outputs: logits per position.
     time_conditioning: "adaln" (adaLN-zero on t) or "none" (ignores t).
     num_classes: class labels for conditioning (0 = none); id num_classes is
       the null label used by classifier-free guidance.
     custom_kernels: the custom VJPs and Pallas kernel of `kernels`; False: library ops.
   """
 
-  num_inputs: int
+  embed: nn.Module
   num_outputs: int
   width: int = 768
   num_layers: int = 12
@@ -177,25 +178,6 @@ class Transformer(nn.Module):
   scan_layers: bool = False
   custom_kernels: bool = True
   dtype: Dtype = jnp.float32
-
-  def embed_inputs(self, z: Array) -> Array:
-    """Token embeddings [B, L, D]; sub-token slots get their own tables, concatenated."""
-    part = nn.with_logical_partitioning
-    if z.ndim == 2:
-      return layers.Embed(self.num_inputs, self.width, dtype=self.dtype, name="embed",
-                          embedding_init=part(dense_init(1.0), ("vocab", "embed")))(z)
-    num_slots = z.shape[-1]
-    slot_width = -(-self.width // num_slots)
-    slots = [
-        layers.Embed(self.num_inputs, slot_width, dtype=self.dtype, name=f"embed_slot{j}",
-                     embedding_init=part(dense_init(1.0), ("vocab", "embed")))(z[..., j])
-        for j in range(num_slots)
-    ]
-    h = jnp.concatenate(slots, axis=-1)
-    if num_slots * slot_width != self.width:
-      h = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name="embed_project",
-                   kernel_init=part(dense_init(0.02), ("embed", None)))(h)
-    return h
 
   def condition(self, t: Array, label: Array | None) -> Array | None:
     """Conditioning vector [B, D] from time and class, or None when unconditioned."""
@@ -227,7 +209,9 @@ class Transformer(nn.Module):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, "
                        f"got {self.remat_policy!r}")
-    x = self.embed_inputs(z)
+    x = self.embed(z)
+    if x.shape[-1] != self.width:
+      raise ValueError(f"embed gives embeddings of width {x.shape[-1]}, not width={self.width}")
     cond = self.condition(t, label)
     block_kwargs = dict(
         num_heads=self.num_heads, mlp_dim=int(self.mlp_ratio * self.width),
