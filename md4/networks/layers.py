@@ -113,16 +113,6 @@ ONE_HOT_MAX_IDS = 1024
 _TABLE_INIT = partitioned(nn.initializers.normal(1.0), "vocab", "embed")
 
 
-def _read_rows(table: Array, ids: Array, dtype: Dtype) -> Array:
-  """Rows of table [N, features] at ids [...] -> [..., features] in dtype, as `Embed` reads them."""
-  num_rows = table.shape[0]
-  if num_rows <= ONE_HOT_MAX_IDS:
-    one_hot = jax.nn.one_hot(ids, num_rows, dtype=dtype)
-    # HIGHEST: each output is exactly one table entry, also where f32 matmuls default to TF32.
-    return jnp.dot(one_hot, table.astype(dtype), precision=jax.lax.Precision.HIGHEST)
-  return jnp.take(table, ids, axis=0).astype(dtype)
-
-
 class Embed(nn.Module):
   """nn.Embed (same parameter) whose gradient avoids contended scatter-adds: ids -> [..., features].
 
@@ -142,15 +132,15 @@ class Embed(nn.Module):
   def __call__(self, ids: Array) -> Array:
     table = self.param("embedding", self.embedding_init,
                        (self.num_embeddings, self.features), jnp.float32)
-    return _read_rows(table, ids, self.dtype)
+    if self.num_embeddings <= ONE_HOT_MAX_IDS:
+      one_hot = jax.nn.one_hot(ids, self.num_embeddings, dtype=self.dtype)
+      # HIGHEST: each output is exactly one table entry, also where f32 matmuls default to TF32.
+      return jnp.dot(one_hot, table.astype(self.dtype), precision=jax.lax.Precision.HIGHEST)
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 
 class SequenceEmbed(nn.Module):
-  """Embeds a sequence of ids [B, L] in 0..num_ids-1 -> [B, L, features], one table.
-
-  The table is this module's own parameter "embedding", read as `Embed` reads
-  it, so that its path is that of an nn.Embed in the module's place.
-  """
+  """Embeds a sequence of ids [B, L] in 0..num_ids-1 -> [B, L, features], one `Embed` table."""
 
   num_ids: int
   features: int
@@ -158,8 +148,10 @@ class SequenceEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, ids: Array) -> Array:
-    table = self.param("embedding", _TABLE_INIT, (self.num_ids, self.features), jnp.float32)
-    return _read_rows(table, ids, self.dtype)
+    table = Embed(self.num_ids, self.features, _TABLE_INIT, self.dtype)
+    # The table's parameter is this module's "embedding", as if it were the Embed itself.
+    nn.share_scope(self, table)
+    return table(ids)
 
 
 class SlotEmbed(nn.Module):

@@ -155,7 +155,8 @@ class Transformer(nn.Module):
   """Transformer over ids z [B, L, ...], t [B] -> logits [B, L, num_outputs].
 
   Attributes:
-    embed: maps the ids z to embeddings [B, L, width] (its parameters: "embed").
+    embed: the module mapping the ids z to embeddings [B, L, width], e.g.
+      `layers.SequenceEmbed` or `layers.SlotEmbed`; its parameters sit under "embed".
     num_outputs: logits per position.
     time_conditioning: "adaln" (adaLN-zero on t) or "none" (ignores t).
     num_classes: class labels for conditioning (0 = none); id num_classes is
