@@ -4,7 +4,7 @@ python benchmarks/gated_unit.py --tokens=131072 --width=3072   # text8's step, b
 
 Times, for h [T, 2, F] and the output gradient g [T, F], the gradient of
 silu(gate) * up three ways: autodiff of the split and product (the model's
-code before `layers.gated_unit`), `layers.gated_unit`'s XLA version, and its
+code before `kernels.gated_unit`), `kernels.gated_unit`'s XLA version, and its
 Pallas kernel (GPU only); beside them a plain elementwise pass, 2 h. Each
 comes with the bytes it moves per second: the gradient reads h and g and
 writes dh (5 T F values), 2 h reads and writes h (4 T F values), so the
@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from md4.networks import layers
+from md4.networks import kernels
 import timing
 
 _TOKENS = flags.DEFINE_integer("tokens", 131072, "T (batch x sequence length).")
@@ -49,10 +49,10 @@ def main(argv):
   functions = {
       "elementwise_2h": jax.jit(lambda h, g: h * 2),
       "autodiff": jax.jit(lambda h, g: jax.vjp(autodiff_gated_unit, h)[1](g)[0]),
-      "xla": jax.jit(functools.partial(layers._gated_unit_grad, activation=nn.silu)),  # pylint: disable=protected-access
+      "xla": jax.jit(functools.partial(kernels._gated_unit_grad, activation=nn.silu)),  # pylint: disable=protected-access
   }
   if jax.default_backend() == "gpu":
-    functions["pallas"] = jax.jit(layers.swiglu_grad_pallas)
+    functions["pallas"] = jax.jit(kernels.swiglu_grad_pallas)
   seconds = {name: median_seconds(fn, h, g) for name, fn in functions.items()}
   values_moved = {"elementwise_2h": 4 * tokens * width}
   result = {"device": jax.devices()[0].device_kind, "tokens": tokens, "width": width,

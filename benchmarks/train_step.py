@@ -31,7 +31,7 @@ from md4 import data as data_lib
 from md4 import models
 from md4 import sharding
 from md4 import train
-from md4.networks import layers
+from md4.networks import kernels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps, split evenly over the rounds.")
@@ -47,9 +47,9 @@ _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Writes a profiler trace
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Datasheet peak of the device in the "
                                   "compute dtype (989 for an H100 SXM in dense bf16), for MFU.")
 
-# Per-sequence weights (time and class conditioning, adaLN) and embedding lookups
-# do no per-token matmul work.
-_NOT_PER_TOKEN = ("adaln", "time_mlp", "label_embed", "embed/", "embed_slot")
+# Per-sequence weights (time and class conditioning, adaLN) and embedding tables
+# (lookups) do no per-token matmul work.
+_NOT_PER_TOKEN = ("adaln", "time_mlp", "embedding/")
 
 
 def matmul_peak_flops(dtype: jnp.dtype, size: int, repeats: int = 10) -> float:
@@ -148,7 +148,7 @@ def main(argv):
       "batch_size": config.batch_size,
       "example_shape": example_shape,
       "dtype": config.model.dtype,
-      "attention_impl": layers.attention_kernel(
+      "attention_impl": kernels.attention_kernel(
           config.model.attention_impl, compute_dtype,
           config.model.width // config.model.num_heads),
       "seconds_per_step": seconds_per_step,

@@ -1,11 +1,12 @@
 """Network pieces that replace library ones compute the same values and gradients.
 
-layers.Embed (nn.Embed, both paths), layers.xla_attention (the XLA path of
+layers.Embed (nn.Embed, both paths), kernels.xla_attention (the XLA path of
 jax.nn.dot_product_attention), the transformer's Linear and MlpIn
 (nn.DenseGeneral and the activation, on the CPU's path and on the other
-backends'), layers.gated_unit (autodiff, with its GPU kernel run interpreted,
-and lowered to Triton for CUDA)
-and the transformer's rotary embedding (autodiff of the rotation).
+backends'), kernels.gated_unit (autodiff, with its GPU kernel run interpreted,
+and lowered to Triton for CUDA), kernels.rotary (autodiff of the rotation),
+and whole backbones with custom_kernels on and off; the input adapters
+layers.SequenceEmbed and layers.SlotEmbed.
 """
 
 import functools
@@ -16,8 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from md4.networks import dit
+from md4.networks import kernels
 from md4.networks import layers
 from md4.networks import transformer
+from md4.networks import unet
 
 
 @pytest.mark.parametrize("num_embeddings", [27, layers.ONE_HOT_MAX_IDS + 1])
@@ -53,7 +57,7 @@ def test_attention_matches_jax_dot_product_attention(dtype):
     return jnp.sum(attention(q, k, v).astype(jnp.float32) * weights)
 
   inputs = [x.astype(dtype) for x in (q, k, v)]
-  ours = jax.value_and_grad(functools.partial(loss, layers.xla_attention), (0, 1, 2))(*inputs)
+  ours = jax.value_and_grad(functools.partial(loss, kernels.xla_attention), (0, 1, 2))(*inputs)
   reference = jax.value_and_grad(  # In float32, from the same (rounded) inputs.
       functools.partial(loss, jax.nn.dot_product_attention), (0, 1, 2))(
           *[x.astype(jnp.float32) for x in inputs])
@@ -63,6 +67,64 @@ def test_attention_matches_jax_dot_product_attention(dtype):
     scale = float(jnp.max(jnp.abs(expected)))
     np.testing.assert_allclose(value.astype(jnp.float32), expected, rtol=tolerance,
                                atol=tolerance * scale)
+
+
+def boxed_shapes(module: nn.Module, *args) -> dict:
+  """{parameter path: (shape, logical axis names)} of module.init(*args), without compiling."""
+  params = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)["params"]
+  boxes = jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          (box.value.shape, box.names) if isinstance(box, nn.LogicallyPartitioned) else
+          (box.shape, None) for path, box in boxes}
+
+
+def test_sequence_embed_is_one_table():
+  ids = jnp.arange(2 * 7, dtype=jnp.int32).reshape(2, 7) % 28
+  embed = layers.SequenceEmbed(28, 12, dtype=jnp.bfloat16)
+  assert boxed_shapes(embed, ids) == {"embedding": ((28, 12), ("vocab", "embed"))}
+  params = embed.init(jax.random.PRNGKey(0), ids)
+  out = embed.apply(params, ids)
+  assert out.shape == (2, 7, 12) and out.dtype == jnp.bfloat16
+  table = nn.meta.unbox(params)["params"]["embedding"]
+  np.testing.assert_array_equal(out, table[ids].astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("num_slots, projected", [(2, False), (3, True), (1, False)])
+def test_slot_embed_concatenates_one_table_per_slot(num_slots, projected):
+  width = 10
+  slot_width = -(-width // num_slots)
+  ids = jnp.arange(2 * 7 * num_slots, dtype=jnp.int32).reshape(2, 7, num_slots) % 5
+  embed = layers.SlotEmbed(5, num_slots, width)
+  expected = {f"slot{j}/embedding": ((5, slot_width), ("vocab", "embed"))
+              for j in range(num_slots)}
+  if projected:
+    expected["project/kernel"] = ((num_slots * slot_width, width), ("embed", None))
+  assert boxed_shapes(embed, ids) == expected
+  params = embed.init(jax.random.PRNGKey(0), ids)
+  out = embed.apply(params, ids)
+  assert out.shape == (2, 7, width)
+  tables = nn.meta.unbox(params)["params"]
+  concatenated = jnp.concatenate(
+      [tables[f"slot{j}"]["embedding"][ids[..., j]] for j in range(num_slots)], axis=-1)
+  if projected:
+    concatenated = concatenated @ tables["project"]["kernel"]
+  np.testing.assert_allclose(out, concatenated, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="num_slots"):
+    embed.apply(params, ids[..., :1] if num_slots > 1 else jnp.concatenate([ids, ids], -1))
+
+
+def test_transformer_reads_its_input_through_embed():
+  t = jnp.array([0.3, 0.8])
+  make = functools.partial(transformer.Transformer, num_outputs=27, width=32, num_layers=1,
+                           num_heads=4)
+  ids = jnp.zeros((2, 7, 3), jnp.int32)
+  shapes = boxed_shapes(make(embed=layers.SlotEmbed(5, 3, 32)), ids, t)
+  assert {name for name in shapes if name.startswith("embed")} == {
+      "embed/slot0/embedding", "embed/slot1/embedding", "embed/slot2/embedding",
+      "embed/project/kernel"}
+  with pytest.raises(ValueError, match="width"):
+    boxed_shapes(make(embed=layers.SequenceEmbed(28, 16)), ids[..., 0], t)
 
 
 def gated(activation, h):
@@ -76,12 +138,13 @@ def test_linear_and_mlp_in_match_dense_general(backend, monkeypatch):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 10, 4, 6))
   init = nn.initializers.normal(0.02)
   mlp_in = functools.partial(transformer.MlpIn, kernel_axes=("embed", None, "mlp"),
-                             kernel_std=0.02, dtype=jnp.float32)
+                             kernel_std=0.02, dtype=jnp.float32, custom_kernels=True)
   cases = [  # (ours, nn.DenseGeneral, what follows it): kernels narrower and wider than x.
-      (transformer.Linear((5,), ("heads", "head_dim", "embed"), 0.02, jnp.float32,
+      (transformer.Linear((5,), ("heads", "head_dim", "embed"), 0.02, jnp.float32, True,
                           num_in_axes=2),
        nn.DenseGeneral(5, axis=(-2, -1), use_bias=False, kernel_init=init), lambda h: h),
-      (transformer.Linear((3, 2, 7), ("embed", None, "heads", "head_dim"), 0.02, jnp.float32),
+      (transformer.Linear((3, 2, 7), ("embed", None, "heads", "head_dim"), 0.02, jnp.float32,
+                          True),
        nn.DenseGeneral((3, 2, 7), use_bias=False, kernel_init=init), lambda h: h),
       (mlp_in(features=(2, 9), mlp_type="swiglu"),
        nn.DenseGeneral((2, 9), use_bias=False, kernel_init=init),
@@ -121,9 +184,9 @@ def test_gated_unit_matches_autodiff(activation, dtype, monkeypatch):
     kernel_calls.append(h.shape)
     return swiglu_grad_pallas(h, g, interpret=True)
 
-  swiglu_grad_pallas = layers.swiglu_grad_pallas
+  swiglu_grad_pallas = kernels.swiglu_grad_pallas
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(layers, "swiglu_grad_pallas", interpreted_kernel)
+  monkeypatch.setattr(kernels, "swiglu_grad_pallas", interpreted_kernel)
   h = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 2, 512)).astype(dtype)
   # Exact in dtype, so that both sides see the same output gradient.
   weights = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 512)).astype(dtype).astype(
@@ -132,7 +195,7 @@ def test_gated_unit_matches_autodiff(activation, dtype, monkeypatch):
   def grad(unit, h):
     return jax.grad(lambda h: jnp.sum(unit(h).astype(jnp.float32) * weights))(h)
 
-  ours = grad(functools.partial(layers.gated_unit, activation=activation), h)
+  ours = grad(functools.partial(kernels.gated_unit, activation=activation), h)
   # In float32 from the same inputs, then rounded to dtype once, as ours is.
   reference = grad(functools.partial(gated, activation), h.astype(jnp.float32)).astype(dtype)
   assert len(kernel_calls) == (activation is nn.silu)
@@ -145,8 +208,8 @@ def test_gated_unit_matches_autodiff(activation, dtype, monkeypatch):
 def test_swiglu_kernel_matches_xla_gradient():
   h = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 2, 768))
   g = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 768))
-  np.testing.assert_allclose(layers.swiglu_grad_pallas(h, g, interpret=True),
-                             layers._gated_unit_grad(h, g, nn.silu), rtol=1e-6, atol=1e-6)  # pylint: disable=protected-access
+  np.testing.assert_allclose(kernels.swiglu_grad_pallas(h, g, interpret=True),
+                             kernels._gated_unit_grad(h, g, nn.silu), rtol=1e-6, atol=1e-6)  # pylint: disable=protected-access
 
 
 def test_swiglu_kernel_lowers_to_triton_for_cuda():
@@ -155,7 +218,7 @@ def test_swiglu_kernel_lowers_to_triton_for_cuda():
   g = jax.ShapeDtypeStruct((1024, 3072), jnp.bfloat16)
   triton = "__gpu$xla.gpu.triton"
   exported = jax.export.export(
-      jax.jit(layers.swiglu_grad_pallas), platforms=["cuda"],
+      jax.jit(kernels.swiglu_grad_pallas), platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(h, g)
   assert triton in exported.mlir_module()
 
@@ -163,13 +226,60 @@ def test_swiglu_kernel_lowers_to_triton_for_cuda():
 def test_rotary_rotates_pairs_and_its_gradient_rotates_back():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 300, 3, 16))
   weights = jax.random.normal(jax.random.PRNGKey(1), x.shape)
-  out = transformer.rotary(x)
+  out = kernels.rotary(x)
   half = x.shape[-1] // 2
   # Position 0 is not rotated; every pair (i, i + D/2) keeps its length.
   np.testing.assert_allclose(out[:, 0], x[:, 0], atol=1e-6)
   np.testing.assert_allclose(jnp.hypot(out[..., :half], out[..., half:]),
                              jnp.hypot(x[..., :half], x[..., half:]), rtol=1e-5)
-  cos, sin = transformer._rotary_angles(x.shape[1], x.shape[-1])  # pylint: disable=protected-access
-  grad = jax.grad(lambda x: jnp.sum(transformer.rotary(x) * weights))(x)
-  expected = jax.grad(lambda x: jnp.sum(transformer._rotate(x, cos, sin) * weights))(x)  # pylint: disable=protected-access
-  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5)
+
+  def grad(custom_kernels):
+    return jax.grad(lambda x: jnp.sum(kernels.rotary(x, custom_kernels=custom_kernels)
+                                      * weights))(x)
+
+  np.testing.assert_allclose(grad(True), grad(False), rtol=1e-5, atol=1e-5)
+
+
+BACKBONES = {  # Tiny backbones and their inputs: token ids z, times t [B].
+    "transformer": (
+        functools.partial(transformer.Transformer, embed=layers.SequenceEmbed(28, 32),
+                          num_outputs=27, width=32, num_layers=2, num_heads=4),
+        jnp.arange(2 * 16, dtype=jnp.int32).reshape(2, 16) % 28),
+    "unet": (
+        functools.partial(unet.UNet, channels=8, num_res_blocks=1, num_heads=2, dropout=0.0,
+                          token_embed_dim=4, norm_groups=4),
+        jnp.arange(2 * 4 * 4 * 3, dtype=jnp.int32).reshape(2, 4, 4, 3) % 257),
+    "dit": (
+        functools.partial(dit.DiT, patch_size=2, width=16, depth=1, num_heads=2,
+                          token_embed_dim=4, frequency_dim=16),
+        jnp.arange(2 * 4 * 4 * 3, dtype=jnp.int32).reshape(2, 4, 4, 3) % 257),
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_custom_kernels_off_gives_the_same_values_and_gradients(backbone):
+  make, z = BACKBONES[backbone]
+  t = jnp.array([0.3, 0.8])
+  shapes = nn.meta.unbox(jax.eval_shape(make().init, jax.random.PRNGKey(0), z, t))
+  # Random parameters everywhere, so that no zero-initialised head hides a difference.
+  leaves, treedef = jax.tree.flatten(shapes)
+  rng = np.random.default_rng(0)
+  params = jax.tree.unflatten(
+      treedef, [jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype) for x in leaves])
+  out_shape = jax.eval_shape(make().apply, params, z, t).shape
+  weights = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+
+  def loss(custom_kernels, params):
+    return jnp.sum(make(custom_kernels=custom_kernels).apply(params, z, t) * weights)
+
+  # On CPU every backbone reaches a custom VJP with them on, and none with them off.
+  assert "custom_vjp" in str(jax.make_jaxpr(functools.partial(loss, True))(params))
+  assert "custom_vjp" not in str(jax.make_jaxpr(functools.partial(loss, False))(params))
+  (value, grads), (expected_value, expected_grads) = (
+      jax.jit(jax.value_and_grad(functools.partial(loss, custom_kernels)))(params)
+      for custom_kernels in (True, False))
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  # Against the largest gradient: some parameters' gradients are 0 up to rounding.
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(expected_grads))
+  for grad, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5 * scale)

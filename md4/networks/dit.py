@@ -71,6 +71,7 @@ class DiTBlock(nn.Module):
   dropout: float
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = ""
+  custom_kernels: bool = True
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, train: bool) -> Array:
@@ -79,7 +80,8 @@ class DiTBlock(nn.Module):
         6, width, self.dtype, cond, "adaln")
     h = _modulate(_layer_norm(self.dtype, "norm_attention")(x), shift_a, scale_a)
     h = layers.SelfAttention(self.num_heads, attention_impl=self.attention_impl,
-                             dtype=self.dtype, name="attention")(h)
+                             dtype=self.dtype, custom_kernels=self.custom_kernels,
+                             name="attention")(h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     x = x + gate_a * h
 
@@ -113,6 +115,7 @@ class DiT(nn.Module):
       0 = unconditional.
     dtype: compute dtype (parameters stay float32).
     attention_impl: "" (cuDNN on GPU in half precision, else XLA), "xla" or "cudnn".
+    custom_kernels: the custom VJPs and Pallas kernel of `kernels`; False: library ops.
   """
 
   vocab_size: int = 256
@@ -127,6 +130,7 @@ class DiT(nn.Module):
   num_classes: int = 0
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = ""
+  custom_kernels: bool = True
 
   @nn.compact
   def __call__(self, z: Array, t: Array, label: Array | None = None, *,
@@ -159,7 +163,7 @@ class DiT(nn.Module):
 
     for i in range(self.depth):
       h = DiTBlock(self.num_heads, self.mlp_ratio, self.dropout, dtype,
-                   self.attention_impl, name=f"block_{i}")(h, cond, train)
+                   self.attention_impl, self.custom_kernels, name=f"block_{i}")(h, cond, train)
 
     shift, scale = _adaln(2, self.width, dtype, cond, "adaln_out")
     h = _modulate(_layer_norm(dtype, "norm_out")(h), shift, scale)

@@ -18,7 +18,6 @@ the training loop maps them to mesh axes with rules. The names used:
 `md4.networks.transformer`, so one set of rules serves every network.
 """
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -26,8 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
+
+from md4.networks import kernels
 
 Array = jnp.ndarray
 Dtype = Any
@@ -106,200 +105,12 @@ def timestep_embedding(t: Array, dim: int, scale: float = 1000.0,
   return jnp.pad(features, ((0, 0), (0, dim - 2 * half)))
 
 
-def dense(x: Array, kernel: Array, num_in_axes: int = 1) -> Array:
-  """x [..., *in] times kernel [*in, *out] -> [..., *out], `in` the last num_in_axes axes of x.
-
-  On CPU the kernel's gradient transposes the narrower of x and the output
-  gradient (see `_cpu_dense`); elsewhere it is autodiff's.
-  """
-  if jax.default_backend() == "cpu":
-    return _cpu_dense(x, kernel, num_in_axes)
-  return jnp.tensordot(x, kernel, num_in_axes)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _cpu_dense(x: Array, kernel: Array, num_in_axes: int) -> Array:
-  """`dense` whose kernel gradient contracts the tokens with the narrower operand first.
-
-  XLA:CPU copies the first operand of this contraction transposed. Autodiff
-  puts the output gradient first: for the MLP's input projections a [T, F]
-  copy, into which XLA fused the activation's gradient as a slow transposing
-  loop, where x^T is [D, T]. With MlpIn's separate halves, autodiff's order
-  made the shrunk text8 step 25% slower than one matmul did, and this order
-  5-12% faster.
-  """
-  return _cpu_dense_fwd(x, kernel, num_in_axes)[0]
-
-
-def _cpu_dense_fwd(x: Array, kernel: Array, num_in_axes: int) -> tuple[Array, tuple[Array, Array]]:
-  return jnp.tensordot(x, kernel, num_in_axes), (x, kernel)
-
-
-def _cpu_dense_bwd(num_in_axes: int, residuals: tuple[Array, Array],
-                   g: Array) -> tuple[Array, Array]:
-  x, kernel = residuals
-  num_out_axes = kernel.ndim - num_in_axes
-  tokens = tuple(range(x.ndim - num_in_axes))
-  dx = jnp.tensordot(g, kernel, (tuple(range(g.ndim - num_out_axes, g.ndim)),
-                                 tuple(range(num_in_axes, kernel.ndim))))
-  if math.prod(kernel.shape[:num_in_axes]) <= math.prod(kernel.shape[num_in_axes:]):
-    dkernel = jnp.tensordot(x, g, (tokens, tokens))
-  else:
-    dkernel = jnp.moveaxis(jnp.tensordot(g, x, (tokens, tokens)),
-                           tuple(range(num_out_axes)), tuple(range(num_in_axes, kernel.ndim)))
-  return dx, dkernel
-
-
-_cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
-
-
-@jax.custom_vjp
-def xla_attention(q: Array, k: Array, v: Array) -> Array:
-  """Softmax attention of q, k, v [B, L, H, D] -> [B, L, H, D], scores in float32.
-
-  What jax.nn.dot_product_attention's XLA path computes, faster to differentiate
-  on CPU: every matmul, forward and backward, multiplies [M, K] by [K, N] per
-  (batch, head). The small [B, H, L, D] operands are transposed for that,
-  behind optimisation barriers so that XLA cannot fold the transposes back
-  into the matmuls; the [B, H, L, L] scores never are. With XLA's own layouts
-  some matmuls read the scores as a transposed right operand (at about 25
-  GFLOP/s on the CI's 2-core CPU), and attention took about 20% longer.
-  """
-  return _xla_attention_fwd(q, k, v)[0]
-
-
-def _xla_attention_fwd(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...]]:
-  # Scaling q [B, L, H, D] is cheaper than scaling the scores [B, H, L, L].
-  q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-  q_bhqd, k_bhdk, v_bhkd = jax.lax.optimization_barrier(
-      (q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)))
-  probs = jax.nn.softmax(
-      jnp.einsum("bhqd,bhdk->bhqk", q_bhqd, k_bhdk, preferred_element_type=jnp.float32))
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v_bhkd)
-  residuals = (q_bhqd, k_bhdk, v_bhkd, probs, out)
-  return jax.lax.optimization_barrier(out).transpose(0, 2, 1, 3), residuals
-
-
-def _xla_attention_bwd(residuals: tuple[Array, ...], g: Array) -> tuple[Array, Array, Array]:
-  q_bhqd, k_bhdk, v_bhkd, probs, out = residuals
-  g_bhqd, g_bhdq, q_bhdq, k_bhkd, v_bhdk = jax.lax.optimization_barrier(
-      (g.transpose(0, 2, 1, 3), g.transpose(0, 2, 3, 1), q_bhqd.swapaxes(2, 3),
-       k_bhdk.swapaxes(2, 3), v_bhkd.swapaxes(2, 3)))
-  dv_bhdk = jnp.einsum("bhdq,bhqk->bhdk", g_bhdq, probs.astype(g.dtype))
-  dprobs = jnp.einsum("bhqd,bhdk->bhqk", g_bhqd, v_bhdk, preferred_element_type=jnp.float32)
-  # Softmax's gradient, one pass: probs (dprobs - <g, out>), as <probs, dprobs> = <g, out>.
-  row_dot = jnp.sum(g_bhqd.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-  dscores = (probs * (dprobs - row_dot)).astype(q_bhqd.dtype)
-  scale = jnp.asarray(1.0 / math.sqrt(q_bhqd.shape[-1]), q_bhqd.dtype)
-  dq = jnp.einsum("bhqk,bhkd->bhqd", dscores, k_bhkd) * scale
-  dk_bhdk = jnp.einsum("bhdq,bhqk->bhdk", q_bhdq, dscores)  # q_bhdq carries the scale.
-  return (dq.transpose(0, 2, 1, 3), dk_bhdk.transpose(0, 3, 1, 2),
-          dv_bhdk.transpose(0, 3, 1, 2))
-
-
-xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def gated_unit(h: Array, activation: Callable[[Array], Array]) -> Array:
-  """activation(gate) * up for h [..., 2, F] = (gate, up) stacked -> [..., F].
-
-  The gradient [..., 2, F] is one float32 pass over h and the output gradient.
-  On one GPU, for silu, it is a Pallas kernel (`swiglu_grad_pallas`); its
-  custom call has no partitioning rule, so with more devices, and elsewhere,
-  XLA's version (`_gated_unit_grad`). For text8's [131072, 2, 3072] in bf16 the
-  H100 took 1.92 ms for autodiff's gradient and 1.39 ms for either of these,
-  which move 4 GB at the 2.9 TB/s of a plain elementwise pass. In the whole
-  text8 step XLA's version was 1% slower than the kernel.
-  """
-  return _gated_unit_fwd(h, activation)[0]
-
-
-def _gated_unit_fwd(h: Array, activation: Callable[[Array], Array]) -> tuple[Array, Array]:
-  return activation(h[..., 0, :]) * h[..., 1, :], h
-
-
-def _gated_unit_bwd(activation: Callable[[Array], Array], h: Array, g: Array) -> tuple[Array]:
-  if (activation is nn.silu and jax.default_backend() == "gpu" and jax.device_count() == 1
-      and _swiglu_grad_tiles(h.shape)):
-    return (swiglu_grad_pallas(h, g),)
-  return (_gated_unit_grad(h, g, activation),)
-
-
-gated_unit.defvjp(_gated_unit_fwd, _gated_unit_bwd)
-
-
-def _gated_unit_grad(h: Array, g: Array, activation: Callable[[Array], Array]) -> Array:
-  """The gradient [..., 2, F] of gated_unit at h [..., 2, F], output gradient g [..., F].
-
-  One select over the [..., 2, F] result, rather than a concatenate of the two
-  halves, which XLA:GPU would not fuse with their shared activation.
-  """
-  gate, up = h[..., :1, :].astype(jnp.float32), h[..., 1:, :].astype(jnp.float32)
-  g = g[..., None, :].astype(jnp.float32)
-  value, derivative = jax.jvp(activation, (gate,), (jnp.ones_like(gate),))
-  is_gate = jax.lax.broadcasted_iota(jnp.int32, h.shape, h.ndim - 2) == 0
-  return jnp.where(is_gate, g * up * derivative, g * value).astype(h.dtype)
-
-
-# Rows and columns of one program of the SwiGLU gradient kernel.
-_SWIGLU_BLOCK = (16, 256)
-
-
-def _swiglu_grad_tiles(shape: tuple[int, ...]) -> bool:
-  return math.prod(shape[:-2]) % _SWIGLU_BLOCK[0] == 0 and shape[-1] % _SWIGLU_BLOCK[1] == 0
-
-
-def _swiglu_grad_kernel(h_ref, g_ref, dh_ref):
-  gate = h_ref[:, 0, :].astype(jnp.float32)
-  up = h_ref[:, 1, :].astype(jnp.float32)
-  g = g_ref[...].astype(jnp.float32)
-  sigmoid = 1.0 / (1.0 + jnp.exp(-gate))
-  dh_ref[:, 0, :] = (g * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))).astype(dh_ref.dtype)
-  dh_ref[:, 1, :] = (g * gate * sigmoid).astype(dh_ref.dtype)
-
-
-def swiglu_grad_pallas(h: Array, g: Array, interpret: bool = False) -> Array:
-  """`_gated_unit_grad` for silu as one Pallas kernel: h [..., 2, F] and g [..., F] read once."""
-  rows, columns = _SWIGLU_BLOCK
-  num_tokens, width = math.prod(h.shape[:-2]), h.shape[-1]
-  dh = pl.pallas_call(
-      _swiglu_grad_kernel,
-      grid=(num_tokens // rows, width // columns),
-      in_specs=[pl.BlockSpec((rows, 2, columns), lambda i, j: (i, 0, j)),
-                pl.BlockSpec((rows, columns), lambda i, j: (i, j))],
-      out_specs=pl.BlockSpec((rows, 2, columns), lambda i, j: (i, 0, j)),
-      out_shape=jax.ShapeDtypeStruct((num_tokens, 2, width), h.dtype),
-      # Triton, the backend it was tuned on: some JAX versions default to Mosaic GPU.
-      compiler_params=pltriton.CompilerParams(),
-      interpret=interpret,
-  )(h.reshape(num_tokens, 2, width), g.reshape(num_tokens, width))
-  return dh.reshape(h.shape)
-
-
-def attention_kernel(requested: str, dtype: Dtype, head_dim: int) -> str:
-  """"cudnn" or "xla": the requested kernel, or by default cuDNN's fused one where it applies.
-
-  cuDNN's flash attention (GPU, half precision, head_dim a multiple of 8 up to
-  128) never writes the [B, H, L, L] scores to memory; the XLA path does.
-  """
-  if requested:
-    return requested
-  if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-      and head_dim % 8 == 0 and head_dim <= 128):
-    return "cudnn"
-  return "xla"
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, implementation: str = "") -> Array:
-  """Softmax attention of q, k, v [B, L, H, D] -> [B, L, H, D] by `attention_kernel`'s choice."""
-  if attention_kernel(implementation, q.dtype, q.shape[-1]) == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-  return xla_attention(q, k, v)
-
-
 # Tables up to this many rows are read by a one-hot matmul (see Embed).
 ONE_HOT_MAX_IDS = 1024
+
+
+# The init and logical axes of every token table.
+_TABLE_INIT = partitioned(nn.initializers.normal(1.0), "vocab", "embed")
 
 
 class Embed(nn.Module):
@@ -328,6 +139,50 @@ class Embed(nn.Module):
     return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 
+class SequenceEmbed(nn.Module):
+  """Embeds a sequence of ids [B, L] in 0..num_ids-1 -> [B, L, features], one `Embed` table."""
+
+  num_ids: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    table = Embed(self.num_ids, self.features, _TABLE_INIT, self.dtype)
+    # The table's parameter is this module's "embedding", as if it were the Embed itself.
+    nn.share_scope(self, table)
+    return table(ids)
+
+
+class SlotEmbed(nn.Module):
+  """Embeds positions made of K = num_slots slots: ids [B, L, K] -> [B, L, features].
+
+  Each slot has its own table ("slot0", "slot1", ...) of width
+  ceil(features / K); a position's K embeddings are concatenated, and
+  projected bias-free to features ("project") only when K does not divide it.
+  """
+
+  num_ids: int
+  num_slots: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    if ids.shape[-1] != self.num_slots:
+      raise ValueError(f"ids must have num_slots={self.num_slots} slots in their last axis, "
+                       f"got shape {ids.shape}")
+    slot_width = -(-self.features // self.num_slots)
+    h = jnp.concatenate([
+        Embed(self.num_ids, slot_width, _TABLE_INIT, self.dtype, name=f"slot{j}")(ids[..., j])
+        for j in range(self.num_slots)
+    ], axis=-1)
+    if self.num_slots * slot_width == self.features:
+      return h
+    return nn.Dense(self.features, use_bias=False, dtype=self.dtype, name="project",
+                    kernel_init=partitioned(nn.initializers.normal(0.02), "embed", None))(h)
+
+
 class TokenEmbed(nn.Module):
   """Embeds each channel's token (table of vocab_size + 1 rows, mask last).
 
@@ -341,10 +196,7 @@ class TokenEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
-    table = Embed(
-        self.vocab_size + 1, self.features, dtype=self.dtype,
-        embedding_init=partitioned(nn.initializers.normal(1.0), "vocab", "embed"),
-        name="table")
+    table = Embed(self.vocab_size + 1, self.features, _TABLE_INIT, self.dtype, name="table")
     x = table(z)
     return x.reshape(z.shape[:-1] + (z.shape[-1] * self.features,))
 
@@ -386,17 +238,18 @@ class ConditionEmbed(nn.Module):
 class SelfAttention(nn.Module):
   """Multi-head self-attention over x [B, N, D] -> [B, N, D].
 
-  Softmax attention by `dot_product_attention` (attention_impl: "" picks,
-  or "xla" / "cudnn"). zero_init_out
-  starts the output projection at zero (an ungated residual branch then starts
-  as identity); leave it off behind a zero-initialised gate, where two zeros
-  in a row would leave both without gradient.
+  Softmax attention by `kernels.dot_product_attention` (attention_impl: ""
+  picks, or "xla" / "cudnn"; custom_kernels: False for the library op).
+  zero_init_out starts the output projection at zero (an ungated residual
+  branch then starts as identity); leave it off behind a zero-initialised
+  gate, where two zeros in a row would leave both without gradient.
   """
 
   num_heads: int
   zero_init_out: bool = False
   attention_impl: str = ""
   dtype: Dtype = jnp.float32
+  custom_kernels: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -414,7 +267,8 @@ class SelfAttention(nn.Module):
           name=name)(x)
 
     q, k, v = projection("query"), projection("key"), projection("value")
-    h = dot_product_attention(q, k, v, self.attention_impl)  # [B, N, heads, head_dim]
+    h = kernels.dot_product_attention(  # [B, N, heads, head_dim]
+        q, k, v, self.attention_impl, custom_kernels=self.custom_kernels)
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype,
         kernel_init=partitioned(

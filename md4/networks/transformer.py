@@ -1,11 +1,12 @@
-"""Bidirectional DiT-style transformer over token sequences.
+"""Bidirectional DiT-style transformer over sequences.
 
-Reads masked tokens z [B, L] (ids 0..V, V = mask) or, for MDM-Prime, sub-token
-states z [B, L, l] (ids 0..b, b = sub-token mask), the time t [B] and an
-optional class label [B]; returns logits [B, L, num_outputs]. Time and class
-condition every block through adaLN-zero; positions through rotary
-embeddings. Every parameter carries logical axis names
-("vocab", "embed", "heads", "head_dim", "mlp", "layers") for the mesh rules.
+Reads input ids z through the embedding module the caller gives it (ids
+[B, L] by `layers.SequenceEmbed`, positions of K slots [B, L, K] by
+`layers.SlotEmbed`), the time t [B] and an optional class label [B]; returns
+logits [B, L, num_outputs]. Time and class condition every block through
+adaLN-zero; positions through rotary embeddings. Every parameter carries
+logical axis names ("vocab", "embed", "heads", "head_dim", "mlp", "layers")
+for the mesh rules.
 """
 
 import functools
@@ -14,15 +15,14 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from md4.networks import kernels
 from md4.networks import layers
 
 Array = jnp.ndarray
 Dtype = jnp.dtype
 
 OUTPUT_ALIGNMENT = 128
-ROTARY_BASE = 10_000.0
 
 REMAT_POLICIES = {
     "none": None,
@@ -33,44 +33,6 @@ REMAT_POLICIES = {
 
 def dense_init(std: float) -> nn.initializers.Initializer:
   return nn.initializers.normal(stddev=std)
-
-
-def _rotary_angles(length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-  """cos and sin [L, 1, D/2] of the rotary angles, as constants of the compiled program."""
-  frequencies = ROTARY_BASE**(-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-  angles = np.arange(length)[:, None, None] * frequencies
-  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-def _rotate(x: Array, cos: Array, sin: Array) -> Array:
-  """Rotates the pairs (x[..., i], x[..., i + D/2]) of x [B, L, H, D] by the angles, in float32."""
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
-
-
-@jax.custom_vjp
-def rotary(x: Array) -> Array:
-  """Rotary position embedding of x [B, L, H, D] (D even).
-
-  The cos and sin tables are computed in float64 (float32 angles put them
-  3.6e-5 off at 1024 positions) and are constants of the program. The
-  gradient is the rotation back, one pass like the forward, rather than
-  autodiff's pads and adds of the halves. Neither changed the step time
-  (H100 text8: 0.2205 against 0.2200 s/step; CPU: within noise).
-  """
-  return _rotary_fwd(x)[0]
-
-
-def _rotary_fwd(x: Array) -> tuple[Array, None]:
-  return _rotate(x, *_rotary_angles(x.shape[1], x.shape[-1])), None
-
-
-def _rotary_bwd(_, g: Array) -> tuple[Array]:
-  cos, sin = _rotary_angles(g.shape[1], g.shape[-1])
-  return (_rotate(g, cos, -sin),)
-
-
-rotary.defvjp(_rotary_fwd, _rotary_bwd)
 
 
 def timestep_features(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
@@ -87,7 +49,7 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
 
 
 class Linear(nn.Module):
-  """Bias-free x [..., *in] -> [..., *features] over x's last num_in_axes axes, by `layers.dense`.
+  """Bias-free x [..., *in] -> [..., *features] over x's last num_in_axes axes, by `kernels.dense`.
 
   The kernel [*in, *features] is nn.DenseGeneral's, so checkpoints carry over.
   """
@@ -96,6 +58,7 @@ class Linear(nn.Module):
   kernel_axes: tuple[str | None, ...]
   kernel_std: float
   dtype: Dtype
+  custom_kernels: bool
   num_in_axes: int = 1
 
   def kernel(self, in_shape: tuple[int, ...]) -> Array:
@@ -106,18 +69,15 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.kernel(x.shape[x.ndim - self.num_in_axes:])
-    return layers.dense(x.astype(self.dtype), kernel, self.num_in_axes)
+    return kernels.dense(x.astype(self.dtype), kernel, self.num_in_axes,
+                         custom_kernels=self.custom_kernels)
 
 
 class MlpIn(Linear):
   """The MLP's input projection and activation, x [..., D] -> [..., F].
 
   features = (num_in, F): the kernel [D, num_in, F] makes gate and up for
-  "swiglu" and "geglu", one input for "gelu". On CPU each slice is its own
-  matmul, whose gradient needs no concatenate of the slices (XLA:CPU wrote it
-  three times, once transposed). Elsewhere one matmul is faster (H100, text8:
-  0.2183 against 0.2228 s/step split), and `layers.gated_unit` writes the
-  gradient of its [..., 2, F] output in one pass.
+  "swiglu" and "geglu" (`kernels.gated_dense`), one input for "gelu".
   """
 
   mlp_type: str = "swiglu"
@@ -128,11 +88,8 @@ class MlpIn(Linear):
     kernel = self.kernel(x.shape[-1:])
     x = x.astype(self.dtype)
     if self.mlp_type == "gelu":
-      return activation(layers.dense(x, kernel[:, 0]))
-    if jax.default_backend() == "cpu":
-      gate, up = (layers.dense(x, kernel[:, i]) for i in range(2))
-      return activation(gate) * up
-    return layers.gated_unit(layers.dense(x, kernel), activation)
+      return activation(kernels.dense(x, kernel[:, 0], custom_kernels=self.custom_kernels))
+    return kernels.gated_dense(x, kernel, activation, custom_kernels=self.custom_kernels)
 
 
 class Block(nn.Module):
@@ -144,6 +101,7 @@ class Block(nn.Module):
   dropout_rate: float
   out_init_std: float
   attention_impl: str
+  custom_kernels: bool
   dtype: Dtype
 
   @nn.compact
@@ -163,21 +121,24 @@ class Block(nn.Module):
 
     norm = functools.partial(nn.LayerNorm, use_bias=False, use_scale=False, dtype=self.dtype)
     h = modulate(norm(name="norm_attention")(x), shift_a, scale_a)
+    custom = self.custom_kernels
     qkv = Linear((3, self.num_heads, head_dim), ("embed", None, "heads", "head_dim"), 0.02,
-                 self.dtype, name="qkv")(h)
+                 self.dtype, custom, name="qkv")(h)
     # One split, whose gradient is one concatenate rather than three pads and adds.
     q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
-    attended = layers.dot_product_attention(rotary(q), rotary(k), v, self.attention_impl)
+    q, k = (kernels.rotary(a, custom_kernels=custom) for a in (q, k))
+    attended = kernels.dot_product_attention(q, k, v, self.attention_impl, custom_kernels=custom)
     h = Linear((width,), ("heads", "head_dim", "embed"), self.out_init_std, self.dtype,
-               num_in_axes=2, name="attention_out")(attended)
+               custom, num_in_axes=2, name="attention_out")(attended)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
     x = x + gate_a[:, None] * h
 
     h = modulate(norm(name="norm_mlp")(x), shift_m, scale_m)
     num_in = 1 if self.mlp_type == "gelu" else 2
-    h = MlpIn((num_in, self.mlp_dim), ("embed", None, "mlp"), 0.02, self.dtype,
+    h = MlpIn((num_in, self.mlp_dim), ("embed", None, "mlp"), 0.02, self.dtype, custom,
               mlp_type=self.mlp_type, name="mlp_in")(h)
-    h = Linear((width,), ("mlp", "embed"), self.out_init_std, self.dtype, name="mlp_out")(h)
+    h = Linear((width,), ("mlp", "embed"), self.out_init_std, self.dtype, custom,
+               name="mlp_out")(h)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
     return x + gate_m[:, None] * h
 
@@ -191,17 +152,19 @@ class ScannedBlock(Block):
 
 
 class Transformer(nn.Module):
-  """Masked-token transformer: z [B, L] or [B, L, l], t [B] -> logits [B, L, num_outputs].
+  """Transformer over ids z [B, L, ...], t [B] -> logits [B, L, num_outputs].
 
   Attributes:
-    num_inputs: ids per input slot, mask included (V + 1, or b + 1 for sub-tokens).
-    num_outputs: logits per position (V, or C token classes for MDM-Prime).
+    embed: the module mapping the ids z to embeddings [B, L, width], e.g.
+      `layers.SequenceEmbed` or `layers.SlotEmbed`; its parameters sit under "embed".
+    num_outputs: logits per position.
     time_conditioning: "adaln" (adaLN-zero on t) or "none" (ignores t).
     num_classes: class labels for conditioning (0 = none); id num_classes is
       the null label used by classifier-free guidance.
+    custom_kernels: the custom VJPs and Pallas kernel of `kernels`; False: library ops.
   """
 
-  num_inputs: int
+  embed: nn.Module
   num_outputs: int
   width: int = 768
   num_layers: int = 12
@@ -214,26 +177,8 @@ class Transformer(nn.Module):
   attention_impl: str = ""
   remat_policy: str = "none"
   scan_layers: bool = False
+  custom_kernels: bool = True
   dtype: Dtype = jnp.float32
-
-  def embed_inputs(self, z: Array) -> Array:
-    """Token embeddings [B, L, D]; sub-token slots get their own tables, concatenated."""
-    part = nn.with_logical_partitioning
-    if z.ndim == 2:
-      return layers.Embed(self.num_inputs, self.width, dtype=self.dtype, name="embed",
-                          embedding_init=part(dense_init(1.0), ("vocab", "embed")))(z)
-    num_slots = z.shape[-1]
-    slot_width = -(-self.width // num_slots)
-    slots = [
-        layers.Embed(self.num_inputs, slot_width, dtype=self.dtype, name=f"embed_slot{j}",
-                     embedding_init=part(dense_init(1.0), ("vocab", "embed")))(z[..., j])
-        for j in range(num_slots)
-    ]
-    h = jnp.concatenate(slots, axis=-1)
-    if num_slots * slot_width != self.width:
-      h = nn.Dense(self.width, use_bias=False, dtype=self.dtype, name="embed_project",
-                   kernel_init=part(dense_init(0.02), ("embed", None)))(h)
-    return h
 
   def condition(self, t: Array, label: Array | None) -> Array | None:
     """Conditioning vector [B, D] from time and class, or None when unconditioned."""
@@ -265,13 +210,15 @@ class Transformer(nn.Module):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, "
                        f"got {self.remat_policy!r}")
-    x = self.embed_inputs(z)
+    x = self.embed(z)
+    if x.shape[-1] != self.width:
+      raise ValueError(f"embed gives embeddings of width {x.shape[-1]}, not width={self.width}")
     cond = self.condition(t, label)
     block_kwargs = dict(
         num_heads=self.num_heads, mlp_dim=int(self.mlp_ratio * self.width),
         mlp_type=self.mlp_type, dropout_rate=self.dropout_rate,
         out_init_std=0.02 / math.sqrt(2 * self.num_layers),
-        attention_impl=self.attention_impl, dtype=self.dtype)
+        attention_impl=self.attention_impl, custom_kernels=self.custom_kernels, dtype=self.dtype)
     block_class = ScannedBlock if self.scan_layers else Block
     if self.remat_policy != "none":
       block_class = nn.remat(block_class, policy=REMAT_POLICIES[self.remat_policy],

@@ -88,6 +88,7 @@ class AttentionBlock(nn.Module):
   groups: int
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = ""
+  custom_kernels: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -95,7 +96,7 @@ class AttentionBlock(nn.Module):
     h = _group_norm(self.groups, self.dtype, "norm")(x)
     h = layers.SelfAttention(self.num_heads, zero_init_out=True,
                              attention_impl=self.attention_impl, dtype=self.dtype,
-                             name="attention")(
+                             custom_kernels=self.custom_kernels, name="attention")(
         h.reshape(batch, height * width, channels))
     return x + h.reshape(x.shape)
 
@@ -119,6 +120,7 @@ class UNet(nn.Module):
     norm_groups: GroupNorm groups; must divide every level's width.
     dtype: compute dtype (parameters stay float32).
     attention_impl: "" (cuDNN on GPU in half precision, else XLA), "xla" or "cudnn".
+    custom_kernels: the custom VJPs and Pallas kernel of `kernels`; False: library ops.
   """
 
   vocab_size: int = 256
@@ -134,6 +136,7 @@ class UNet(nn.Module):
   norm_groups: int = 32
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = ""
+  custom_kernels: bool = True
 
   def _check_sizes(self, height: int, width: int) -> None:
     if not self.channel_mult:
@@ -155,7 +158,7 @@ class UNet(nn.Module):
                         num_classes=self.num_classes)
     batch, height, width, image_channels = z.shape
     self._check_sizes(height, width)
-    groups, dtype = self.norm_groups, self.dtype
+    groups, dtype, custom = self.norm_groups, self.dtype, self.custom_kernels
 
     cond = layers.ConditionEmbed(self.cond_dim or 4 * self.channels,
                                  frequency_dim=self.channels,
@@ -173,7 +176,7 @@ class UNet(nn.Module):
         h = ResBlock(self.channels * mult, groups, self.dropout, dtype,
                      name=f"down_{level}_res_{i}")(h, cond, train)
         if h.shape[1] in self.attention_resolutions:
-          h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl,
+          h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl, custom,
                              name=f"down_{level}_attn_{i}")(h)
         skips.append(h)
       if level != last_level:
@@ -182,7 +185,7 @@ class UNet(nn.Module):
 
     h = ResBlock(h.shape[-1], groups, self.dropout, dtype, name="mid_res_0")(
         h, cond, train)
-    h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl,
+    h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl, custom,
                        name="mid_attn")(h)
     h = ResBlock(h.shape[-1], groups, self.dropout, dtype, name="mid_res_1")(
         h, cond, train)
@@ -193,7 +196,7 @@ class UNet(nn.Module):
         h = ResBlock(self.channels * self.channel_mult[level], groups,
                      self.dropout, dtype, name=f"up_{level}_res_{i}")(h, cond, train)
         if h.shape[1] in self.attention_resolutions:
-          h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl,
+          h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl, custom,
                              name=f"up_{level}_attn_{i}")(h)
       if level != 0:
         h = _conv(h.shape[-1], dtype, f"up_{level}_resample")(_upsample(h))
