@@ -113,7 +113,7 @@ def restore_ema_params(workdir: epath.Path, step: int | None, init: Callable[[Ar
   if not folder.is_dir():
     raise ValueError(f"no checkpoints in workdir={str(workdir)!r}: {folder} does not exist")
   # A read-only manager of its own: the partial restore needs the PyTree handler.
-  checkpoints = ocp.CheckpointManager(folder, item_names=("state",),
+  checkpoints = ocp.CheckpointManager(folder, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
                                       options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     steps = checkpoints.all_steps()

@@ -27,8 +27,9 @@ TINY = ["--config.seq_len=16", "--config.batch_size=8", "--config.model.width=32
 def parse_command_line(*argv: str) -> ml_collections.ConfigDict:
   """The config `python -m md4.main` would build from these flags."""
   flag_values = flags.FlagValues()
+  # Override flags (--config.x) are defined from the arguments, as md4.main's are from sys.argv.
   config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
-                                  lock_config=True)
+                                  lock_config=True, sys_argv=["md4.main", *argv])
   flag_values(["md4.main", *argv])
   return flag_values.config
 

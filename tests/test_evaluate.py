@@ -226,7 +226,8 @@ def _corpus(path: pathlib.Path) -> pathlib.Path:
 
 def _tokens_config(corpus: pathlib.Path, data_dir: pathlib.Path, **options):
   config = tiny_config(dataset="tokens", data_dir=str(data_dir))
-  config.tokens.update(path=str(corpus), vocab_size=40, **options)
+  config.tokens.update({"path": str(corpus), "vocab_size": 40, "validation_fraction": 0.2,
+                        **options})
   return config
 
 

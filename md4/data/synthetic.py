@@ -19,6 +19,7 @@ import numpy as np
 
 from md4 import data as data_lib
 from md4.data import alphabet
+from md4.data import chars
 from md4.data import pipeline
 
 KINDS = ("markov", "factorised", "pairs")
@@ -247,6 +248,7 @@ def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
       example_shape=(length,),
       decode=alphabet.decode,
       encode=alphabet.encode_prompt,
+      read_text=chars.read_ids,
       entropy_bits_per_token=process.sequence_entropy(length) / (length * math.log(2)),
   )
 

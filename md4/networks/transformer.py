@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from md4.networks import kernels
-from md4.networks import layers
 
 Array = jnp.ndarray
 Dtype = jnp.dtype
