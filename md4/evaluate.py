@@ -393,11 +393,11 @@ def main(argv: list[str]) -> None:
     print(summary(results))
 
 
-def run_command() -> None:
+def cli() -> None:
   """`python -m md4.evaluate`: flags defined here, so that importing this module defines none."""
   define_flags()
   app.run(main)
 
 
 if __name__ == "__main__":
-  run_command()
+  cli()

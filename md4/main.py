@@ -5,22 +5,7 @@ import logging as python_logging
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
-
-from md4 import sharding
-from md4 import train
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file; override keys with --config.key=value.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for multi-process runs that "
-    "jax cannot detect by itself (Cloud TPU and SLURM are detected).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietOrbax(python_logging.Filter):
@@ -33,14 +18,40 @@ class _QuietOrbax(python_logging.Filter):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # JAX and the training code load here, not on import: --help stays fast.
+  import jax  # pylint: disable=g-import-not-at-top
+  from md4 import sharding  # pylint: disable=g-import-not-at-top
+  from md4 import train  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  given = flags.FLAGS
+  sharding.initialize_distributed(given.coordinator_address, given.num_processes,
+                                  given.process_id)
   logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  eval_metrics = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  eval_metrics = train.train_and_evaluate(given.config, given.workdir)
   if jax.process_index() == 0 and eval_metrics:
     print(train.summary_line(eval_metrics))
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+  """The command-line flags; defined when run as a command, not on import."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file; override keys with --config.key=value.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.")
+  flags.DEFINE_string(
+      "coordinator_address", None, "host:port of process 0, for multi-process runs that "
+      "jax cannot detect by itself (Cloud TPU and SLURM are detected).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def cli() -> None:
+  """`python -m md4.main`."""
+  define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -48,10 +48,6 @@ class MetricWriter:
     with self.jsonl_path.open("a") as f:
       f.write(json.dumps(record) + "\n")
 
-  def flush(self) -> None:
-    if self._events is not None:
-      self._events.flush()
-
   def close(self) -> None:
     if self._events is not None:
       self._events.close()

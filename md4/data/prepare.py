@@ -20,7 +20,7 @@ def main(argv: list[str]) -> None:
   print(json.dumps(data_lib.prepare_dataset(flags.FLAGS.config)))
 
 
-def run() -> None:
+def cli() -> None:
   """The command line: flags are defined here, not on import, so md4.main can import md4.data."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.mark_flags_as_required(["config"])
@@ -28,4 +28,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-  run()
+  cli()
