@@ -75,7 +75,7 @@ _PLACEHOLDER = re.compile(r"(?<![\w$.{/-])[A-Z][A-Z0-9_]*[A-Z](?![\w])")
 _FENCE = re.compile(r"^([ \t]*)```([\w-]*)[^\n]*\n(.*?)^\1```", re.M | re.S)
 _SPAN = re.compile(r"`([^`]+)`")
 _REFERENCE = re.compile(r"(?<![`\w/])(md4|tests)/[\w/]+\.py: [A-Za-z_][\w.]*")
-_PYTHON = re.compile(r"python[\d.]*")
+_PYTHON_NAME = re.compile(r"python[\d.]*")
 _INLINE_COMMAND = re.compile(r"(\S*/)?python[\d.]*( -\w)* (-m md4[\w.]*|benchmarks/\S+) \S"
                              r"|(benchmarks|launch)/\S+ \S|md4-\S+ \S")
 
@@ -184,7 +184,7 @@ def program(words: list[str]) -> str:
     words = words[1:]
   first = words[0]
   name = os.path.basename(first)
-  if _PYTHON.fullmatch(name):
+  if _PYTHON_NAME.fullmatch(name):
     arguments = [word for word in words[1:] if word not in ("-u", "-B")]
     if arguments[:1] == ["-m"] and len(arguments) > 1:
       if arguments[1] == "venv" or arguments[1].split(".")[0] == "md4":
@@ -245,15 +245,24 @@ TRAINING = next((command for command, name in MD4_COMMANDS.items()
                  and "--workdir=DIR" in command.line), None)
 USES_TRAINED_DIR = [command for command, name in MD4_COMMANDS.items()
                     if name != "md4.main" and "DIR" in _PLACEHOLDER.findall(command.line)]
-# The same text shown twice runs once.
-STANDALONE = list({command.text: command for command in reversed(MD4_COMMANDS)
-                   if command != TRAINING and command not in USES_TRAINED_DIR}.values())[::-1]
+
+
+def _standalone() -> list[Command]:
+  """The md4 commands that need no trained workdir, each text once (where it is first shown)."""
+  first = {}
+  for command in MD4_COMMANDS:
+    if command != TRAINING and command not in USES_TRAINED_DIR:
+      first.setdefault(command.text, command)
+  return list(first.values())
+
+
+STANDALONE = _standalone()
 
 
 # ------------------------------------------------------------------ the sandbox
 
 # `python` on PATH: this interpreter, or, with MD4_TEST_MOCK_TFDS set, the launcher below.
-PYTHON = """#!/bin/sh
+PYTHON_ON_PATH = """#!/bin/sh
 if [ -n "$MD4_TEST_MOCK_TFDS" ]; then exec {python} {launcher} "$@"; fi
 exec {python} "$@"
 """
@@ -305,7 +314,7 @@ def workspace(tmp_path_factory) -> Workspace:
   bin_dir = root / "bin"
   bin_dir.mkdir()
   (root / "launcher.py").write_text(MOCK_TFDS_LAUNCHER)
-  python = PYTHON.format(python=shlex.quote(sys.executable),
+  python = PYTHON_ON_PATH.format(python=shlex.quote(sys.executable),
                          launcher=shlex.quote(str(root / "launcher.py")))
   for name in ("python", "python3"):
     _write_exe(bin_dir / name, python)
@@ -363,7 +372,7 @@ def run(command: Command, workspace: Workspace,
   name = md4_program(command)
   if workdir is None and name == "md4.main":
     workdir = workspace.root / "runs" / re.sub(r"\W", "_", command.where)
-  values = {**workspace.values, "DIR": str(workdir)}
+  values = dict(workspace.values, **({} if workdir is None else {"DIR": str(workdir)}))
   line = _PLACEHOLDER.sub(lambda match: shlex.quote(values[match.group()]), command.line)
   overrides = [override.format(data_dir=workspace.data_dir) for override in OVERRIDES[name]]
   return subprocess.run(["bash", "-c", " ".join([line, *map(shlex.quote, overrides)])],
