@@ -10,6 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from md4 import data as data_lib
+from md4.data import tokenizer
 from md4.data import tokens
 from tests import helpers
 
@@ -49,7 +50,7 @@ def test_sentencepiece_round_trip(tmp_path, corpus, tokenizer_type, vocab_size):
   path, documents = corpus
   options = _options(path, tokenizer_type=tokenizer_type, vocab_size=vocab_size)
   built = tokens.load_or_build(options, tmp_path / "out")
-  processor = spm.SentencePieceProcessor(model_file=str(built.tokenizer_path))
+  processor = spm.SentencePieceProcessor(model_file=built.tokenizer.identity["model"])
   assert processor.get_piece_size() == vocab_size == built.vocab_size
   assert (processor.unk_id(), processor.eos_id(), built.eod_id) == (0, 1, 1)
   for document in documents[:50]:
@@ -61,7 +62,7 @@ def test_sentencepiece_round_trip(tmp_path, corpus, tokenizer_type, vocab_size):
 def test_packing_fills_every_slot_with_the_document_stream(tmp_path, corpus):
   path, documents = corpus
   built = tokens.load_or_build(_options(path), tmp_path / "out")
-  processor = spm.SentencePieceProcessor(model_file=str(built.tokenizer_path))
+  processor = spm.SentencePieceProcessor(model_file=built.tokenizer.identity["model"])
   stream = []
   for document in documents:
     stream.extend(processor.encode(document) + [built.eod_id])
@@ -96,7 +97,7 @@ def test_manifest_reuse_and_rebuild(tmp_path, corpus):
   first = tokens.load_or_build(_options(path), folder)
   assert first.rebuilt
   manifest = json.loads((folder / tokens.MANIFEST).read_text())
-  assert manifest["tokenizer_sha256"] == tokens._sha256(folder / tokens.TOKENIZER)
+  assert manifest["tokenizer_sha256"] == tokenizer.file_sha256(folder / tokens.TOKENIZER)
   assert manifest["num_tokens"] == len(first.tokens)
   stamp = (folder / tokens.TOKENS).stat().st_mtime_ns
 
@@ -136,10 +137,10 @@ def test_a_given_model_is_used_and_an_end_of_document_id_added_if_missing(tmp_pa
   model = pathlib.Path(f"{model_prefix}.model")
   built = tokens.load_or_build(_options(path, tokenizer=str(model)), tmp_path / "out")
   assert (built.vocab_size, built.eod_id) == (81, 80)
-  assert built.tokenizer_path == model.resolve()
+  assert built.tokenizer.identity == {"kind": "sentencepiece", "model": str(model.resolve())}
   assert not (tmp_path / "out" / tokens.TOKENIZER).exists()
   assert (np.asarray(built.tokens) == 80).sum() == len(documents)
-  decode = tokens.decoder(built.tokenizer_path, built.eod_id)
+  decode = tokens.decoder(built.tokenizer)
   assert decode(built.tokens[:300]).split("\n")[:2] == documents[:2]
 
   # Retraining the given model in place changes its checksum: the tokens are rebuilt.
@@ -191,4 +192,4 @@ def test_build_leaves_no_partial_files(tmp_path, corpus):
   path, _ = corpus
   tokens.load_or_build(_options(path), tmp_path / "out")
   assert sorted(os.listdir(tmp_path / "out")) == sorted(
-      [tokens.MANIFEST, tokens.TOKENIZER, tokens.TOKENS])
+      [tokens.MANIFEST, tokens.TOKENIZER, tokens.TOKENS, tokens.DOCUMENT_ENDS])
