@@ -1,11 +1,15 @@
 """Tokenised corpora: SentencePiece, the memory-mapped stream, its manifest, packing."""
 
+import io
 import json
 import os
 import pathlib
+import tarfile
 
 import ml_collections
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
@@ -163,6 +167,60 @@ def test_document_formats(tmp_path, documents, content, expected):
   found = list(tokens.iter_documents([path], documents))
   assert [text for text, _ in found] == expected
   assert sum(consumed for _, consumed in found) == len(content.encode("utf-8"))
+
+
+def _tar_bytes(members: dict[str, bytes], mode: str = "w") -> bytes:
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode=mode) as archive:
+    for name, content in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(content)
+      archive.addfile(info, io.BytesIO(content))
+  return buffer.getvalue()
+
+
+OWT_TEXTS = ["First page.\n\n\n\nAfter four newlines.\n", "  Second page, caf\u00e9.  ",
+             "Third\n\n\npage", "Fourth."]
+# As the Hugging Face openwebtext builder gives them: runs of 3+ newlines -> 2, stripped.
+OWT_DOCUMENTS = ["First page.\n\nAfter four newlines.", "Second page, caf\u00e9.",
+                 "Third\n\npage", "Fourth."]
+
+
+def test_openwebtext_archives_parquet_and_arrow_give_the_same_documents(tmp_path):
+  # urlsf_subset00.tar holds .xz files, each an xz-compressed tar of .txt documents.
+  def subset(texts, first):
+    return _tar_bytes({f"{first + i:07d}-{i}.txt": text.encode() for i, text in
+                       enumerate(texts)}, mode="w:xz")
+  (tmp_path / "urlsf_subset00.tar").write_bytes(_tar_bytes({
+      "openwebtext/urlsf_subset00-1_data.xz": subset(OWT_TEXTS[:3], 0),
+      "openwebtext/._urlsf_subset00-1_data.xz": b"resource fork, skipped",
+      "openwebtext/urlsf_subset00-2_data.xz": subset(OWT_TEXTS[3:], 3)}))
+  found = list(tokens.iter_documents([tmp_path / "urlsf_subset00.tar"], "openwebtext"))
+  assert [text for text, _ in found] == OWT_DOCUMENTS
+  assert sum(read for _, read in found) <= (tmp_path / "urlsf_subset00.tar").stat().st_size
+
+  table = pa.table({"text": OWT_DOCUMENTS})
+  pq.write_table(table, tmp_path / "train-00000-of-00001.parquet", row_group_size=2)
+  with pa.OSFile(str(tmp_path / "data-00000-of-00001.arrow"), "wb") as sink:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+      writer.write_table(table, max_chunksize=3)
+  with pa.OSFile(str(tmp_path / "file-format.arrow"), "wb") as sink:
+    with pa.ipc.new_file(sink, table.schema) as writer:
+      writer.write_table(table)
+  for name, documents in (("train-00000-of-00001.parquet", "parquet"),
+                          ("data-00000-of-00001.arrow", "arrow"),
+                          ("file-format.arrow", "arrow")):
+    found = list(tokens.iter_documents([tmp_path / name], documents))
+    assert [text for text, _ in found] == OWT_DOCUMENTS
+    # Bytes read, for the progress bar: all of it, but an Arrow stream's few closing bytes.
+    assert 0.9 < sum(read for _, read in found) / (tmp_path / name).stat().st_size <= 1
+
+  pq.write_table(pa.table({"content": ["x"]}), tmp_path / "other.parquet")
+  with pytest.raises(ValueError, match="other.parquet: no column 'text'"):
+    list(tokens.iter_documents([tmp_path / "other.parquet"], "parquet"))
+  (tmp_path / "truncated.tar").write_bytes((tmp_path / "urlsf_subset00.tar").read_bytes()[:3000])
+  with pytest.raises(ValueError, match="truncated.tar: a damaged or truncated archive"):
+    list(tokens.iter_documents([tmp_path / "truncated.tar"], "openwebtext"))
 
 
 def test_invalid_options_are_rejected(tmp_path, corpus):
