@@ -97,20 +97,21 @@ def official(monkeypatch, name: str, paths: list[pathlib.Path], splits: dict[str
                       dataclasses.replace(layout, choices=choices, splits=splits))
 
 
-def cifar10_data(seed: int = 0):
-  images = {split: random_images(count, 32, seed + i)
-            for i, (split, count) in enumerate(CIFAR_SPLITS.items())}
-  labels = {split: np.random.default_rng(seed + 9).integers(0, 10, count)
-            for split, count in CIFAR_SPLITS.items()}
+def split_data(splits: dict[str, int], size: int, num_classes: int):
+  """({split: random images [n, size, size, 3]}, {split: labels [n]})."""
+  images = {split: random_images(count, size, i) for i, (split, count) in
+            enumerate(splits.items())}
+  labels = {split: np.random.default_rng(9).integers(0, num_classes, count)
+            for split, count in splits.items()}
   return images, labels
 
 
-def imagenet64_data(seed: int = 0):
-  images = {split: random_images(count, 64, seed + i)
-            for i, (split, count) in enumerate(IMAGENET_SPLITS.items())}
-  labels = {split: np.random.default_rng(seed + 9).integers(0, 1000, count)
-            for split, count in IMAGENET_SPLITS.items()}
-  return images, labels
+def cifar10_data():
+  return split_data(CIFAR_SPLITS, 32, 10)
+
+
+def imagenet64_data():
+  return split_data(IMAGENET_SPLITS, 64, 1000)
 
 
 def prepared_cifar10(monkeypatch, data_dir: pathlib.Path, binary: bool = False):

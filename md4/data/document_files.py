@@ -28,7 +28,7 @@ def _table_column(schema, column: str, path: pathlib.Path) -> None:
 
 
 def _table_batches(path: pathlib.Path, column: str) -> Iterator[tuple[list, float]]:
-  """(a batch of column values, share of the file read once it is read) of a parquet or Arrow file."""
+  """(a batch of a column's values, share of the file read with it), a parquet or Arrow file's."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   if path.suffix == ".parquet":

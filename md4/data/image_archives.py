@@ -96,12 +96,14 @@ LAYOUTS = {
     "imagenet64": Layout((IMAGENET64,), {"train": 1_281_167, "validation": 50_000}, 64, 1000),
 }
 
+_reconstruct = np._core.multiarray._reconstruct  # pylint: disable=protected-access
 # What pickled batches may name: numpy's array rebuilding, and _codecs.encode, which
 # Python 3's protocol-2 pickles of bytes call (it only turns a str into bytes).
 _ALLOWED_GLOBALS = {
     ("_codecs", "encode"): codecs.encode,
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # pylint: disable=protected-access
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # pylint: disable=protected-access
+    # numpy.core is numpy 1's name (the official 2009 pickles), numpy._core numpy 2's.
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }

@@ -208,8 +208,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def tokenise(paths: Sequence[pathlib.Path], documents: str,
              tokenizer: tokenizer_lib.Tokenizer, dtype: np.dtype, out_path: pathlib.Path,
              ends_path: pathlib.Path, progress: bool = False) -> tuple[int, int]:
-  """Writes each document's ids and the end-of-document id to out_path, and where each
-  document ends to ends_path; returns (tokens, documents)."""
+  """Writes the documents' ids, each followed by the end-of-document id, to out_path.
+
+  ends_path gets where each document ends, uint64 [documents]. Returns (tokens, documents).
+  """
   total = sum(path.stat().st_size for path in paths)
   num_tokens = num_documents = 0
   with (open(out_path, "wb") as out, open(ends_path, "wb") as ends,
@@ -391,7 +393,9 @@ def read_manifest(corpus_dir: pathlib.Path, what: str) -> dict[str, Any]:
 
 def _tokenizer_option(identity: dict[str, str]) -> str:
   """The tokens.tokenizer value that loads the tokenizer of a manifest's identity."""
-  return identity["model"] if "model" in identity else tokenizer_lib.TIKTOKEN_PREFIX + identity["name"]
+  if "model" in identity:
+    return identity["model"]
+  return tokenizer_lib.TIKTOKEN_PREFIX + identity["name"]
 
 
 def _read_other_text(path: str, corpus: TokenCorpus, documents: str) -> np.ndarray:

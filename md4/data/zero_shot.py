@@ -27,7 +27,6 @@ scored.
 """
 
 import dataclasses
-import json
 import pathlib
 import re
 from typing import Callable, Iterator
@@ -121,14 +120,7 @@ def _text_lines(path: pathlib.Path) -> Iterator[str]:
 
 
 def _lambada_rows(path: pathlib.Path) -> Iterator[str]:
-  for number, line in enumerate(_text_lines(path), start=1):
-    if not line.strip():
-      continue
-    try:
-      text = json.loads(line)["text"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-      raise ValueError(f"{path}:{number}: not a JSON object with a 'text' string "
-                       f"({error!r}); LAMBADA is read from lambada_test.jsonl") from error
+  for text, _ in tokens.iter_documents([path], "jsonl"):
     yield text
 
 
