@@ -100,13 +100,18 @@ def _prepare_archives(config: ml_collections.ConfigDict, allow_build: bool
                                 download=data_lib.options(config).get("download", False))
 
 
+def _source(config: ml_collections.ConfigDict) -> str:
+  """config.dataset's source option, checked."""
+  source = data_lib.options(config).source
+  if source not in SOURCES:
+    raise ValueError(f"{config.dataset}.source must be one of {SOURCES}, got {source!r}")
+  return source
+
+
 def _splits(config: ml_collections.ConfigDict) -> tuple[object, object, int]:
   """(train source, held-out source, number of classes) of config.dataset."""
   options = data_lib.options(config)
-  if options.source not in SOURCES:
-    raise ValueError(f"{config.dataset}.source must be one of {SOURCES}, "
-                     f"got {options.source!r}")
-  if options.source == "archive":
+  if _source(config) == "archive":
     manifest = _prepare_archives(config, allow_build=jax.process_count() == 1)
     folder, _ = _folders(config)
     return (image_archives.ArraySource(folder, options.train_split, manifest),
@@ -142,13 +147,10 @@ def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, obje
   """Converts the official archives, or downloads and prepares both splits with tfds."""
   del progress
   options = data_lib.options(config)
-  if options.source == "archive":
+  if _source(config) == "archive":
     manifest = _prepare_archives(config, allow_build=True)
     return {"folder": str(_folders(config)[0]),
             "examples": {split: shape[0] for split, shape in manifest["splits"].items()}}
-  if options.source != "tfds":
-    raise ValueError(f"{config.dataset}.source must be one of {SOURCES}, "
-                     f"got {options.source!r}")
   sizes = {split: len(load_split(options.tfds_name, split, options.tfds_data_dir or None,
                                  download=True))
            for split in (options.train_split, options.eval_split)}
