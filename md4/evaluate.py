@@ -2,6 +2,7 @@
 
     python -m md4.evaluate --workdir=DIR [--step=N] [--split=eval] [--num_t=8]
     python -m md4.evaluate --workdir=DIR --text_file=FILE    # zero-shot on other text
+    python -m md4.evaluate --workdir=DIR --zero_shot=lambada:FILE,wikitext2:FILE,...
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --prefix="the cat"
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --infill="the ____ sat on the ___"
 
@@ -10,7 +11,8 @@ of the checkpoint (what training's evaluation uses) are restored, alone. The
 NELBO estimate and its standard error are `md4.likelihood`'s. --text_file
 reads any text for a text model, mapped to the vocabulary as the training
 text was (`Dataset.read_text`; a word-piece model also takes a corpus folder
-prepared with its tokenizer).
+prepared with its tokenizer). --zero_shot evaluates the MD4 paper's zero-shot
+sets (`md4.data.zero_shot`) and prints them as a Markdown table.
 
 Results go to OUT/results_step_<N>.json (OUT = DIR/eval or --output_dir),
 merged with what earlier runs at that step wrote, samples to
@@ -19,6 +21,7 @@ OUT/samples_step_<N>.* (`md4.samples`), and a summary to stdout.
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from typing import Any, Iterator
@@ -41,6 +44,8 @@ from md4 import sampler as sampler_lib
 from md4 import sharding as sharding_lib
 from md4 import train
 from md4.data import pipeline
+from md4.data import tokens
+from md4.data import zero_shot
 
 Batch = dict[str, np.ndarray]
 
@@ -48,6 +53,7 @@ SPLITS = ("eval", "train")
 DTYPES = ("float32", "bfloat16")
 INFILL_BLANK = "_"
 RESULTS_DIR = "eval"
+ZERO_SHOT = "zero_shot:"  # Prefix of the zero-shot sets' sections in results["nelbo"].
 
 
 @dataclasses.dataclass
@@ -63,6 +69,7 @@ class Options:
   seed: int = 0                      # Seed of the times, masks and samples.
   dtype: str | None = None           # Compute precision; None: the config's model.dtype.
   text_file: str | None = None       # Zero-shot NELBO on this text instead of the split.
+  zero_shot: str | None = None       # "NAME:PATH,...": the zero-shot table instead of the split.
   nelbo: bool = True                 # Evaluate the NELBO.
   sample: bool = False               # Write samples.
   num_samples: int | None = None     # None: config.num_samples.
@@ -250,6 +257,58 @@ def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int, steps:
   return jax.device_get(draw(checkpoint.params, rng))
 
 
+def zero_shot_sections(checkpoint: Checkpoint, spec: str, *, num_t: int = 8,
+                       seed: int = 0) -> dict[str, dict[str, Any]]:
+  """NELBOs of the zero-shot sets spec names ("NAME:PATH,..."): {"zero_shot:NAME": section}.
+
+  Every sequence of a set is evaluated: the last batch is filled with copies
+  of the first sequences, whose estimates are dropped.
+  """
+  config = checkpoint.config
+  if config.dataset != "tokens":
+    raise ValueError(f"zero_shot needs a model of a token corpus (config.dataset='tokens'), "
+                     f"this one was trained on {config.dataset!r}")
+  pairs = zero_shot.parse(spec)
+  tokenizer = tokens.load_tokenizer(config.tokens, tokens.folder(config))
+  length, batch_size = config.seq_len, config.batch_size
+  sections = {}
+  for name, path in pairs:
+    try:
+      ids = zero_shot.token_ids(name, path, tokenizer)
+    except (OSError, ValueError) as error:
+      raise ValueError(f"zero_shot {name}:{path}: {error}") from error
+    chunks = zero_shot.sequences(ids, length)
+    if len(chunks) < 2:
+      raise ValueError(f"zero_shot {name}:{path} makes {len(chunks)} sequence(s) of "
+                       f"seq_len={length}; a standard error needs >= 2")
+    filled = np.concatenate([chunks, np.resize(chunks, (-len(chunks) % batch_size, length))])
+    batches = pipeline.eval_iterator_fn(pipeline.ChunkSource(filled.reshape(-1), length),
+                                        batch_size)()
+    nats = nelbo_per_sequence(checkpoint, batches, num_t=num_t, seed=seed)[:len(chunks)]
+    section = likelihood.summarise(nats, length, word_pieces=True)
+    # Delta method: perplexity = exp(ln 2 * bits), so its standard error is ln 2 * ppl * se.
+    section["perplexity_stderr"] = (math.log(2) * section["perplexity"]
+                                    * section["bits_per_token_stderr"])
+    section.update(set=zero_shot.SETS[name].title, path=os.path.abspath(path),
+                   set_tokens=len(ids), num_t=num_t, seed=seed, batch_size=batch_size)
+    sections[ZERO_SHOT + name] = section
+  return sections
+
+
+def zero_shot_table(nelbo: dict[str, dict[str, Any]]) -> list[str]:
+  """The zero-shot sections of results["nelbo"] as the lines of a Markdown table."""
+  sets = [section for name, section in nelbo.items() if name.startswith(ZERO_SHOT)]
+  if not sets:
+    return []
+  lines = ["| Set | Sequences | Bits per token | Perplexity (bound) |",
+           "| --- | ---: | ---: | ---: |"]
+  for section in sets:
+    lines.append(f"| {section['set']} | {section['num_sequences']} | "
+                 f"{section['bits_per_token']:.4f} ± {section['bits_per_token_stderr']:.4f} | "
+                 f"{section['perplexity']:.2f} ± {section['perplexity_stderr']:.2f} |")
+  return lines
+
+
 def run(options: Options) -> dict[str, Any]:
   """What `python -m md4.evaluate` runs; returns the results.
 
@@ -266,7 +325,12 @@ def run(options: Options) -> dict[str, Any]:
              else checkpoint.workdir / RESULTS_DIR)
   results = {"workdir": str(checkpoint.workdir), "step": checkpoint.step,
              "model_type": config.model_type, "dataset": config.dataset, "nelbo": {}}
-  if options.nelbo:
+  if options.nelbo and options.zero_shot:
+    if options.text_file:
+      raise ValueError("give text_file or zero_shot, not both")
+    results["nelbo"].update(zero_shot_sections(checkpoint, options.zero_shot,
+                                               num_t=options.num_t, seed=options.seed))
+  elif options.nelbo:
     if options.text_file:
       name = f"text_file:{os.path.abspath(options.text_file)}"
       batches = text_file_batches(checkpoint, options.text_file)
@@ -341,6 +405,9 @@ def summary(results: dict[str, Any]) -> str:
                  f"{where}")
   if "results_file" in results:
     lines.append(f"  results: {results['results_file']}")
+  table = zero_shot_table(results["nelbo"])
+  if table:
+    lines.extend(["", *table])
   return "\n".join(lines)
 
 
@@ -356,6 +423,9 @@ _HELP = {
     "dtype": "Compute precision (float32, bfloat16); default: the config's model.dtype.",
     "text_file": "Zero-shot NELBO on this text, mapped to the model's vocabulary as its "
                  "training text was (word-piece models: also a prepared corpus folder).",
+    "zero_shot": "The zero-shot table: NAME:PATH,... with NAME in "
+                 f"{', '.join(zero_shot.SETS)} and PATH a local copy of the set "
+                 "(docs/data.md); evaluated instead of the split.",
     "nelbo": "Evaluate the NELBO (--nonelbo: only sample).",
     "sample": "Write samples.",
     "num_samples": "Default: config.num_samples.",
