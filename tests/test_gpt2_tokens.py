@@ -33,7 +33,7 @@ SHAKESPEARE = pathlib.Path(tokens.__file__).parent / "assets" / "tinyshakespeare
 END = "<|endoftext|>"
 
 
-def _train_bpe(vocab_size: int) -> tokenizers.Tokenizer:
+def train_bpe(vocab_size: int) -> tokenizers.Tokenizer:
   """A byte-level BPE like GPT-2's: 256 byte pieces, merges, then <|endoftext|> last."""
   bpe = tokenizers.Tokenizer(bpe_models.BPE())
   bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,7 +45,7 @@ def _train_bpe(vocab_size: int) -> tokenizers.Tokenizer:
   return bpe
 
 
-def _save(bpe: tokenizers.Tokenizer, folder: pathlib.Path) -> dict[str, pathlib.Path]:
+def save_gpt2_files(bpe: tokenizers.Tokenizer, folder: pathlib.Path) -> dict[str, pathlib.Path]:
   """tokenizer.json, and GPT-2's two files under OpenAI's and Hugging Face's names."""
   folder.mkdir()
   bpe.save(str(folder / "tokenizer.json"))
@@ -60,7 +60,7 @@ def _save(bpe: tokenizers.Tokenizer, folder: pathlib.Path) -> dict[str, pathlib.
 
 @pytest.fixture(scope="module")
 def bpe_files(tmp_path_factory) -> dict[str, pathlib.Path]:
-  return _save(_train_bpe(600), tmp_path_factory.mktemp("bpe") / "files")
+  return save_gpt2_files(train_bpe(600), tmp_path_factory.mktemp("bpe") / "files")
 
 
 @pytest.fixture(autouse=True)
@@ -148,7 +148,7 @@ def test_manifest_follows_the_tokenizer_of_every_kind(bpe_files, tmp_path):
   assert not tokens.load_or_build(tiktoken_options, tmp_path / "tiktoken").rebuilt
 
   # Another vocabulary, in place of the files read before: rebuilt, for either kind.
-  other = _save(_train_bpe(500), tmp_path / "other")
+  other = save_gpt2_files(train_bpe(500), tmp_path / "other")
   shutil.copy(other["json"], bpe_files["json"].parent / "retrained.json")
   retrained = tokens.load_or_build(
       _options(path, tokenizer=str(bpe_files["json"].parent / "retrained.json")),
