@@ -41,17 +41,6 @@ def run(command: list[str], devices: int = 1, timeout: int = 300) -> subprocess.
                         text=True, timeout=timeout)
 
 
-def train_lines(workdir: pathlib.Path) -> dict[int, dict]:
-  """The last metrics.jsonl training line of each step (a resumed run rewrites some)."""
-  lines = {}
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    if "loss" in record:
-      record.pop("steps_per_sec")
-      lines[record["step"]] = record
-  return lines
-
-
 def final_params(workdir: pathlib.Path, step: int):
   manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state",))
   return manager.restore(step, args=ocp.args.Composite(
@@ -77,27 +66,52 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-  steps = ["--config.num_train_steps=4", "--config.log_every_steps=1",
-           "--config.checkpoint_every_steps=4"]
-  single = run(main_command(tmp_path / "single", *steps), devices=2)
-  assert single.returncode == 0, single.stderr[-3000:]
+def train_lines(workdir: pathlib.Path) -> dict[int, dict]:
+  """metrics.jsonl's training line of each step, asserting that no step is there twice."""
+  lines = {}
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "loss" in record:
+      record.pop("steps_per_sec")
+      assert record["step"] not in lines, f"step {record['step']} twice in metrics.jsonl"
+      lines[record["step"]] = record
+  return lines
+
+
+def run_processes(workdir: pathlib.Path, num_processes: int, *overrides: str) -> None:
+  """md4.main as num_processes jax.distributed processes on localhost, one CPU device each."""
   port = free_port()
   processes = [
       subprocess.Popen(
-          main_command(tmp_path / "multi", *steps, f"--coordinator_address=localhost:{port}",
-                       "--num_processes=2", f"--process_id={index}"),
+          main_command(workdir, *overrides, f"--coordinator_address=localhost:{port}",
+                       f"--num_processes={num_processes}", f"--process_id={index}"),
           cwd=REPO, env=environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-          text=True) for index in range(2)
+          text=True) for index in range(num_processes)
   ]
   for process in processes:
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
-  single_lines, multi_lines = train_lines(tmp_path / "single"), train_lines(tmp_path / "multi")
-  assert sorted(multi_lines) == [1, 2, 3, 4]
+
+
+def test_resume_across_process_counts_equals_one_uninterrupted_run(tmp_path):
+  """2 processes train to step 4; 1 process resumes to 8; 2 processes resume to 12."""
+  # A constant learning rate, so that stopping at 4 or 8 does not change the schedule.
+  every_step = ["--config.log_every_steps=1", "--config.checkpoint_every_steps=4",
+                "--config.optimizer.warmup_steps=0", "--config.optimizer.min_lr_ratio=1.0"]
+  single = run(main_command(tmp_path / "single", "--config.num_train_steps=12", *every_step),
+               devices=2)
+  assert single.returncode == 0, single.stderr[-3000:]
+  elastic = tmp_path / "elastic"
+  run_processes(elastic, 2, "--config.num_train_steps=4", *every_step)
+  resumed = run(main_command(elastic, "--config.num_train_steps=8", *every_step), devices=2)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Restored checkpoint at step 4" in resumed.stderr
+  run_processes(elastic, 2, "--config.num_train_steps=12", *every_step)
+  single_lines, elastic_lines = train_lines(tmp_path / "single"), train_lines(elastic)
+  assert sorted(elastic_lines) == list(range(1, 13))
   for step, line in single_lines.items():
-    np.testing.assert_allclose(multi_lines[step]["loss"], line["loss"], rtol=1e-5)
-    np.testing.assert_allclose(multi_lines[step]["grad_norm"], line["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(elastic_lines[step]["loss"], line["loss"], rtol=1e-5)
+    np.testing.assert_allclose(elastic_lines[step]["grad_norm"], line["grad_norm"], rtol=1e-5)
 
 
 FSDP_MEMORY = """
