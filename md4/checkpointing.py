@@ -67,10 +67,15 @@ class NoUsableCheckpointError(RuntimeError):
 
 
 def manager(config: ml_collections.ConfigDict, workdir: epath.Path) -> ocp.CheckpointManager:
-  """The training run's manager: keeps config.keep_checkpoints, saves asynchronously if asked."""
+  """The training run's manager: keeps config.keep_checkpoints, saves asynchronously if asked.
+
+  It deletes the unfinished checkpoints a killed run left, so that a step is
+  never saved over a partial one (the workdir lock keeps other runs away).
+  """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
-      enable_async_checkpointing=config.async_checkpointing)
+      enable_async_checkpointing=config.async_checkpointing,
+      cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
       workdir / "checkpoints", options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -94,13 +99,13 @@ def _named_leaves(tree: Any) -> dict[str, Any]:
 
 
 def check_compatible(saved: Any, expected: Any, directory: str) -> None:
-  """Raises CheckpointMismatchError naming the first array whose shape differs."""
+  """Raises CheckpointMismatchError naming the first array whose shape differs (params first)."""
   saved = {name: tuple(leaf.shape) for name, leaf in _named_leaves(saved).items()}
   expected = {name: tuple(leaf.shape) for name, leaf in _named_leaves(expected).items()}
-  for name in sorted(set(saved) | set(expected)):
+  for name in sorted(set(saved) | set(expected), key=lambda n: (not n.startswith("params."), n)):
     if saved.get(name) != expected.get(name):
       raise CheckpointMismatchError(
-          f"checkpoint {directory} does not fit this model: parameter {name} has shape "
+          f"checkpoint {directory} does not fit this model: array {name} has shape "
           f"{saved.get(name, 'absent')} there and {expected.get(name, 'absent')} in the "
           "config. Use the config it was trained with, or another --workdir.")
 
@@ -327,9 +332,10 @@ def saving_errors(checkpoints: ocp.CheckpointManager, step: int):
 
 
 def check_saves(checkpoints: ocp.CheckpointManager, step: int) -> None:
-  """Raises saving_errors' OSError if an asynchronous save finished by now has failed."""
-  with saving_errors(checkpoints, step):
-    checkpoints.check_for_errors()
+  """Raises saving_errors' OSError if an asynchronous save has failed by now (never waits)."""
+  if not checkpoints.is_saving_in_progress():
+    with saving_errors(checkpoints, step):
+      checkpoints.wait_until_finished()  # Returns at once; raises what the save raised.
 
 
 def save(checkpoints: ocp.CheckpointManager, state: TrainState,

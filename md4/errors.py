@@ -8,6 +8,7 @@ too. A preemption exits with PREEMPTED_EXIT_CODE, which the launch scripts
 take as "re-run me". Light to import: no JAX here, so that --help stays fast.
 """
 
+import ast
 import functools
 import os
 import sys
@@ -16,6 +17,7 @@ from typing import Callable
 
 from absl import app
 from absl import logging
+import ml_collections
 
 # EX_TEMPFAIL of sysexits.h, "try again later": the launch scripts re-run (or requeue) on it.
 PREEMPTED_EXIT_CODE = 75
@@ -33,13 +35,29 @@ class Preempted(SystemExit):
 
 
 def raised_by_md4(error: BaseException) -> bool:
-  """Whether error was raised by md4's own code (the innermost frame is in the md4 package)."""
+  """Whether a raise statement of md4's own code raised error (not a bug's AttributeError)."""
   frames = traceback.extract_tb(error.__traceback__)
-  return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_PACKAGE_DIR + os.sep)
+  return (bool(frames) and (frames[-1].line or "").startswith("raise ")
+          and os.path.abspath(frames[-1].filename).startswith(_PACKAGE_DIR + os.sep))
 
 
 def _one_line(error: BaseException) -> str:
-  return " ".join(str(error).replace("\\n", "\n").replace("\\'", "'").split()).strip("'\"")
+  """str(error) on one line; a KeyError's repr'd message (ml_collections raises those) unquoted."""
+  text = str(error)
+  try:
+    text = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    pass
+  return " ".join(str(text).split())
+
+
+def loaded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The --config flag's config; ml_collections defers a failure to load it, raised here."""
+  try:
+    config.keys()
+  except OSError as error:
+    raise ValueError(f"--config could not be loaded: {_one_line(error)}") from error
+  return config
 
 
 def _reporting(main: Callable[[list[str]], None], started: list[bool]

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
                                   given.process_id)
   logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  eval_metrics = train.train_and_evaluate(given.config, given.workdir,
+  eval_metrics = train.train_and_evaluate(errors.loaded(given.config), given.workdir,
                                           allow_fresh_start=given.allow_fresh_start)
   if jax.process_index() == 0 and eval_metrics:
     print(train.summary_line(eval_metrics))

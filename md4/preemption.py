@@ -111,14 +111,14 @@ class Preemption:
 
   def _exit_now(self, what: str) -> None:
     """Runs the on_exit callbacks and ends the process with PREEMPTED_EXIT_CODE."""
-    logging.warning("Preempted while %s: the current step is saved; exiting", what)
+    logging.warning("Preempted while %s, with nothing unsaved: exiting", what)
     for callback in self._on_exit:
       try:
         callback()
       except Exception:  # pylint: disable=broad-except  # Exit all the same, with the reason.
         logging.exception("while exiting on preemption")
-    print(f"md4: {Preempted(f'Preempted while {what}, with the current step saved')}",
-          file=sys.stderr, flush=True)
+    print(f"md4: {Preempted(f'Preempted while {what}, with nothing unsaved')}", file=sys.stderr,
+          flush=True)
     logging.flush()
     os._exit(PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
 

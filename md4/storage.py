@@ -63,9 +63,12 @@ def create_exclusive(path: epath.Path, data: str) -> bool:
   """Creates path holding data if no such file exists; False if one does.
 
   Local disks create with O_EXCL; gs:// uploads on the condition that no
-  object exists. The file is read back, so that a store that ignores the
-  condition still cannot hand the file to two writers one after the other.
+  object exists. A store that ignores the condition (some emulators do)
+  still cannot hand the file to two writers one after the other: it is
+  looked for first and read back after.
   """
+  if path.exists():
+    return False
   fs, fs_path = _fsspec(path)
   try:
     fs.pipe_file(fs_path, data.encode(), mode="create")
@@ -99,14 +102,12 @@ class AppendFile:
     """content: the file's bytes from now on (None: keep what it holds)."""
     self.path = path
     self.upload_seconds = upload_seconds
-    self._object_store = is_object_store(path)
-    if self._object_store:
+    self._file = None
+    if is_object_store(path):
       if content is None:
         content = path.read_bytes() if path.exists() else b""
       self._content = bytearray(content)
-      self._uploaded_at = 0.0
       self.flush()
-      self._file = None
     else:
       if content is not None:
         write_whole(path, content)

@@ -19,7 +19,7 @@ from md4 import errors
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(json.dumps(data_lib.prepare_dataset(flags.FLAGS.config)))
+  print(json.dumps(data_lib.prepare_dataset(errors.loaded(flags.FLAGS.config))))
 
 
 def cli() -> None:
