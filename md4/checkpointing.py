@@ -262,20 +262,9 @@ def restore_or_init(checkpoints: ocp.CheckpointManager, init: Callable[[Array], 
 def read_config(workdir: epath.Path, step: int | None) -> tuple[int, ml_collections.ConfigDict]:
   """(step, the config checkpoint `step` (default: the latest) of workdir was trained with)."""
   folder = workdir / "checkpoints"
-  if not folder.is_dir():
-    raise ValueError(f"no checkpoints in workdir={str(workdir)!r}: {folder} does not exist")
-  checkpoints = ocp.CheckpointManager(folder, item_handlers={"config": ocp.JsonCheckpointHandler()},
-                                      options=ocp.CheckpointManagerOptions(read_only=True))
+  checkpoints = _read_only(folder, config=ocp.JsonCheckpointHandler())
   try:
-    steps = checkpoints.all_steps()
-    if not steps:
-      raise ValueError(f"no checkpoints in workdir={str(workdir)!r}: {folder} holds no "
-                       "finished checkpoint")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise ValueError(f"step={step}: no checkpoint at that step in {folder}; "
-                       f"available steps: {sorted(steps)}")
+    step = _existing_step(folder, checkpoints, step)
     directory = str(folder / str(step))
     restored = _read_with_retries(lambda: checkpoints.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore())), directory)
@@ -284,19 +273,39 @@ def read_config(workdir: epath.Path, step: int | None) -> tuple[int, ml_collecti
   return step, ml_collections.ConfigDict(restored.config)
 
 
-def restore_ema_params(workdir: epath.Path, step: int, init: Callable[[Array], TrainState],
-                       sharding: Any) -> Any:
-  """TrainState.ema_params of checkpoint `step`, checked against its checksums; nothing else is read.
+def _existing_step(folder: epath.Path, checkpoints: ocp.CheckpointManager,
+                   step: int | None) -> int:
+  """step, or the latest when None; ValueError naming the folder when there is no such one."""
+  steps = checkpoints.all_steps()
+  if not steps:
+    raise ValueError(f"no checkpoints in workdir={str(folder.parent)!r}: {folder} holds no "
+                     "finished checkpoint")
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise ValueError(f"step={step}: no checkpoint at that step in {folder}; "
+                     f"available steps: {sorted(steps)}")
+  return step
+
+
+def _read_only(folder: epath.Path, **item_handlers) -> ocp.CheckpointManager:
+  if not folder.is_dir():
+    raise ValueError(f"no checkpoints in workdir={str(folder.parent)!r}: {folder} does not exist")
+  return ocp.CheckpointManager(folder, item_handlers=item_handlers,
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def restore_ema_params(workdir: epath.Path, step: int | None,
+                       init: Callable[[Array], TrainState], sharding: Any) -> tuple[int, Any]:
+  """(step, TrainState.ema_params of that checkpoint (default: the latest)), checked against
+  its checksums; nothing else is read.
 
   The parameters come back sharded as `sharding.ema_params` says.
   """
   folder = workdir / "checkpoints"
-  directory = str(folder / str(step))
   # A read-only manager of its own: the partial restore needs the PyTree handler.
-  checkpoints = ocp.CheckpointManager(
-      folder, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                             "checksums": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True))
+  checkpoints = _read_only(folder, state=ocp.PyTreeCheckpointHandler(),
+                           checksums=ocp.JsonCheckpointHandler())
   item = {"ema_params": abstract_state(init, sharding).ema_params}
 
   def read():
@@ -312,11 +321,13 @@ def restore_ema_params(workdir: epath.Path, step: int, init: Callable[[Array], T
     return restored.state["ema_params"]
 
   try:
+    step = _existing_step(folder, checkpoints, step)
+    directory = str(folder / str(step))
     params = _read_with_retries(read, directory)
   finally:
     checkpoints.close()
   logging.info("Restored the EMA parameters of step %d from %s", step, folder)
-  return params
+  return step, params
 
 
 @contextlib.contextmanager

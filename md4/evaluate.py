@@ -148,7 +148,8 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
   model = models.create(config, dataset.vocab_size, dataset.example_shape,
                         dataset.num_classes)
   trainer = train.build_trainer(config, model, mesh)
-  params = checkpointing.restore_ema_params(workdir, step, trainer.init, trainer.state_sharding)
+  step, params = checkpointing.restore_ema_params(workdir, step, trainer.init,
+                                                  trainer.state_sharding)
   return Checkpoint(workdir, step, config, dataset, model, mesh,
                     trainer.state_sharding.ema_params, params)
 

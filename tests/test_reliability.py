@@ -297,7 +297,8 @@ def test_checkpoint_of_another_shape_is_refused_before_anything_is_written(tmp_p
   assert (tmp_path / "checkpoints/2").is_dir()
   assert (tmp_path / "config.json").read_text() == config  # md4.evaluate still reads it.
   # A change that works is made, logged key by key and kept in the history.
-  longer = run(main_command(tmp_path, "--config.num_train_steps=3", "--config.seq_len=32"))
+  longer = run(main_command(tmp_path, "--config.num_train_steps=3",
+                            "--config.checkpoint_every_steps=2", "--config.seq_len=32"))
   assert longer.returncode == 0, longer.stderr[-3000:]
   assert "config.seq_len changed on resuming at step 2: 16 -> 32" in longer.stderr
   history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").open()]
