@@ -28,7 +28,6 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from md4 import storage
@@ -200,11 +199,12 @@ def _move_aside(checkpoints: ocp.CheckpointManager, step: int) -> epath.Path:
   """Moves checkpoint `step` to checkpoints_damaged/<step>-<time>-<random>: never a collision."""
   suffix = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
   aside = checkpoints.directory.parent / DAMAGED_DIR / f"{step}-{suffix}"
-  aside = epath.Path(multihost_utils.broadcast_one_to_all(np.frombuffer(
-      str(aside).ljust(1024).encode(), np.uint8)).tobytes().decode().rstrip())
   if jax.process_index() == 0:
     storage.move_aside(checkpoints.directory / str(step), aside)
-  multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+  else:
+    aside = aside.parent  # Process 0 chose the name.
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
   checkpoints.reload()
   return aside
 

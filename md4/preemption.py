@@ -33,6 +33,13 @@ from md4.errors import Preempted
 # The key JAX's preemption sync manager sets in the coordination service on a notice.
 _NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
 _POLL_SECONDS = 1.0
+_BARRIER_MS = 120_000
+
+
+def _barrier() -> None:
+  """Waits for every process at a host-level barrier (the devices may be busy)."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  distributed.global_state.client.wait_at_barrier("md4_preempted", _BARRIER_MS)
 
 
 class Preemption:
@@ -55,6 +62,9 @@ class Preemption:
       target = self._wait_for_signal
     else:
       target = self._poll_coordination_service
+      # Runs last: no process exits while another still commits the checkpoint (a
+      # launcher such as srun --kill-on-bad-exit kills the others at the first exit).
+      self.on_exit(_barrier)
     threading.Thread(target=target, name="md4-preemption", daemon=True).start()
 
   @property

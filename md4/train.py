@@ -383,6 +383,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if preempted:
         with progress.apart():
           wait_for_saves()
+        if jax.process_count() > 1:  # None exits before the checkpoint is committed.
+          multihost_utils.sync_global_devices("preempted")
         raise errors.Preempted(f"Preempted at step {step}: checkpoint saved in "
                                        f"{checkpoints.directory}")
       if evaluating:

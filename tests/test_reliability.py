@@ -209,6 +209,33 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues(tmp_path):
   assert (tmp_path / "checkpoints" / str(step + 2)).is_dir()
 
 
+def test_sigterm_stops_two_processes_at_one_step_and_saves_it(tmp_path):
+  port = free_port()
+  steps = ["--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+           "--config.log_every_steps=1"]
+  processes = [
+      subprocess.Popen(
+          main_command(tmp_path, *steps, f"--coordinator_address=localhost:{port}",
+                       "--num_processes=2", f"--process_id={index}"),
+          cwd=REPO, env=environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          text=True) for index in range(2)
+  ]
+  deadline = time.time() + 240
+  while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").stat().st_size:
+    assert all(p.poll() is None for p in processes) and time.time() < deadline
+    time.sleep(0.05)
+  for process in processes:  # As a TPU maintenance event or scancel does: every host.
+    process.send_signal(signal.SIGTERM)
+  messages = []
+  for process in processes:
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    messages.append(stderr.strip().splitlines()[-1])
+  assert messages[0] == messages[1] and messages[0].startswith("md4: Preempted at step ")
+  step = int(messages[0].split("Preempted at step ")[1].split(":")[0])
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [str(step)]
+
+
 def test_sigterm_while_sampling_exits_within_seconds_with_the_step_saved(tmp_path):
   # Sampling with 10**6 steps takes minutes; it starts right after the evaluation line.
   process = subprocess.Popen(
