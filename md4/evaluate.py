@@ -142,6 +142,7 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
     config.model.dtype = dtype
   # Training's antithetic times over the tiled batch are what stratify the times.
   config.antithetic_time_sampling = True
+  config.grad_accum_steps = 1  # Evaluation has no micro-batches.
   mesh = sharding_lib.make_mesh(config)
   sharding_lib.check_batch(config, mesh)
   dataset = data_lib.create(config)

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -256,6 +257,27 @@ def test_sigterm_while_sampling_exits_within_seconds_with_the_step_saved(tmp_pat
   assert (tmp_path / "checkpoints/3").is_dir()
   assert not (tmp_path / "md4.lock").exists()
 
+  # md4.evaluate sampling from that checkpoint: the same.
+  evaluating = subprocess.Popen(
+      [sys.executable, "-m", "md4.evaluate", f"--workdir={tmp_path}", "--nonelbo", "--sample",
+       "--steps=1000000"], cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(evaluating.stderr), daemon=True)
+  reader.start()
+  deadline = time.time() + 240
+  while not any("Restored the EMA parameters" in line for line in lines):
+    assert evaluating.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+    time.sleep(0.1)
+  time.sleep(3)  # Into the sampler's compiled loop.
+  evaluating.send_signal(signal.SIGTERM)
+  sent = time.time()
+  evaluating.wait(timeout=60)
+  assert time.time() - sent < 10, time.time() - sent
+  reader.join(timeout=10)
+  assert evaluating.returncode == PREEMPTED_EXIT_CODE, "".join(lines)[-3000:]
+  assert lines[-1].startswith("md4: Preempted while evaluating")
+
 
 def damage(checkpoint: pathlib.Path) -> None:
   """Cuts the largest file of a checkpoint's state in half."""
@@ -387,6 +409,16 @@ def test_bad_input_is_one_line_naming_what_to_change(tmp_path):
   verbose = run(main_command(tmp_path, "--config.dataset=nope", "--verbosity=1"))
   assert verbose.returncode == 1 and "Traceback" in verbose.stderr
   assert not (tmp_path / "checkpoints").exists()
+  for command, message in [
+      (["md4.evaluate", "--workdir=/no/such/workdir"], "workdir='/no/such/workdir' is not a"),
+      (["md4.data.prepare", "--config=configs/quickstart.py", "--config.dataset=nope"],
+       "config.dataset='nope' is not a data source"),
+      (["md4.data.prepare", "--config=configs/nope.py"], "--config could not be loaded"),
+  ]:
+    result = run([sys.executable, "-m", *command])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"md4: error: ")
+    assert message in result.stderr.strip().splitlines()[-1]
 
 
 def test_transient_read_errors_are_retried_then_raised_leaving_the_checkpoint(tmp_path,
