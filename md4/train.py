@@ -292,8 +292,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains config's model in workdir, resuming from its latest checkpoint.
 
   allow_fresh_start: start from step 0 when checkpoints exist but none
-  restores (otherwise that is an error). Raises `preemption.Preempted` after
-  saving on a preemption notice. Returns the last evaluation's metrics.
+  restores (otherwise that is an error). On a preemption notice it saves and
+  raises `errors.Preempted` (or, outside the training loop, where nothing is
+  unsaved, exits with errors.PREEMPTED_EXIT_CODE: `md4.preemption`). Returns
+  the last evaluation's metrics.
   """
   config = defaults.validate(config)
   storage.use_emulator_if_set()
@@ -385,8 +387,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           wait_for_saves()
         if jax.process_count() > 1:  # None exits before the checkpoint is committed.
           multihost_utils.sync_global_devices("preempted")
-        raise errors.Preempted(f"Preempted at step {step}: checkpoint saved in "
-                                       f"{checkpoints.directory}")
+        raise errors.Preempted(
+            f"Preempted at step {step}: checkpoint saved in {checkpoints.directory}")
       if evaluating:
         start = time.perf_counter()
         with preemption.exits_at_once("evaluating"), progress.apart():
