@@ -67,12 +67,10 @@ class Preemption:
       self.on_exit(_barrier)
     threading.Thread(target=target, name="md4-preemption", daemon=True).start()
 
-  @property
-  def requested(self) -> bool:
-    return self._notice.is_set()
-
   def _handle(self, signum, frame) -> None:
-    del signum, frame  # The watcher thread has been woken already; nothing else to do here.
+    """Runs in the main thread between two bytecodes: the loop's next check sees the notice."""
+    del signum, frame
+    self._notice.set()
 
   def _wait_for_signal(self) -> None:
     read_fd, write_fd = self._wakeup
@@ -94,8 +92,7 @@ class Preemption:
       return
 
   def _noticed(self) -> None:
-    if self._notice.is_set():
-      return
+    """The watcher's part: exits at once where nothing is unsaved."""
     logging.warning("Preemption notice (SIGTERM): saving the current step, then exiting")
     self._notice.set()
     with self._lock:

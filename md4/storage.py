@@ -17,6 +17,7 @@ from etils import epath
 
 OBJECT_STORE_SCHEMES = ("gs://", "s3://")
 EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
+UPLOAD_SECONDS = 30.0  # How stale an object store's copy of an AppendFile may get.
 
 
 def use_emulator_if_set() -> None:
@@ -93,24 +94,19 @@ class AppendFile:
   """A file that only grows: appended in place on a disk, uploaded whole on an object store.
 
   On an object store the bytes are kept here and uploaded by `flush`, which
-  `write` calls when the last upload is upload_seconds old; `close` uploads
+  `write` calls when the last upload is UPLOAD_SECONDS old; `close` uploads
   what is left.
   """
 
-  def __init__(self, path: epath.Path, content: bytes | None = None,
-               upload_seconds: float = 30.0):
-    """content: the file's bytes from now on (None: keep what it holds)."""
+  def __init__(self, path: epath.Path, content: bytes):
+    """Starts the file at path with content (what it held before is replaced)."""
     self.path = path
-    self.upload_seconds = upload_seconds
     self._file = None
     if is_object_store(path):
-      if content is None:
-        content = path.read_bytes() if path.exists() else b""
       self._content = bytearray(content)
       self.flush()
     else:
-      if content is not None:
-        write_whole(path, content)
+      write_whole(path, content)
       self._file = path.open("ab")
 
   def write(self, data: bytes) -> None:
@@ -119,7 +115,7 @@ class AppendFile:
       self._file.flush()
       return
     self._content += data
-    if time.monotonic() - self._uploaded_at >= self.upload_seconds:
+    if time.monotonic() - self._uploaded_at >= UPLOAD_SECONDS:
       self.flush()
 
   def flush(self) -> None:

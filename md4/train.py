@@ -399,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         with preemption.exits_at_once("sampling"), progress.apart():
           write_samples(config, trainer, state.ema_params, dataset, workdir, step,
                         jax.random.fold_in(rng_sample, step))
-        writer.write_scalars(step, {"sample_seconds": time.perf_counter() - start})
+        logging.info("step %d: sampled in %.2f s", step, time.perf_counter() - start)
     with preemption.exits_at_once("finishing the last save"):
       wait_for_saves()
   return eval_metrics
