@@ -522,3 +522,17 @@ def test_full_disk_fails_the_save_clearly_and_keeps_older_checkpoints(tmp_path, 
   manager = ocp.CheckpointManager(tmp_path / "checkpoints", item_names=("state",))
   assert manager.latest_step() == 2
   manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+
+
+def test_eta_counts_days_and_steps_per_second_leave_out_other_work():
+  from md4 import train  # pylint: disable=g-import-not-at-top
+  assert train.format_duration(3 * 86400 + 4 * 3600 + 5 * 60 + 4) == "3d 04h 05m"
+  assert train.format_duration(25 * 3600) == "1d 01h 00m"  # strftime("%H") wrapped this to 01.
+  assert train.format_duration(3600 + 59) == "1h 00m"
+  assert train.format_duration(61) == "1m 01s"
+  progress = train.Progress(step=10)
+  with progress.apart():  # Compiling, evaluating, sampling or saving.
+    time.sleep(0.5)
+  time.sleep(0.1)
+  rate = progress.steps_per_sec(20)
+  assert 10 / 0.5 < rate <= 10 / 0.1, rate
