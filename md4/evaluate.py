@@ -6,8 +6,11 @@
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --prefix="the cat"
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --infill="the ____ sat on the ___"
 
-The model, data and mesh are rebuilt from DIR/config.json; the EMA parameters
-of the checkpoint (what training's evaluation uses) are restored, alone. The
+The model, data and mesh are rebuilt from the config the checkpoint was
+trained with (stored in it; DIR/config.json may have changed since); the EMA
+parameters of the checkpoint (what training's evaluation uses) are restored,
+alone, and checked against their checksums. A preemption notice (SIGTERM)
+ends the command within seconds with md4.errors.PREEMPTED_EXIT_CODE. The
 NELBO estimate and its standard error are `md4.likelihood`'s. --text_file
 reads any text for a text model, mapped to the vocabulary as the training
 text was (`Dataset.read_text`; a word-piece model also takes a corpus folder
@@ -35,13 +38,17 @@ import ml_collections
 import numpy as np
 
 from md4 import checkpointing
+from md4 import compilation_cache
 from md4 import data as data_lib
 from md4 import defaults
+from md4 import errors
 from md4 import likelihood
 from md4 import models
+from md4 import preemption as preemption_lib
 from md4 import samples as samples_lib
 from md4 import sampler as sampler_lib
 from md4 import sharding as sharding_lib
+from md4 import storage
 from md4 import train
 from md4.data import pipeline
 from md4.data import tokens
@@ -106,8 +113,10 @@ class Checkpoint:
   params: Any
 
 
-def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The config a training run wrote to workdir/config.json, validated."""
+def load_config(workdir: str | os.PathLike,
+                step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
+  """(step, the config checkpoint `step` (default: the latest) of workdir was trained with)."""
+  storage.use_emulator_if_set()
   workdir = epath.Path(workdir).expanduser()
   if not workdir.is_dir():
     raise ValueError(f"workdir={str(workdir)!r} is not a directory")
@@ -115,7 +124,8 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   if not path.exists():
     raise ValueError(f"{path} not found: workdir={str(workdir)!r} holds no training run "
                      "(train.train_and_evaluate writes config.json there)")
-  return defaults.validate(ml_collections.ConfigDict(json.loads(path.read_text())))
+  step, config = checkpointing.read_config(workdir, step)
+  return step, defaults.validate(config)
 
 
 def restore(workdir: str | os.PathLike, step: int | None = None,
@@ -127,7 +137,8 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
   config.model.dtype ("float32", "bfloat16").
   """
   workdir = epath.Path(workdir).expanduser()
-  config = load_config(workdir)
+  step, config = load_config(workdir, step)
+  compilation_cache.enable(config)
   if batch_size is not None:
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,7 +149,9 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
     config.model.dtype = dtype
   # Training's antithetic times over the tiled batch are what stratify the times.
   config.antithetic_time_sampling = True
+  config.grad_accum_steps = 1  # Evaluation has no micro-batches.
   mesh = sharding_lib.make_mesh(config)
+  sharding_lib.check_batch(config, mesh)
   dataset = data_lib.create(config)
   model = models.create(config, dataset.vocab_size, dataset.example_shape,
                         dataset.num_classes)
@@ -457,8 +470,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   sharding_lib.initialize_distributed()
   given = flags.FLAGS
-  results = run(Options(**{field.name: given[field.name].value
-                           for field in dataclasses.fields(Options)}))
+  preemption = preemption_lib.Preemption()
+  # Evaluation holds nothing unsaved: a notice ends it at once.
+  with preemption.exits_at_once("evaluating"):
+    results = run(Options(**{field.name: given[field.name].value
+                             for field in dataclasses.fields(Options)}))
+  preemption.close()
   if jax.process_index() == 0:
     print(summary(results))
 
@@ -466,7 +483,7 @@ def main(argv: list[str]) -> None:
 def cli() -> None:
   """`python -m md4.evaluate`: flags defined here, so that importing this module defines none."""
   define_flags()
-  app.run(main)
+  errors.run(main)
 
 
 if __name__ == "__main__":
