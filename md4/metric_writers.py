@@ -1,18 +1,28 @@
 """Metric output: TensorBoard events, workdir/metrics.jsonl and the log.
 
 clu's metric writers import TensorFlow, which md4 does not depend on, so the
-TensorBoard events are written with the `tensorboard` package's own writer.
+TensorBoard events are written with the `tensorboard` package's own writer,
+and text and image summaries are built as the protos its plugins read.
 """
 
+import io
 import json
 import math
 import time
 
 from absl import logging
 from etils import epath
+import numpy as np
+from PIL import Image
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import tensor_pb2
+from tensorboard.compat.proto import tensor_shape_pb2
+from tensorboard.compat.proto import types_pb2
+from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer import event_file_writer
+
+from md4 import plots
 
 
 def _jsonable(value: float) -> float | str:
@@ -47,6 +57,64 @@ class MetricWriter:
     record = {"step": step, **{name: _jsonable(value) for name, value in scalars.items()}}
     with self.jsonl_path.open("a") as f:
       f.write(json.dumps(record) + "\n")
+
+  def write_texts(self, step: int, texts: dict[str, list[str]]) -> None:
+    """Lists of strings, shown by TensorBoard's text tab as one table per tag."""
+    if not self.is_main_process:
+      return
+    values = []
+    for tag, lines in texts.items():
+      tensor = tensor_pb2.TensorProto(
+          dtype=types_pb2.DT_STRING, string_val=[line.encode("utf-8") for line in lines],
+          tensor_shape=tensor_shape_pb2.TensorShapeProto(
+              dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(lines))]))
+      values.append(summary_pb2.Summary.Value(
+          tag=tag, tensor=tensor, metadata=text_metadata.create_summary_metadata(tag, "")))
+    self._write(step, values)
+
+  def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+    """uint8 images [H, W, 3] (or PNG bytes), shown by TensorBoard's images tab."""
+    if not self.is_main_process:
+      return
+    values = []
+    for tag, image in images.items():
+      if isinstance(image, bytes):
+        png = image
+        width, height = Image.open(io.BytesIO(png)).size
+      else:
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+        png = buffer.getvalue()
+        height, width = image.shape[:2]
+      values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
+          height=height, width=width, colorspace=3, encoded_image_string=png)))
+    self._write(step, values)
+
+  def write_curves(self, step: int, title: str) -> epath.Path:
+    """Plots metrics.jsonl to curves.png beside it (`md4.plots`) and sends it to TensorBoard."""
+    path = plots.write_curves(self.jsonl_path.parent, title)
+    logging.info("training curves: %s", path)
+    self.write_images(step, {"curves": path.read_bytes()})
+    return path
+
+  def write_sample_files(self, step: int, paths: list[str]) -> None:
+    """Sends sample files (`md4.samples.write`) to TensorBoard: .txt as text, .png as images.
+
+    Text samples are also logged, one per line.
+    """
+    for path in map(epath.Path, paths):
+      if path.suffix == ".txt":
+        lines = path.read_text().splitlines()
+        logging.info("samples at step %d:\n%s", step, "\n".join(lines))
+        self.write_texts(step, {"samples": lines})
+      elif path.suffix == ".png":
+        name = path.stem.removeprefix(f"step_{step}").lstrip("_") or "grid"
+        self.write_images(step, {f"samples/{name}": path.read_bytes()})
+
+  def _write(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                           summary=summary_pb2.Summary(value=values)))
+    self._events.flush()
 
   def close(self) -> None:
     if self._events is not None:

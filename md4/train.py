@@ -163,15 +163,16 @@ def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
 
 def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
                   dataset: data_lib.Dataset, workdir: epath.Path, step: int,
-                  rng: Array) -> None:
-  """Samples from params to workdir/samples/step_<N>.* (md4.samples)."""
+                  rng: Array, writer: metric_writers.MetricWriter) -> None:
+  """Samples from params to workdir/samples/step_<N>.* (md4.samples) and TensorBoard."""
   with_frames = dataset.modality == "image" and "frames" in trainer.model.supports
   num_frames = config.num_montage_frames if with_frames else 0
   drawn = trainer.sample(params, rng, config.num_samples, num_frames)
   tokens = np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
   if jax.process_index() == 0:
     frames = None if drawn.frames is None else np.asarray(drawn.frames)
-    samples_lib.write(workdir / "samples", f"step_{step}", tokens, dataset, frames)
+    written = samples_lib.write(workdir / "samples", f"step_{step}", tokens, dataset, frames)
+    writer.write_sample_files(step, written)
 
 
 def summary_line(eval_metrics: dict[str, float]) -> str:
@@ -283,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, eval_metrics)
       if step % config.sample_every_steps == 0 or last:
         write_samples(config, trainer, state.ema_params, dataset, workdir, step,
-                      jax.random.fold_in(rng_sample, step))
+                      jax.random.fold_in(rng_sample, step), writer)
       preempted = preemption.reached(checkpoints, step)
       if step % config.checkpoint_every_steps == 0 or last or preempted:
         if config.check_nans and history:
@@ -294,6 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           checkpoints.wait_until_finished()
         raise SystemExit(f"Preempted at step {step}: checkpoint saved in "
                          f"{checkpoints.directory}; re-run the same command to resume.")
+    if is_main:
+      writer.write_curves(step, f"{config.model_type} on {config.dataset}")
   finally:
     with checkpointing.saving_errors(checkpoints, step):
       checkpoints.wait_until_finished()
