@@ -19,7 +19,7 @@ from PIL import PngImagePlugin
 CURVES_FILE = "curves.png"
 TEXT_CHUNK = "md4_curves"
 SIZE = (900, 540)
-MARGINS = (80, 40, 30, 70)  # left, top, right, bottom, in pixels.
+MARGINS = (80, 60, 30, 70)  # left, top, right, bottom, in pixels.
 COLORS = {"train": (31, 119, 180), "held_out": (214, 39, 40), "entropy": (44, 160, 44)}
 LABELS = {"train": "training (batch mean)", "held_out": "held-out NELBO",
           "entropy": "source entropy"}
@@ -100,7 +100,7 @@ def render(series: dict[str, Any], title: str) -> Image.Image:
     draw.text((column, box[3] + 8), f"{x:g}", fill=_TEXT, font=font, anchor="mt")
   draw.rectangle(box, outline=_AXIS)
   draw.text(((box[0] + box[2]) // 2, height - 20), "step", fill=_TEXT, font=font, anchor="mm")
-  draw.text((12, box[1] - 20), "bits per token", fill=_TEXT, font=font, anchor="lm")
+  draw.text((12, box[1] - 12), "bits per token", fill=_TEXT, font=font, anchor="lm")
   draw.text(((box[0] + box[2]) // 2, 16), title, fill=_TEXT, font=font, anchor="mm")
 
   if series["entropy"] is not None:
@@ -115,12 +115,13 @@ def render(series: dict[str, Any], title: str) -> Image.Image:
     draw.line([column, low, column, high], fill=COLORS["held_out"], width=2)
     draw.ellipse([column - 4, row - 4, column + 4, row + 4], fill=COLORS["held_out"])
 
+  # The legend sits above the plot, where it covers no point.
   shown = [name for name in ("train", "held_out", "entropy")
            if series[name] not in (None, [])]
   for index, name in enumerate(shown):
-    row = box[1] + 14 + 18 * index
-    draw.line([box[2] - 210, row, box[2] - 185, row], fill=COLORS[name], width=3)
-    draw.text((box[2] - 178, row), LABELS[name], fill=_TEXT, font=font, anchor="lm")
+    column, row = box[0] + 120 + 200 * index, box[1] - 30
+    draw.line([column, row, column + 25, row], fill=COLORS[name], width=3)
+    draw.text((column + 32, row), LABELS[name], fill=_TEXT, font=font, anchor="lm")
 
   image.info[TEXT_CHUNK] = json.dumps({
       **series, "limits": [x_min, x_max, y_min, y_max], "box": box, "colors": COLORS})
