@@ -12,7 +12,6 @@ import time
 
 from absl import logging
 from etils import epath
-import numpy as np
 from PIL import Image
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
@@ -31,7 +30,8 @@ def _jsonable(value: float) -> float | str:
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard, one JSON object per call to metrics.jsonl, and logs.
+  """Writes scalars to TensorBoard, one JSON object per call to metrics.jsonl, and logs;
+  samples (text and images) and the curves PNG to TensorBoard.
 
   Only the main process writes files; every process logs.
   """
@@ -49,11 +49,8 @@ class MetricWriter:
                  ", ".join(f"{name}={float(value):.5g}" for name, value in scalars.items()))
     if not self.is_main_process:
       return
-    summary = summary_pb2.Summary(value=[
-        summary_pb2.Summary.Value(tag=name, simple_value=float(value))
-        for name, value in scalars.items()
-    ])
-    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    self._write(step, [summary_pb2.Summary.Value(tag=name, simple_value=float(value))
+                       for name, value in scalars.items()])
     record = {"step": step, **{name: _jsonable(value) for name, value in scalars.items()}}
     with self.jsonl_path.open("a") as f:
       f.write(json.dumps(record) + "\n")
@@ -72,20 +69,13 @@ class MetricWriter:
           tag=tag, tensor=tensor, metadata=text_metadata.create_summary_metadata(tag, "")))
     self._write(step, values)
 
-  def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
-    """uint8 images [H, W, 3] (or PNG bytes), shown by TensorBoard's images tab."""
+  def write_images(self, step: int, images: dict[str, bytes]) -> None:
+    """PNG files' bytes, shown by TensorBoard's images tab."""
     if not self.is_main_process:
       return
     values = []
-    for tag, image in images.items():
-      if isinstance(image, bytes):
-        png = image
-        width, height = Image.open(io.BytesIO(png)).size
-      else:
-        buffer = io.BytesIO()
-        Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
-        png = buffer.getvalue()
-        height, width = image.shape[:2]
+    for tag, png in images.items():
+      width, height = Image.open(io.BytesIO(png)).size
       values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
           height=height, width=width, colorspace=3, encoded_image_string=png)))
     self._write(step, values)
@@ -114,7 +104,6 @@ class MetricWriter:
   def _write(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
     self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step,
                                            summary=summary_pb2.Summary(value=values)))
-    self._events.flush()
 
   def close(self) -> None:
     if self._events is not None:
