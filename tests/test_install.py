@@ -8,13 +8,14 @@ pip installs from the package index (or its cache); nothing else is fetched.
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 
 import pytest
+
+from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHORT_QUICK_START = ("--config.num_train_steps=30", "--config.log_every_steps=10",
@@ -24,14 +25,6 @@ SHORT_QUICK_START = ("--config.num_train_steps=30", "--config.log_every_steps=10
 TEST_SELECTION = "tests/test_schedule.py"
 
 pytestmark = pytest.mark.slow
-
-
-def _benchmark():
-  spec = importlib.util.spec_from_file_location("quickstart_benchmark",
-                                                REPO / "benchmarks" / "quickstart.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _bash(command: str, cwd: pathlib.Path, timeout: int) -> subprocess.CompletedProcess:
@@ -54,7 +47,7 @@ def quick_start(tmp_path_factory) -> dict[str, object]:
     stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
     record = root / "quick_start.json"
     if not record.exists():
-      benchmark = _benchmark()
+      benchmark = helpers.load_benchmark("quickstart")
       checkout = root / "md4"
       benchmark.copy_repository(checkout)
       readme = (REPO / "README.md").read_text()
@@ -83,7 +76,8 @@ def test_readme_quick_start_installs_and_trains(quick_start):
 def test_readme_test_command_installs_and_tests(quick_start):
   assert quick_start["returncode"] == 0, quick_start["stderr"]
   readme = (REPO / "README.md").read_text()
-  command = f"{_benchmark().readme_command(readme, 'Tests')} {TEST_SELECTION}"
-  result = _bash(command, pathlib.Path(quick_start["checkout"]), timeout=1200)
+  tests_command = helpers.load_benchmark("quickstart").readme_command(readme, "Tests")
+  result = _bash(f"{tests_command} {TEST_SELECTION}", pathlib.Path(quick_start["checkout"]),
+                 timeout=1200)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert " passed" in result.stdout and "failed" not in result.stdout

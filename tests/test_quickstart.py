@@ -1,7 +1,6 @@
 """The newcomer's path: console scripts, packaged configs, the CPU allocator, the curves PNG,
 samples in TensorBoard, and the README's quoted timings."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,6 +15,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from md4 import plots
 from md4 import startup
+from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
@@ -25,14 +25,6 @@ SHORT_RUN = ("--config.num_train_steps=20", "--config.log_every_steps=5",
              "--config.eval_every_steps=10", "--config.checkpoint_every_steps=20",
              "--config.sample_every_steps=20", "--config.sample_steps=8",
              "--config.synthetic.num_eval_examples=64")
-
-
-def _load_benchmark():
-  spec = importlib.util.spec_from_file_location("quickstart_benchmark",
-                                                REPO / "benchmarks" / "quickstart.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _flags(command: list[str]) -> set[tuple[str, str, str]]:
@@ -175,7 +167,7 @@ def test_samples_and_curves_reach_tensorboard(short_run):
 
 
 def test_readme_quotes_the_committed_benchmark_results():
-  benchmark = _load_benchmark()
+  benchmark = helpers.load_benchmark("quickstart")
   results = json.loads(benchmark.RESULTS.read_text())
   readme = (REPO / "README.md").read_text()
   quick_start = benchmark.readme_section(readme, "Quick start")
