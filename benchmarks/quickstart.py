@@ -102,6 +102,7 @@ def measure(runs: int) -> dict[str, object]:
     folder = pathlib.Path(folder)
     checkout = folder / "md4"
     copy_repository(checkout)
+    load_before = os.getloadavg()
     install_seconds, _ = run(install, checkout)
     peak_before = float(run(f"{activate} && python -c \"{_PEAK}\"", checkout)[1].split()[-1])
     help_seconds, _ = run(f"{activate} && {TRAIN_PREFIX} --help", checkout)
@@ -110,12 +111,15 @@ def measure(runs: int) -> dict[str, object]:
     trainings = [training_run(activate, train, checkout, folder / f"run{index}")
                  for index in range(runs)]
     peak_after = float(run(f"{activate} && python -c \"{_PEAK}\"", checkout)[1].split()[-1])
+    load_after = os.getloadavg()
   median = {key: statistics.median(run[key] for run in trainings) for key in trainings[0]}
   return {
       "command": command,
       "machine": {"cpus": os.cpu_count(), "processor": _processor(),
                   "python": platform.python_version(),
-                  "matmul_peak_flops_f32": [peak_before, peak_after]},
+                  "matmul_peak_flops_f32": [peak_before, peak_after],
+                  # Runnable processes (1, 5, 15-minute means): other work on a shared machine.
+                  "load_average_before": load_before, "load_average_after": load_after},
       "install_seconds": install_seconds,
       "help_seconds": help_seconds,
       "one_step_run_seconds": one_step_seconds,
