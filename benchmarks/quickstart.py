@@ -105,7 +105,8 @@ def measure(runs: int) -> dict[str, object]:
     load_before = os.getloadavg()
     install_seconds, _ = run(install, checkout)
     peak_before = float(run(f"{activate} && python -c \"{_PEAK}\"", checkout)[1].split()[-1])
-    help_seconds, _ = run(f"{activate} && {TRAIN_PREFIX} --help", checkout)
+    # absl's --help exits with 1.
+    help_seconds, _ = run(f"{activate} && {TRAIN_PREFIX} --help; test $? = 1", checkout)
     one_step_seconds, _ = run(
         f"{activate} && {train} --workdir={folder / 'one_step'} {' '.join(ONE_STEP)}", checkout)
     trainings = [training_run(activate, train, checkout, folder / f"run{index}")
