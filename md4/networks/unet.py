@@ -34,7 +34,7 @@ partitioned = layers.partitioned
 
 
 def conv3x3(features: int, dtype: layers.Dtype, name: str, *, stride: int = 1,
-          zero_init: bool = False, out_axis: str = "conv_out") -> nn.Conv:
+            zero_init: bool = False, out_axis: str = "conv_out") -> nn.Conv:
   kernel_init = nn.initializers.zeros if zero_init else layers.default_init()
   return nn.Conv(features, (3, 3), strides=stride, dtype=dtype,
                  kernel_init=partitioned(kernel_init, None, None, "conv_in", out_axis),
@@ -47,6 +47,21 @@ def group_norm(groups: int, dtype: layers.Dtype, name: str) -> nn.GroupNorm:
                       scale_init=partitioned(nn.initializers.ones, "norm"),
                       bias_init=partitioned(nn.initializers.zeros, "norm"),
                       name=name)
+
+
+def skip_dense(features: int, dtype: layers.Dtype) -> nn.Dense:
+  """The 1x1 projection ("skip") of a res block's input whose width is not features."""
+  return nn.Dense(features, dtype=dtype,
+                  kernel_init=partitioned(layers.default_init(), "conv_in", "conv_out"),
+                  bias_init=partitioned(nn.initializers.zeros, "conv_out"), name="skip")
+
+
+def logit_head(h: Array, image_channels: int, vocab_size: int) -> Array:
+  """Zero-initialised 3x3 conv ("conv_out") of h [B, H, W, D] -> logits [B, H, W, C, V], float32."""
+  # Logits in float32: bf16 rounding of the logits would blur the likelihood.
+  logits = conv3x3(image_channels * vocab_size, jnp.float32, "conv_out",
+                   zero_init=True, out_axis="vocab")(h.astype(jnp.float32))
+  return logits.reshape(*h.shape[:3], image_channels, vocab_size)
 
 
 def upsample(x: Array) -> Array:
@@ -89,10 +104,7 @@ class ResBlock(nn.Module):
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = conv3x3(self.features, self.dtype, "conv_out", zero_init=True)(h)
     if x.shape[-1] != self.features:
-      x = nn.Dense(
-          self.features, dtype=self.dtype,
-          kernel_init=partitioned(layers.default_init(), "conv_in", "conv_out"),
-          bias_init=partitioned(nn.initializers.zeros, "conv_out"), name="skip")(x)
+      x = skip_dense(self.features, self.dtype)(x)
     return x + h
 
 
@@ -160,7 +172,7 @@ class UNet(nn.Module):
     """Logits float32 [B, H, W, C, vocab_size] for tokens z, times t [B]."""
     layers.check_inputs(z, t, label, vocab_size=self.vocab_size,
                         num_classes=self.num_classes)
-    batch, height, width, image_channels = z.shape
+    _, height, width, image_channels = z.shape
     check_levels(self.channels, self.channel_mult, self.norm_groups, height, width)
     groups, dtype, custom = self.norm_groups, self.dtype, self.custom_kernels
 
@@ -205,7 +217,4 @@ class UNet(nn.Module):
         h = conv3x3(h.shape[-1], dtype, f"up_{level}_resample")(upsample(h))
 
     h = nn.swish(group_norm(groups, dtype, "norm_out")(h))
-    # Logits in float32: bf16 rounding of the logits would blur the likelihood.
-    logits = conv3x3(image_channels * self.vocab_size, jnp.float32, "conv_out",
-                   zero_init=True, out_axis="vocab")(h.astype(jnp.float32))
-    return logits.reshape(batch, height, width, image_channels, self.vocab_size)
+    return logit_head(h, image_channels, self.vocab_size)

@@ -83,10 +83,7 @@ class ResBlock(nn.Module):
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = unet.conv3x3(features, self.dtype, "conv_out", zero_init=True)(h)
     if x.shape[-1] != features:
-      x = nn.Dense(
-          features, dtype=self.dtype,
-          kernel_init=partitioned(layers.default_init(), "conv_in", "conv_out"),
-          bias_init=partitioned(nn.initializers.zeros, "conv_out"), name="skip")(x)
+      x = unet.skip_dense(features, self.dtype)(x)
     return x + h
 
 
@@ -136,7 +133,7 @@ class UViT(nn.Module):
     """Logits float32 [B, H, W, C, vocab_size] for tokens z, times t [B]."""
     layers.check_inputs(z, t, label, vocab_size=self.vocab_size,
                         num_classes=self.num_classes)
-    batch, height, width, image_channels = z.shape
+    _, height, width, image_channels = z.shape
     unet.check_levels(self.channels, self.channel_mult, self.norm_groups, height, width)
     groups, dtype = self.norm_groups, self.dtype
 
@@ -175,7 +172,4 @@ class UViT(nn.Module):
                      name=f"up_{level}_resample")(h, cond, train)
 
     h = nn.swish(CondGroupNorm(groups, dtype, name="norm_out")(h, cond))
-    # Logits in float32: bf16 rounding of the logits would blur the likelihood.
-    logits = unet.conv3x3(image_channels * self.vocab_size, jnp.float32, "conv_out",
-                          zero_init=True, out_axis="vocab")(h.astype(jnp.float32))
-    return logits.reshape(batch, height, width, image_channels, self.vocab_size)
+    return unet.logit_head(h, image_channels, self.vocab_size)
