@@ -1,6 +1,6 @@
 """MD4 on CIFAR-10 pixels (Shi et al., 2024, image experiments), as the reference runs it.
 
-Follows google-deepmind/md4 `md4/configs/md4/cifar10.py` (its `sweep()` runs
+Follows google-deepmind/md4's md4/configs/md4/cifar10.py (its `sweep()` runs
 the file's values, linear schedule and cosine sampling grid). Network, the
 reference's: a VDM-style U-Net at full 32x32 resolution (no downsampling),
 128 channels, 32 residual blocks down and 33 up, a middle

@@ -1,6 +1,6 @@
 """GenMD4 on an OpenWebText-style corpus: the MD4-S setup of owt.py with a learned schedule.
 
-Follows google-deepmind/md4 `md4/configs/genmd4/openwebtext.py` with the
+Follows google-deepmind/md4's md4/configs/genmd4/openwebtext.py with the
 values its launcher runs by default (its `sweep()`): lr 3e-4, dropout 0.02,
 weight decay 0.03, as owt.py. A learned polynomial schedule per token value
 with the `config.genmd4` defaults, as genmd4_text8.py: exponents initialised

@@ -1,6 +1,6 @@
 """GenMD4 on text8 (Shi et al., 2024, section 6 and its text8 experiments).
 
-Follows google-deepmind/md4 `md4/configs/genmd4/text8.py` with the values its
+Follows google-deepmind/md4's md4/configs/genmd4/text8.py with the values its
 launcher runs by default (its `sweep()`): lr 3e-4, dropout 0.05, weight decay
 0.03. The MD4-S text8 setup of text8.py otherwise, network included, with a
 learned polynomial schedule per token value: exponents initialised at 1 (the

@@ -1,10 +1,10 @@
 """MD4 on downsampled ImageNet 64x64 pixels (Shi et al., 2024, image experiments), as the reference runs it.
 
-Follows google-deepmind/md4 `md4/configs/md4/imagenet64.py` with the values
-its `sweep()` runs by default: 8 res blocks and 20 DiT blocks ("use 24 and
-12 for best likelihood in the paper": `--config.model.unet_num_res_blocks=24
---config.model.num_layers=12`, 198,279,680 parameters, the reference's
-198,279,680). Network, the reference's U-ViT (md4/networks/uvit.py): each
+Follows google-deepmind/md4's md4/configs/md4/imagenet64.py with the values
+its `sweep()` runs by default: 8 res blocks and 20 DiT blocks (its comments:
+24 and 12 "for best likelihood in the paper", here
+`--config.model.unet_num_res_blocks=24` `--config.model.num_layers=12`,
+198,279,680 parameters, the reference's 198,279,680). Network, the reference's U-ViT (md4/networks/uvit.py): each
 pixel channel a 256-way token embedded 256 wide; 256 channels at full 64x64
 resolution, 8 res blocks down and 9 up around a DiT over 2x2 patches (1024
 positions, width 768, 20 blocks, 12 heads); conditioned GroupNorms from a

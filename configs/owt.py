@@ -1,6 +1,6 @@
 """MD4-S on an OpenWebText-style corpus with a GPT-2-sized vocabulary.
 
-Model and optimiser follow google-deepmind/md4 `md4/configs/md4/openwebtext.py`
+Model and optimiser follow google-deepmind/md4's md4/configs/md4/openwebtext.py
 with the values its launcher runs by default (its `sweep()`, "Small size",
 overrides `get_config()`): dropout 0.02, weight decay 0.03, linear schedule,
 rather than the file's dropout 0 and weight decay 0. Architecture, the

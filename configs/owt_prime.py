@@ -1,8 +1,8 @@
 """MDM-Prime on an OpenWebText-style corpus (Chao et al., 2025, section 4.1).
 
-Model and optimiser follow chen-hao-chao/mdm-prime `text/` (MDLM-Prime):
-`configs/model/small.yaml` and `configs/config.yaml`. Network: its DiT
-backbone, 12 layers of width 768, 12 heads, adaLN-zero from a 128-wide
+Model and optimiser follow chen-hao-chao/mdm-prime's text/ folder
+(MDLM-Prime): its configs/model/small.yaml and configs/config.yaml.
+Network: its DiT backbone, 12 layers of width 768, 12 heads, adaLN-zero from a 128-wide
 conditioning vector that does not read t (its time_conditioning=False feeds
 t = 0), GELU MLPs of hidden width 3072, rotary positions, dropout 0.1 on the
 attention and MLP outputs; each position's l = 2 sub-tokens (base 225,

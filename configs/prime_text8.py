@@ -6,9 +6,9 @@ Each of the 27 characters is written as l = 2 base-6 sub-tokens (6^2 = 36 >= 27)
 sub-token NELBO in bits per character, comparable with MD4's.
 
 The MDM-Prime paper reports no text8 result; the network is its text
-backbone (owt_prime.py: chen-hao-chao/mdm-prime `text/configs/model/small.yaml`,
+backbone (owt_prime.py: chen-hao-chao/mdm-prime's text/configs/model/small.yaml,
 a DiT of width 768, 12 layers, GELU MLPs, dropout 0.1, no time input) at
-text8's length 256, as its `configs/data/text8.yaml` asks, over md4's 27
+text8's length 256, as its text/configs/data/text8.yaml asks, over md4's 27
 symbols. Parameters: 92,423,808 against 92,404,123 (+0.02%) for that backbone
 with 27 outputs and l = 2, for the reasons owt_prime.py gives (the
 checkpoint also holds 77,568 zero output columns that pad 27 logits to 128).

@@ -1,6 +1,6 @@
 """MD4-S on text8 (Shi et al., 2024), as the reference runs it.
 
-Follows google-deepmind/md4 `md4/configs/md4/text8.py` with the values its
+Follows google-deepmind/md4's md4/configs/md4/text8.py with the values its
 launcher runs by default (its `sweep()` overrides `get_config()`): lr 5e-4,
 dropout 0.05, weight decay 0.03, rather than the file's 3e-4, 0 and 0.
 
