@@ -2,9 +2,9 @@
 
 Model and optimiser follow chen-hao-chao/mdm-prime's text/ folder
 (MDLM-Prime): its configs/model/small.yaml and configs/config.yaml.
-Network: its DiT backbone, 12 layers of width 768, 12 heads, adaLN-zero from a 128-wide
-conditioning vector that does not read t (its time_conditioning=False feeds
-t = 0), GELU MLPs of hidden width 3072, rotary positions, dropout 0.1 on the
+Network: its DiT backbone, 12 layers of width 768, 12 heads, adaLN-zero from
+a 128-wide conditioning vector that does not read t (its
+time_conditioning=False feeds t = 0), GELU MLPs of hidden width 3072, rotary positions, dropout 0.1 on the
 attention and MLP outputs; each position's l = 2 sub-tokens (base 225,
 `--config.prime.binary=True`: 16 binary ones) embedded 384 wide and
 concatenated. Parameters at 50257 tokens: 131,168,640 against the
@@ -17,8 +17,9 @@ reference's: batch 512, AdamW (lr 3e-4, b2 0.999, no weight decay) at a
 constant rate after 2500 warm-up steps, gradient clipping at norm 1, EMA
 0.9999, 1M steps, bf16 compute, linear schedule (its log-linear noise).
 
-Data as owt.py. Prepare the corpus once with
-`python -m md4.data.prepare --config=configs/owt_prime.py --config.tokens.path=CORPUS`.
+The data are owt.py's: GPT-2's 50257 tokens, MDLM's held-out split, the same
+prepared folder. Prepare the corpus once with
+`python -m md4.data.prepare --config=configs/owt_prime.py`.
 """
 
 import ml_collections

@@ -42,6 +42,7 @@ import pytest
 from md4 import data as data_lib
 from md4 import defaults
 from md4.data import alphabet
+from tests import test_gpt2_tokens
 from tests.test_launch import FAKE_GCLOUD, _write_exe
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -53,8 +54,14 @@ EXTERNAL = ("cd", "gcloud", "git", "pip", "sbatch", "srun", "tensorboard", "uv",
 TINY_MODEL = ("--config.model.width=32", "--config.model.num_layers=1",
               "--config.model.num_heads=2", "--config.model.dtype=float32",
               "--config.seq_len=32", "--config.batch_size=8")
+# Token corpora: CORPUS is one document per line; GPT-2's tokenizer is a small local one.
 LOCAL_DATA = ("--config.data_dir={data_dir}", "--config.text8.download=False",
-              "--config.tokens.vocab_size=40", "--config.tokens.validation_fraction=0.1")
+              "--config.tokens.vocab_size=40", "--config.tokens.validation_fraction=0.1",
+              "--config.tokens.path={corpus}", "--config.tokens.documents=line",
+              "--config.tokens.validation_documents=0",
+              "--config.tokens.tiktoken_dir={tiktoken_dir}",
+              # Images from mocked tfds: tests/test_image_archives.py prepares the archives.
+              "--config.cifar10.source=tfds", "--config.imagenet64.source=tfds")
 # Appended to each md4 program's documented command; a program not listed here fails the test.
 OVERRIDES = {
     "md4.main": TINY_MODEL + LOCAL_DATA + (
@@ -334,12 +341,13 @@ def workspace(tmp_path_factory) -> Workspace:
   text_file.write_text(_words(rng, 2400) + "\n")
   corpus = root / "corpus.txt"
   corpus.write_text("\n".join(_words(rng, rng.integers(3, 30)) for _ in range(400)) + "\n")
+  test_gpt2_tokens.save_gpt2_files(test_gpt2_tokens.train_bpe(300), root / "gpt2")
 
   gcloud_log = root / "gcloud.log"
   env = {key: value for key, value in os.environ.items()
          if not key.startswith(("SLURM_", "MD4_", "CUDA_VISIBLE", "JAX_LOCAL", "TFDS_"))
          and key != "XLA_FLAGS"}
-  env.update(HOME=str(home), USER="tester", JAX_PLATFORMS="cpu", GCLOUD_LOG=str(gcloud_log),
+  env.update(HOME=str(home), USER="tester", TIKTOKEN_CACHE_DIR=str(root / "tiktoken_cache"), JAX_PLATFORMS="cpu", GCLOUD_LOG=str(gcloud_log),
              PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{env['PATH']}")
   return Workspace(root, checkout, data_dir, {"FILE": str(text_file), "CORPUS": str(corpus)},
                    env, gcloud_log)
@@ -347,7 +355,10 @@ def workspace(tmp_path_factory) -> Workspace:
 
 @functools.cache
 def _reads_tfds(config_file: str, dataset: str | None) -> bool:
-  """Whether the config (with config.dataset overridden, if given) reads a tfds source."""
+  """Whether the config (with config.dataset overridden, if given) reads an image source.
+
+  Image sources read mocked tfds data here (LOCAL_DATA sets their source option).
+  """
   spec = importlib.util.spec_from_file_location("documented_config", REPO / config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -374,7 +385,9 @@ def run(command: Command, workspace: Workspace,
     workdir = workspace.root / "runs" / re.sub(r"\W", "_", command.where)
   values = dict(workspace.values, **({} if workdir is None else {"DIR": str(workdir)}))
   line = _PLACEHOLDER.sub(lambda match: shlex.quote(values[match.group()]), command.line)
-  overrides = [override.format(data_dir=workspace.data_dir) for override in OVERRIDES[name]]
+  overrides = [override.format(data_dir=workspace.data_dir, corpus=workspace.values["CORPUS"],
+                               tiktoken_dir=workspace.root / "gpt2" / "openai")
+               for override in OVERRIDES[name]]
   return subprocess.run(["bash", "-c", " ".join([line, *map(shlex.quote, overrides)])],
                         cwd=workspace.checkout, env=_environment(command, workspace),
                         capture_output=True, text=True, timeout=600)
