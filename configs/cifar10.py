@@ -1,4 +1,4 @@
-"""MD4 on CIFAR-10 pixels (Shi et al., 2024, image experiments), as the reference runs it.
+"""MD4 on CIFAR-10 pixels (Shi et al., 2024), as the reference runs it.
 
 Follows google-deepmind/md4's md4/configs/md4/cifar10.py (its `sweep()` runs
 the file's values, linear schedule and cosine sampling grid). Network, the

@@ -1,19 +1,20 @@
-"""MD4 on downsampled ImageNet 64x64 pixels (Shi et al., 2024, image experiments), as the reference runs it.
+"""MD4 on ImageNet 64x64 (Shi et al., 2024), as the reference runs it.
 
 Follows google-deepmind/md4's md4/configs/md4/imagenet64.py with the values
 its `sweep()` runs by default: 8 res blocks and 20 DiT blocks (its comments:
 24 and 12 "for best likelihood in the paper", here
 `--config.model.unet_num_res_blocks=24` `--config.model.num_layers=12`,
-198,279,680 parameters, the reference's 198,279,680). Network, the reference's U-ViT (md4/networks/uvit.py): each
-pixel channel a 256-way token embedded 256 wide; 256 channels at full 64x64
-resolution, 8 res blocks down and 9 up around a DiT over 2x2 patches (1024
-positions, width 768, 20 blocks, 12 heads); conditioned GroupNorms from a
-256-wide conditioning vector; dropout 0.1. Parameters: 204,595,712, the
-reference's 204,595,712. Training, the reference's: batch 512, AdamW with
-lr 2e-4, b2 0.99, weight decay 0.01, 100 warm-up steps and cosine decay over
-2M steps, EMA 0.9999, linear schedule, continuous time. Chosen here:
-gradient clipping at norm 1 (the reference has none), bf16 compute with f32
-parameters. Class-conditional variant: imagenet64_conditional.py.
+198,279,680 parameters, the reference's 198,279,680). Network, the reference's
+U-ViT (md4/networks/uvit.py): each pixel channel a 256-way token embedded 256
+wide; 256 channels at full 64x64 resolution, 8 res blocks down and 9 up around
+a DiT over 2x2 patches (1024 positions, width 768, 20 blocks, 12 heads);
+conditioned GroupNorms from a 256-wide conditioning vector; dropout 0.1.
+Parameters: 204,595,712, the reference's 204,595,712. Training, the
+reference's: batch 512, AdamW with lr 2e-4, b2 0.99, weight decay 0.01, 100
+warm-up steps and cosine decay over 2M steps, EMA 0.9999, linear schedule,
+continuous time. Chosen here: gradient clipping at norm 1 (the reference has
+none), bf16 compute with f32 parameters. Class-conditional variant:
+imagenet64_conditional.py.
 """
 
 from md4 import defaults

@@ -1,9 +1,9 @@
-"""MDM-Prime on text8: the text8.py setup with partial masking and MDM-Prime's text backbone.
+"""MDM-Prime on text8: text8.py with partial masking and MDM-Prime's backbone.
 
-Each of the 27 characters is written as l = 2 base-6 sub-tokens (6^2 = 36 >= 27);
-`--config.prime.length=3` gives l = 3 base-3 sub-tokens (27 = 3^3), and
-`--config.prime.binary=True` five binary ones. Evaluation reports the valid
-sub-token NELBO in bits per character, comparable with MD4's.
+Each of the 27 characters is written as l = 2 base-6 sub-tokens
+(6^2 = 36 >= 27); `--config.prime.length=3` gives l = 3 base-3 sub-tokens
+(27 = 3^3), and `--config.prime.binary=True` five binary ones. Evaluation
+reports the valid sub-token NELBO in bits per character, comparable with MD4's.
 
 The MDM-Prime paper reports no text8 result; the network is its text
 backbone (owt_prime.py: chen-hao-chao/mdm-prime's text/configs/model/small.yaml,

@@ -29,7 +29,7 @@ from md4 import defaults
 
 
 def set_md4_small(model: ml_collections.ConfigDict) -> None:
-  """Sets config.model to the reference's MD4-S network, as text8 and OpenWebText share it."""
+  """Sets config.model to the reference's MD4-S network (text8 and OpenWebText)."""
   model.width = 768
   model.num_layers = 12
   model.num_heads = 12
