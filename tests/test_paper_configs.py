@@ -23,7 +23,7 @@ from md4.networks import transformer
 
 CONFIG_DIR = pathlib.Path(__file__).parent.parent / "configs"
 # md4's own experiments, with no paper network to match.
-NOT_PAPER_CONFIGS = {"quickstart", "chars"}
+NOT_PAPER_CONFIGS = {"__init__", "quickstart", "quickstart_text", "chars"}
 
 GPT2_VOCAB_SIZE = 50257
 TEXT8, OWT = ((27, (256,)), (GPT2_VOCAB_SIZE, (1024,)))
