@@ -50,7 +50,7 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Datasheet peak of the de
 
 # Per-sequence weights (time and class conditioning, adaLN) and embedding tables
 # (lookups) do no per-token matmul work.
-_NOT_PER_TOKEN = ("adaln", "time_mlp", "embedding/")
+_NOT_PER_TOKEN = ("adaln", "condition/", "embedding/")
 
 
 def matmul_peak_flops(dtype: jnp.dtype, size: int, repeats: int = 10) -> float:

@@ -1,11 +1,17 @@
-"""MD4 on CIFAR-10 pixels (Shi et al., 2024, image experiments).
+"""MD4 on CIFAR-10 pixels (Shi et al., 2024), as the reference runs it.
 
-Taken from the MD4 reference code's CIFAR-10 setup: a VDM-style U-Net at full
-32x32 resolution (no downsampling), 128 channels, 32 residual blocks, dropout
-0.1, each pixel channel a 256-way token; linear schedule, EMA 0.9999.
-Chosen here (not checked against the paper): batch 256, lr 2e-4 with 5000
-warm-up steps and cosine decay over 2M steps, random horizontal flips.
-Class-conditional variant: cifar10_conditional.py.
+Follows google-deepmind/md4's md4/configs/md4/cifar10.py (its `sweep()` runs
+the file's values, linear schedule and cosine sampling grid). Network, the
+reference's: a VDM-style U-Net at full 32x32 resolution (no downsampling),
+128 channels, 32 residual blocks down and 33 up, a middle
+ResBlock-Attention-ResBlock, dropout 0.1, a 128-wide conditioning vector,
+each pixel channel a 256-way token embedded 128 wide. Parameters:
+28,427,520, the reference's 28,427,520. Training, the reference's: batch
+256, AdamW with lr 2e-4, b2 0.99, weight decay 0.01, 100 warm-up steps and
+cosine decay over 2M steps, EMA 0.9999, continuous time. Chosen here:
+gradient clipping at norm 1 (the reference has none), random horizontal
+flips (the reference has none). Class-conditional variant:
+cifar10_conditional.py.
 """
 
 from md4 import defaults
@@ -22,11 +28,14 @@ def get_config():
   config.model.unet_num_res_blocks = 32
   config.model.unet_attention_resolutions = ()
   config.model.num_heads = 1
+  config.model.cond_dim = 128
   config.model.dropout_rate = 0.1
   config.batch_size = 256
   config.num_train_steps = 2_000_000
   config.optimizer.learning_rate = 2e-4
-  config.optimizer.warmup_steps = 5000
+  config.optimizer.warmup_steps = 100
+  config.optimizer.b2 = 0.99
+  config.optimizer.weight_decay = 0.01
   config.ema_rate = 0.9999
   config.log_every_steps = 500
   config.eval_every_steps = 20_000

@@ -1,8 +1,20 @@
 """MD4-S on OpenWebText with GPT-2's tokenizer.
 
-From the MD4 paper's OpenWebText setup: sequences of 1024 tokens, 12 layers,
-width 768, 12 heads, batch 512, AdamW with lr 3e-4, linear schedule, EMA
-0.9999. Chosen here: 2500 warm-up steps, bf16 compute with f32 parameters.
+Model and optimiser follow google-deepmind/md4's md4/configs/md4/openwebtext.py
+with the values its launcher runs by default (its `sweep()`, "Small size",
+overrides `get_config()`): dropout 0.02, weight decay 0.03, linear schedule,
+rather than the file's dropout 0 and weight decay 0. Architecture, the
+reference's MD4 network for that file: the MD4-S network of configs/text8.py
+(width 768, 12 layers, 64-wide conditioning, GLU MLPs of width 2048) with a
+full-width (50258 x 768) input table. Parameters at 50257 tokens:
+165,857,344, the reference's 165,857,344 (the checkpoint also holds 36,096
+zero output columns that pad 50257 logits to 50304 and receive no gradient).
+Training, the reference's: sequences of 1024 tokens, batch 512, AdamW (lr
+3e-4, b2 0.999) with 2000 warm-up steps then cosine decay to 0 over 1M
+steps, EMA 0.9999. Chosen here: gradient clipping at norm 1 (the reference
+has none), bf16 compute with f32 parameters. Differences left: no dropout on
+the input embeddings or attention probabilities, initialisation (see
+configs/text8.py).
 
 Data (docs/data.md): GPT-2's tokenizer (tiktoken's gpt2 encoding: 50257 ids,
 <|endoftext|> = 50256 ends each document), documents packed into 1024-token
@@ -17,6 +29,7 @@ urlsf_subset*.tar archives; its parquet shards work with
 GPT-2's tokenizer.json as --config.tokens.tokenizer.
 """
 
+from configs import text8
 from md4 import defaults
 
 
@@ -30,14 +43,15 @@ def get_config():
   config.tokens.validation_documents = 100_000
   config.seq_len = 1024
   config.noise_schedule = "linear"
-  config.model.width = 768
-  config.model.num_layers = 12
-  config.model.num_heads = 12
+  text8.set_md4_small(config.model)
+  config.model.dropout_rate = 0.02
   config.model.dtype = "bfloat16"
   config.batch_size = 512
   config.num_train_steps = 1_000_000
   config.optimizer.learning_rate = 3e-4
-  config.optimizer.warmup_steps = 2500
+  config.optimizer.warmup_steps = 2000
+  config.optimizer.weight_decay = 0.03
+  config.optimizer.b2 = 0.999
   config.ema_rate = 0.9999
   config.log_every_steps = 500
   config.eval_every_steps = 20_000

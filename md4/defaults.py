@@ -33,12 +33,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.timesteps = 1000
   config.antithetic_time_sampling = True
 
-  # backbone: "transformer" (token sequences), "unet" or "dit" (images). width,
-  # num_layers, num_heads, mlp_ratio serve the transformer and the DiT; the
-  # unet_* keys and patch_size the image backbones.
+  # backbone: "transformer" (token sequences), "unet", "uvit" or "dit" (images).
+  # width, num_layers, num_heads, mlp_ratio serve the transformer, the DiT and
+  # the U-ViT's middle DiT; the unet_* keys the U-Net and the U-ViT's conv
+  # levels; patch_size the DiT and the U-ViT.
+  # mlp_type: "swiglu", "geglu", "glu" (sigmoid gate) or "gelu" (ungated); the
+  # MLP's hidden width is int(mlp_ratio * width) rounded up to a multiple of
+  # mlp_multiple_of (MD4: mlp_ratio 8/3, 32 -> 2048 at width 768).
+  # cond_dim: width of the time (and class) conditioning vector of the
+  # transformer, U-Net and U-ViT (sinusoidal [cond_dim] -> 4 cond_dim -> cond_dim).
+  # embed_dim: transformer: width of the token table, projected to width (0: a
+  # table of full width); U-Net, U-ViT: per-channel token width (0: unet_channels).
+  # channel_dropout: the transformer's dropout zeroes a feature for a whole
+  # sequence (MD4's Dropout1d) instead of single elements.
   config.model = ml_collections.ConfigDict(dict(
       backbone="transformer", width=128, num_layers=2, num_heads=4, mlp_ratio=4.0,
-      mlp_type="swiglu", time_conditioning="adaln", dropout_rate=0.0, attention_impl="",
+      mlp_multiple_of=1, mlp_type="swiglu", cond_dim=128, embed_dim=0,
+      time_conditioning="adaln", dropout_rate=0.0, channel_dropout=False, attention_impl="",
       remat_policy="none", scan_layers=False, dtype="float32", custom_kernels=True,
       unet_channels=128, unet_channel_mult=(1,), unet_num_res_blocks=32,
       unet_attention_resolutions=(), unet_norm_groups=32, patch_size=4))

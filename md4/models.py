@@ -26,6 +26,7 @@ from md4.networks import layers
 from md4.networks import learned_schedule
 from md4.networks import transformer
 from md4.networks import unet
+from md4.networks import uvit
 
 Array = jnp.ndarray
 Params = Any
@@ -98,7 +99,7 @@ def build_network(config: ml_collections.ConfigDict, num_outputs: int, num_class
   """
   model = config.model
   dtype = jnp.dtype(model.dtype)
-  if model.backbone in ("unet", "dit") and embed is not None:
+  if model.backbone in ("unet", "uvit", "dit") and embed is not None:
     raise ValueError(f"config.model.backbone={model.backbone!r} reads pixel tokens; use "
                      "the transformer backbone for this model type")
   if model.backbone == "unet":
@@ -106,9 +107,19 @@ def build_network(config: ml_collections.ConfigDict, num_outputs: int, num_class
         vocab_size=num_outputs, channels=model.unet_channels,
         channel_mult=tuple(model.unet_channel_mult), num_res_blocks=model.unet_num_res_blocks,
         attention_resolutions=tuple(model.unet_attention_resolutions),
-        num_heads=model.num_heads, dropout=model.dropout_rate, num_classes=num_classes,
-        norm_groups=model.unet_norm_groups, dtype=dtype, attention_impl=model.attention_impl,
-        custom_kernels=model.custom_kernels)
+        num_heads=model.num_heads, dropout=model.dropout_rate,
+        token_embed_dim=model.embed_dim or model.unet_channels, cond_dim=model.cond_dim,
+        num_classes=num_classes, norm_groups=model.unet_norm_groups, dtype=dtype,
+        attention_impl=model.attention_impl, custom_kernels=model.custom_kernels)
+  if model.backbone == "uvit":
+    return uvit.UViT(
+        vocab_size=num_outputs, channels=model.unet_channels,
+        channel_mult=tuple(model.unet_channel_mult), num_res_blocks=model.unet_num_res_blocks,
+        dit_width=model.width, dit_depth=model.num_layers, dit_num_heads=model.num_heads,
+        mlp_ratio=model.mlp_ratio, patch_size=model.patch_size, dropout=model.dropout_rate,
+        token_embed_dim=model.embed_dim or model.unet_channels, cond_dim=model.cond_dim,
+        num_classes=num_classes, norm_groups=model.unet_norm_groups, dtype=dtype,
+        attention_impl=model.attention_impl, custom_kernels=model.custom_kernels)
   if model.backbone == "dit":
     return dit.DiT(
         vocab_size=num_outputs, patch_size=model.patch_size, width=model.width,
@@ -116,14 +127,16 @@ def build_network(config: ml_collections.ConfigDict, num_outputs: int, num_class
         dropout=model.dropout_rate, num_classes=num_classes, dtype=dtype,
         attention_impl=model.attention_impl, custom_kernels=model.custom_kernels)
   if model.backbone != "transformer":
-    raise ValueError(f"config.model.backbone={model.backbone!r}; valid: transformer, unet, dit")
+    raise ValueError(f"config.model.backbone={model.backbone!r}; valid: transformer, unet, "
+                     "uvit, dit")
   if embed is None:
-    embed = layers.SequenceEmbed(num_outputs + 1, model.width, dtype=dtype)
+    embed = layers.SequenceEmbed(num_outputs + 1, model.width, model.embed_dim, dtype=dtype)
   return transformer.Transformer(
       embed=embed, num_outputs=num_outputs, width=model.width,
       num_layers=model.num_layers, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
-      mlp_type=model.mlp_type, time_conditioning=model.time_conditioning,
-      num_classes=num_classes, dropout_rate=model.dropout_rate,
+      mlp_multiple_of=model.mlp_multiple_of, mlp_type=model.mlp_type, cond_dim=model.cond_dim,
+      time_conditioning=model.time_conditioning, num_classes=num_classes,
+      dropout_rate=model.dropout_rate, channel_dropout=model.channel_dropout,
       attention_impl=model.attention_impl, remat_policy=model.remat_policy,
       scan_layers=model.scan_layers, dtype=dtype, custom_kernels=model.custom_kernels)
 

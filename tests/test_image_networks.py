@@ -1,4 +1,4 @@
-"""Tests for the image backbones md4.networks.unet.UNet and md4.networks.dit.DiT."""
+"""Tests for the image backbones md4.networks.unet.UNet, md4.networks.uvit.UViT and md4.networks.dit.DiT."""
 
 import functools
 
@@ -11,6 +11,7 @@ import pytest
 from md4.networks import dit
 from md4.networks import layers
 from md4.networks import unet
+from md4.networks import uvit
 
 VOCAB = 256
 NUM_CLASSES = 3
@@ -30,6 +31,11 @@ def make(kind: str, num_classes: int = NUM_CLASSES, **overrides) -> nn.Module:
                   attention_resolutions=(4,), num_heads=2, dropout=0.1,
                   token_embed_dim=4, norm_groups=4)
     return unet.UNet(num_classes=num_classes, **(kwargs | overrides))
+  if kind == "uvit":
+    kwargs = dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, dit_width=16,
+                  dit_depth=1, dit_num_heads=2, patch_size=2, dropout=0.1,
+                  token_embed_dim=4, cond_dim=8, norm_groups=4)
+    return uvit.UViT(num_classes=num_classes, **(kwargs | overrides))
   kwargs = dict(patch_size=2, width=16, depth=2, num_heads=2, dropout=0.1,
                 token_embed_dim=4, frequency_dim=16)
   return dit.DiT(num_classes=num_classes, **(kwargs | overrides))
@@ -74,7 +80,7 @@ def random_params(model: nn.Module, seed: int = 1, scale: float = 0.1):
   return {"params": jax.tree.unflatten(treedef, values)}
 
 
-@pytest.fixture(scope="module", params=["dit", "unet"])
+@pytest.fixture(scope="module", params=["dit", "unet", "uvit"])
 def kind(request) -> str:
   return request.param
 
@@ -274,6 +280,20 @@ def test_unet_without_downsampling():
                                        z, t, label)
   assert logits.shape == (BATCH, SIZE, SIZE, 3, VOCAB)
   assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_uvit_levels_and_learned_positions():
+  """Two levels: a resampling res block each way, a DiT over the 4x4 level's 2x2 patches
+  whose position embedding is a parameter starting at the 2D sin-cos table."""
+  names = {jax.tree_util.keystr(path, simple=True, separator="/")
+           for path, _ in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(
+               param_shapes(make("uvit"))))}
+  assert {"down_0_resample/conv_in/kernel", "up_1_resample/conv_in/kernel",
+          "middle/pos_embed", "middle/block_0/attention/out/kernel"} <= names
+  assert "middle/block_0/attention/out/bias" not in names
+  assert not any("norm/scale" in name or "norm/bias" in name for name in names)
+  np.testing.assert_array_equal(init_params("uvit")["middle"]["pos_embed"],
+                                dit.sincos_position_embedding(2, 2, 16))
 
 
 def test_sincos_position_embedding_distinct_rows():

@@ -6,7 +6,8 @@ jax.nn.dot_product_attention), the transformer's Linear and MlpIn
 backends'), kernels.gated_unit (autodiff, with its GPU kernel run interpreted,
 and lowered to Triton for CUDA), kernels.rotary (autodiff of the rotation),
 and whole backbones with custom_kernels on and off; the input adapters
-layers.SequenceEmbed and layers.SlotEmbed.
+layers.SequenceEmbed and layers.SlotEmbed; the transformer's architecture
+options (MLP width rounding, time_conditioning="none", channel dropout).
 """
 
 import functools
@@ -91,6 +92,18 @@ def test_sequence_embed_is_one_table():
   np.testing.assert_array_equal(out, table[ids].astype(jnp.bfloat16))
 
 
+def test_sequence_embed_projects_a_narrower_table():
+  ids = jnp.arange(2 * 7, dtype=jnp.int32).reshape(2, 7) % 28
+  embed = layers.SequenceEmbed(28, 12, table_dim=4)
+  assert boxed_shapes(embed, ids) == {"embedding": ((28, 4), ("vocab", "embed")),
+                                      "project/kernel": ((4, 12), (None, "embed")),
+                                      "project/bias": ((12,), ("embed",))}
+  params = nn.meta.unbox(embed.init(jax.random.PRNGKey(0), ids))
+  tables = params["params"]
+  expected = tables["embedding"][ids] @ tables["project"]["kernel"] + tables["project"]["bias"]
+  np.testing.assert_allclose(embed.apply(params, ids), expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("num_slots, projected", [(2, False), (3, True), (1, False)])
 def test_slot_embed_concatenates_one_table_per_slot(num_slots, projected):
   width = 10
@@ -128,6 +141,70 @@ def test_transformer_reads_its_input_through_embed():
     boxed_shapes(make(embed=layers.SequenceEmbed(28, 16)), ids[..., 0], t)
 
 
+def test_mlp_hidden_width_rounds_up():
+  assert transformer.mlp_hidden_dim(768, 8 / 3, 32) == 2048  # MD4-S: 2/3 * 4 * 768.
+  assert transformer.mlp_hidden_dim(1024, 8 / 3, 32) == 2752  # int(2730.7) -> 2752.
+  assert transformer.mlp_hidden_dim(128, 4.0, 1) == 512
+  make = functools.partial(transformer.Transformer, embed=layers.SequenceEmbed(28, 32),
+                           num_outputs=27, width=32, num_layers=1, num_heads=4,
+                           mlp_ratio=8 / 3, mlp_multiple_of=16)
+  ids, t = jnp.zeros((2, 7), jnp.int32), jnp.zeros((2,))
+  assert boxed_shapes(make(), ids, t)["block0/mlp_in/kernel"][0] == (32, 2, 96)
+  with pytest.raises(ValueError, match="mlp_type"):
+    boxed_shapes(make(mlp_type="relu"), ids, t)
+
+
+def tiny_transformer(**overrides) -> nn.Module:
+  kwargs = dict(embed=layers.SequenceEmbed(28, 32), num_outputs=27, width=32, num_layers=2,
+                num_heads=4, cond_dim=8)
+  return transformer.Transformer(**(kwargs | overrides))
+
+
+def random_params(shapes, seed: int = 0, scale: float = 0.1):
+  """Parameters of these shapes drawn N(0, scale^2): no zero-initialised head hides a difference."""
+  leaves, treedef = jax.tree.flatten(nn.meta.unbox(shapes))
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(
+      treedef, [jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype) for x in leaves])
+
+
+def test_time_conditioning_none_ignores_t_with_the_same_parameters():
+  ids = jnp.arange(2 * 16, dtype=jnp.int32).reshape(2, 16) % 28
+  t = jnp.array([0.3, 0.8])
+  with_time, without_time = tiny_transformer(), tiny_transformer(time_conditioning="none")
+  shapes = jax.eval_shape(with_time.init, jax.random.PRNGKey(0), ids, t)
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(
+      jnp.shape, jax.eval_shape(without_time.init, jax.random.PRNGKey(0), ids, t))
+  params = random_params(shapes)
+  out = without_time.apply(params, ids, t)
+  np.testing.assert_array_equal(out, without_time.apply(params, ids, 1.0 - t))
+  # It is the time-conditioned network read at t = 0.
+  np.testing.assert_allclose(out, with_time.apply(params, ids, jnp.zeros(2)), rtol=1e-6,
+                             atol=1e-6)
+  assert float(jnp.max(jnp.abs(with_time.apply(params, ids, t) - out))) > 1e-3
+
+
+@pytest.mark.parametrize("channel_dropout", [True, False])
+def test_channel_dropout_drops_a_feature_for_the_whole_sequence(channel_dropout):
+  block = transformer.Block(num_heads=2, mlp_dim=16, mlp_type="swiglu", dropout_rate=0.5,
+                            channel_dropout=channel_dropout, out_init_std=0.02,
+                            attention_impl="xla", custom_kernels=False, dtype=jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 10, 8))
+  cond = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
+  params = random_params(jax.eval_shape(lambda rng: block.init(rng, x, cond, False),
+                                        jax.random.PRNGKey(2)))
+  _, state = block.apply(params, x, cond, True, rngs={"dropout": jax.random.PRNGKey(3)},
+                         capture_intermediates=True)
+  outputs = state["intermediates"]
+  # The dropout's inputs are the attention's and the MLP's output projections.
+  for name, dropped in zip(("attention_out", "mlp_out"), outputs["Dropout_0"]["__call__"]):
+    kept = np.asarray(dropped != 0)
+    assert np.all(np.asarray(outputs[name]["__call__"][0]) != 0)
+    assert 0.2 < kept.mean() < 0.8
+    same_over_positions = bool(np.all(kept == kept[:, :1]))
+    assert same_over_positions == channel_dropout
+
+
 def gated(activation, h):
   """The gated unit as autodiff sees it: activation(gate) * up of h [..., 2, F]."""
   return activation(h[..., 0, :]) * h[..., 1, :]
@@ -153,6 +230,9 @@ def test_linear_and_mlp_in_match_dense_general(backend, monkeypatch):
       (mlp_in(features=(2, 9), mlp_type="geglu"),
        nn.DenseGeneral((2, 9), use_bias=False, kernel_init=init),
        functools.partial(gated, nn.gelu)),
+      (mlp_in(features=(2, 9), mlp_type="glu"),
+       nn.DenseGeneral((2, 9), use_bias=False, kernel_init=init),
+       functools.partial(gated, nn.sigmoid)),
       (mlp_in(features=(1, 9), mlp_type="gelu"),
        nn.DenseGeneral((1, 9), use_bias=False, kernel_init=init),
        lambda h: nn.gelu(h[..., 0, :])),

@@ -6,7 +6,8 @@ x + gate * Attention(modulate(LayerNorm(x))) and the same for an MLP, where
 shift/scale/gate come from a zero-initialised projection of the conditioning
 vector (time, plus class), and a final adaLN layer with a zero-initialised
 linear head. MD4's 64x64 ImageNet network (google-deepmind/md4) wraps such
-DiT blocks in a U-Net (U-ViT); this is the plain DiT, our own code. Input:
+DiT blocks in a U-Net (`md4.networks.uvit`, from `PatchDiT` here); this is
+the plain DiT, our own code. Input:
 every channel's token is embedded with one (vocab_size + 1)-row table and the
 channel embeddings of a pixel concatenated; a p x p stride-p convolution maps
 each patch to the model width. Output: per patch, logits for the p * p * C
@@ -64,7 +65,12 @@ def _adaln(num_outputs: int, width: int, dtype: layers.Dtype, cond: Array,
 
 
 class DiTBlock(nn.Module):
-  """adaLN-zero transformer block on x [B, N, width], cond [B, E]."""
+  """adaLN-zero transformer block on x [B, N, width], cond [B, E].
+
+  Dropout as in the MD4 reference's DiT: on the attention output one mask per
+  sequence and feature (its Dropout1d), in the MLP after the activation and
+  after the output projection.
+  """
 
   num_heads: int
   mlp_ratio: float
@@ -72,6 +78,7 @@ class DiTBlock(nn.Module):
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = ""
   custom_kernels: bool = True
+  attention_out_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, train: bool) -> Array:
@@ -79,10 +86,10 @@ class DiTBlock(nn.Module):
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = _adaln(
         6, width, self.dtype, cond, "adaln")
     h = _modulate(_layer_norm(self.dtype, "norm_attention")(x), shift_a, scale_a)
-    h = layers.SelfAttention(self.num_heads, attention_impl=self.attention_impl,
-                             dtype=self.dtype, custom_kernels=self.custom_kernels,
-                             name="attention")(h)
-    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = layers.SelfAttention(self.num_heads, out_bias=self.attention_out_bias,
+                             attention_impl=self.attention_impl, dtype=self.dtype,
+                             custom_kernels=self.custom_kernels, name="attention")(h)
+    h = nn.Dropout(self.dropout, broadcast_dims=(1,))(h, deterministic=not train)
     x = x + gate_a * h
 
     h = _modulate(_layer_norm(self.dtype, "norm_mlp")(x), shift_m, scale_m)
@@ -90,12 +97,75 @@ class DiTBlock(nn.Module):
                  kernel_init=partitioned(layers.default_init(), "embed", "mlp"),
                  bias_init=partitioned(nn.initializers.zeros, "mlp"),
                  name="mlp_in")(h)
+    h = nn.Dropout(self.dropout)(nn.gelu(h), deterministic=not train)
     h = nn.Dense(width, dtype=self.dtype,
                  kernel_init=partitioned(layers.default_init(), "mlp", "embed"),
                  bias_init=partitioned(nn.initializers.zeros, "embed"),
-                 name="mlp_out")(nn.gelu(h))
+                 name="mlp_out")(h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return x + gate_m * h
+
+
+class PatchDiT(nn.Module):
+  """DiT over the p x p patches of features x [B, H, W, C] -> [B, H, W, out_features].
+
+  A p x p stride-p convolution maps each patch to the width, a 2D sin-cos
+  position embedding is added (fixed, or a parameter it initialises when
+  learned_positions), then the blocks, a final adaLN and a zero-initialised
+  linear head giving each patch's p * p * out_features values, in out_dtype,
+  whose output axis has the logical name out_axis. cond [B, E] feeds every
+  adaLN as it is given.
+  """
+
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float
+  dropout: float
+  out_features: int
+  learned_positions: bool = False
+  attention_out_bias: bool = True
+  dtype: layers.Dtype = jnp.float32
+  out_dtype: layers.Dtype = jnp.float32
+  out_axis: str = "vocab"
+  attention_impl: str = ""
+  custom_kernels: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, cond: Array, train: bool) -> Array:
+    batch, height, width, _ = x.shape
+    p = self.patch_size
+    if height % p or width % p:
+      raise ValueError(f"the DiT's input H x W = {height} x {width} must be divisible by "
+                       f"patch_size={p}")
+    grid_h, grid_w = height // p, width // p
+    h = nn.Conv(self.width, (p, p), strides=p, padding="VALID", dtype=self.dtype,
+                kernel_init=partitioned(layers.default_init(), None, None,
+                                        "conv_in", "embed"),
+                bias_init=partitioned(nn.initializers.zeros, "embed"),
+                name="patch_embed")(x)
+    h = h.reshape(batch, grid_h * grid_w, self.width)
+    sincos = sincos_position_embedding(grid_h, grid_w, self.width)
+    positions = sincos
+    if self.learned_positions:
+      positions = self.param("pos_embed", partitioned(lambda *_: jnp.asarray(sincos),
+                                                      None, "embed"), sincos.shape)
+    h = h + jnp.asarray(positions, self.dtype)
+
+    for i in range(self.depth):
+      h = DiTBlock(self.num_heads, self.mlp_ratio, self.dropout, self.dtype,
+                   self.attention_impl, self.custom_kernels, self.attention_out_bias,
+                   name=f"block_{i}")(h, cond, train)
+
+    shift, scale = _adaln(2, self.width, self.dtype, cond, "adaln_out")
+    h = _modulate(_layer_norm(self.dtype, "norm_out")(h), shift, scale)
+    out = nn.Dense(p * p * self.out_features, dtype=self.out_dtype,
+                   kernel_init=partitioned(nn.initializers.zeros, "embed", self.out_axis),
+                   bias_init=partitioned(nn.initializers.zeros, self.out_axis),
+                   name="head")(h.astype(self.out_dtype))
+    out = out.reshape(batch, grid_h, grid_w, p, p, self.out_features)
+    return out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, self.out_features)
 
 
 class DiT(nn.Module):
@@ -108,7 +178,7 @@ class DiT(nn.Module):
     depth: number of DiT blocks.
     num_heads: attention heads.
     mlp_ratio: MLP hidden width / width.
-    dropout: dropout on the attention and MLP outputs (train=True only).
+    dropout: dropout in the blocks (train=True only; see `DiTBlock`).
     token_embed_dim: width of each channel's token embedding.
     frequency_dim: number of sinusoidal time features.
     num_classes: class labels 0..num_classes-1, null id num_classes;
@@ -139,40 +209,16 @@ class DiT(nn.Module):
     layers.check_inputs(z, t, label, vocab_size=self.vocab_size,
                         num_classes=self.num_classes)
     batch, height, width, image_channels = z.shape
-    p = self.patch_size
-    if height % p or width % p:
-      raise ValueError(f"z's H x W = {height} x {width} must be divisible by "
-                       f"patch_size={p}")
-    grid_h, grid_w = height // p, width // p
-    dtype = self.dtype
-
     cond = layers.ConditionEmbed(self.width, frequency_dim=self.frequency_dim,
-                                 num_classes=self.num_classes, dtype=dtype,
+                                 num_classes=self.num_classes, dtype=self.dtype,
                                  name="condition")(t, label)
-    cond = nn.swish(cond)
-
-    h = layers.TokenEmbed(self.vocab_size, self.token_embed_dim, dtype=dtype,
+    h = layers.TokenEmbed(self.vocab_size, self.token_embed_dim, dtype=self.dtype,
                           name="token_embed")(z)
-    h = nn.Conv(self.width, (p, p), strides=p, padding="VALID", dtype=dtype,
-                kernel_init=partitioned(layers.default_init(), None, None,
-                                        "conv_in", "embed"),
-                bias_init=partitioned(nn.initializers.zeros, "embed"),
-                name="patch_embed")(h)
-    h = h.reshape(batch, grid_h * grid_w, self.width)
-    h = h + jnp.asarray(sincos_position_embedding(grid_h, grid_w, self.width), dtype)
-
-    for i in range(self.depth):
-      h = DiTBlock(self.num_heads, self.mlp_ratio, self.dropout, dtype,
-                   self.attention_impl, self.custom_kernels, name=f"block_{i}")(h, cond, train)
-
-    shift, scale = _adaln(2, self.width, dtype, cond, "adaln_out")
-    h = _modulate(_layer_norm(dtype, "norm_out")(h), shift, scale)
+    body = PatchDiT(self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio,
+                    self.dropout, image_channels * self.vocab_size, dtype=self.dtype,
+                    attention_impl=self.attention_impl, custom_kernels=self.custom_kernels)
+    # Its parameters sit at this module's top level, as if its layers were this module's.
+    nn.share_scope(self, body)
     # Logits in float32: bf16 rounding of the logits would blur the likelihood.
-    logits = nn.Dense(p * p * image_channels * self.vocab_size, dtype=jnp.float32,
-                      kernel_init=partitioned(nn.initializers.zeros, "embed", "vocab"),
-                      bias_init=partitioned(nn.initializers.zeros, "vocab"),
-                      name="head")(h.astype(jnp.float32))
-    logits = logits.reshape(batch, grid_h, grid_w, p, p, image_channels,
-                            self.vocab_size)
-    logits = logits.transpose(0, 1, 3, 2, 4, 5, 6)
+    logits = body(h, nn.swish(cond), train)
     return logits.reshape(batch, height, width, image_channels, self.vocab_size)

@@ -4,9 +4,9 @@ Reads input ids z through the embedding module the caller gives it (ids
 [B, L] by `layers.SequenceEmbed`, positions of K slots [B, L, K] by
 `layers.SlotEmbed`), the time t [B] and an optional class label [B]; returns
 logits [B, L, num_outputs]. Time and class condition every block through
-adaLN-zero; positions through rotary embeddings. Every parameter carries
-logical axis names ("vocab", "embed", "heads", "head_dim", "mlp", "layers")
-for the mesh rules.
+adaLN-zero from a cond_dim-wide vector; positions through rotary embeddings.
+Every parameter carries logical axis names ("vocab", "embed", "heads",
+"head_dim", "mlp", "layers") for the mesh rules.
 """
 
 import functools
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from md4.networks import kernels
+from md4.networks import layers
 
 Array = jnp.ndarray
 Dtype = jnp.dtype
@@ -30,16 +31,20 @@ REMAT_POLICIES = {
 }
 
 
+# The gate activation of each gated MLP type; "gelu" is the ungated MLP.
+MLP_ACTIVATIONS = {"swiglu": nn.silu, "geglu": nn.gelu, "glu": nn.sigmoid, "gelu": nn.gelu}
+# What the adaLN projections read the conditioning vector through: the MD4
+# reference's gate activation, and silu (as MDLM) before the ungated MLP.
+ADALN_ACTIVATIONS = MLP_ACTIVATIONS | {"gelu": nn.silu}
+
+
 def dense_init(std: float) -> nn.initializers.Initializer:
   return nn.initializers.normal(stddev=std)
 
 
-def timestep_features(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
-  """Sinusoidal features of 1000 t [B] -> [B, dim], as in DiT."""
-  half = dim // 2
-  frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  angles = 1000.0 * t.astype(jnp.float32)[:, None] * frequencies[None]
-  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+def mlp_hidden_dim(width: int, mlp_ratio: float, multiple_of: int) -> int:
+  """int(mlp_ratio * width) rounded up to a multiple of multiple_of (LLaMA's rule at 8/3, 32)."""
+  return -(-int(mlp_ratio * width) // multiple_of) * multiple_of
 
 
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -76,14 +81,15 @@ class MlpIn(Linear):
   """The MLP's input projection and activation, x [..., D] -> [..., F].
 
   features = (num_in, F): the kernel [D, num_in, F] makes gate and up for
-  "swiglu" and "geglu" (`kernels.gated_dense`), one input for "gelu".
+  "swiglu", "geglu" and "glu" (sigmoid gate; `kernels.gated_dense`), one
+  input for "gelu".
   """
 
   mlp_type: str = "swiglu"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    activation = nn.silu if self.mlp_type == "swiglu" else nn.gelu
+    activation = MLP_ACTIVATIONS[self.mlp_type]
     kernel = self.kernel(x.shape[-1:])
     x = x.astype(self.dtype)
     if self.mlp_type == "gelu":
@@ -92,31 +98,33 @@ class MlpIn(Linear):
 
 
 class Block(nn.Module):
-  """Pre-norm attention + gated MLP, modulated by a conditioning vector."""
+  """Pre-norm attention + MLP, modulated (adaLN-zero) by an activated conditioning vector [B, C].
+
+  channel_dropout: dropout zeroes a feature across all positions of a sequence
+  (the MD4 reference's Dropout1d), not single elements.
+  """
 
   num_heads: int
   mlp_dim: int
   mlp_type: str
   dropout_rate: float
+  channel_dropout: bool
   out_init_std: float
   attention_impl: str
   custom_kernels: bool
   dtype: Dtype
 
   @nn.compact
-  def __call__(self, x: Array, cond: Array | None, train: bool) -> Array:
+  def __call__(self, x: Array, cond: Array, train: bool) -> Array:
     width = x.shape[-1]
     head_dim = width // self.num_heads
     part = nn.with_logical_partitioning
-    if cond is None:
-      shift_a = scale_a = shift_m = scale_m = jnp.zeros((x.shape[0], width), self.dtype)
-      gate_a = gate_m = jnp.ones((x.shape[0], width), self.dtype)
-    else:
-      modulation = nn.Dense(
-          6 * width, dtype=self.dtype, name="adaln",
-          kernel_init=part(nn.initializers.zeros_init(), ("embed", "mlp")),
-          bias_init=part(nn.initializers.zeros_init(), ("mlp",)))(nn.silu(cond))
-      shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(modulation, 6, axis=-1)
+    modulation = nn.Dense(
+        6 * width, dtype=self.dtype, name="adaln",
+        kernel_init=part(nn.initializers.zeros_init(), ("embed", "mlp")),
+        bias_init=part(nn.initializers.zeros_init(), ("mlp",)))(cond)
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(modulation, 6, axis=-1)
+    dropout = nn.Dropout(self.dropout_rate, broadcast_dims=(1,) if self.channel_dropout else ())
 
     norm = functools.partial(nn.LayerNorm, use_bias=False, use_scale=False, dtype=self.dtype)
     h = modulate(norm(name="norm_attention")(x), shift_a, scale_a)
@@ -129,7 +137,7 @@ class Block(nn.Module):
     attended = kernels.dot_product_attention(q, k, v, self.attention_impl, custom_kernels=custom)
     h = Linear((width,), ("heads", "head_dim", "embed"), self.out_init_std, self.dtype,
                custom, num_in_axes=2, name="attention_out")(attended)
-    h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
+    h = dropout(h, deterministic=not train)
     x = x + gate_a[:, None] * h
 
     h = modulate(norm(name="norm_mlp")(x), shift_m, scale_m)
@@ -138,7 +146,7 @@ class Block(nn.Module):
               mlp_type=self.mlp_type, name="mlp_in")(h)
     h = Linear((width,), ("mlp", "embed"), self.out_init_std, self.dtype, custom,
                name="mlp_out")(h)
-    h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
+    h = dropout(h, deterministic=not train)
     return x + gate_m[:, None] * h
 
 
@@ -146,7 +154,7 @@ class ScannedBlock(Block):
   """A Block with the (carry, _) -> (carry, None) signature nn.scan expects."""
 
   @nn.compact
-  def __call__(self, x: Array, cond: Array | None, train: bool):  # pytype: disable=signature-mismatch
+  def __call__(self, x: Array, cond: Array, train: bool):  # pytype: disable=signature-mismatch
     return super().__call__(x, cond, train), None
 
 
@@ -157,9 +165,19 @@ class Transformer(nn.Module):
     embed: the module mapping the ids z to embeddings [B, L, width], e.g.
       `layers.SequenceEmbed` or `layers.SlotEmbed`; its parameters sit under "embed".
     num_outputs: logits per position.
-    time_conditioning: "adaln" (adaLN-zero on t) or "none" (ignores t).
+    mlp_type: "swiglu", "geglu", "glu" (gated by silu, gelu, sigmoid) or "gelu".
+    mlp_ratio, mlp_multiple_of: the MLP's hidden width is int(mlp_ratio * width)
+      rounded up to a multiple of mlp_multiple_of.
+    cond_dim: width of the conditioning vector: sinusoidal(t) [cond_dim] ->
+      Dense(4 cond_dim) -> swish -> Dense(cond_dim), as the MD4 reference's
+      CondEmbedding, plus the class embedding; every adaLN reads it through
+      ADALN_ACTIVATIONS[mlp_type].
+    time_conditioning: "adaln" (the conditioning reads t) or "none" (it reads
+      t = 0 whatever t is, as MDLM without time conditioning: the same
+      parameters, and the output does not depend on t).
     num_classes: class labels for conditioning (0 = none); id num_classes is
       the null label used by classifier-free guidance.
+    channel_dropout: see `Block`.
     custom_kernels: the custom VJPs and Pallas kernel of `kernels`; False: library ops.
   """
 
@@ -169,37 +187,18 @@ class Transformer(nn.Module):
   num_layers: int = 12
   num_heads: int = 12
   mlp_ratio: float = 4.0
+  mlp_multiple_of: int = 1
   mlp_type: str = "swiglu"
+  cond_dim: int = 128
   time_conditioning: str = "adaln"
   num_classes: int = 0
   dropout_rate: float = 0.0
+  channel_dropout: bool = False
   attention_impl: str = ""
   remat_policy: str = "none"
   scan_layers: bool = False
   custom_kernels: bool = True
   dtype: Dtype = jnp.float32
-
-  def condition(self, t: Array, label: Array | None) -> Array | None:
-    """Conditioning vector [B, D] from time and class, or None when unconditioned."""
-    part = nn.with_logical_partitioning
-    cond = None
-    if self.time_conditioning == "adaln":
-      h = timestep_features(t, 256)
-      h = nn.Dense(self.width, dtype=self.dtype, name="time_mlp_in",
-                   kernel_init=part(dense_init(0.02), (None, "embed")))(h)
-      cond = nn.Dense(self.width, dtype=self.dtype, name="time_mlp_out",
-                      kernel_init=part(dense_init(0.02), ("mlp", "embed")))(nn.silu(h))
-    elif self.time_conditioning != "none":
-      raise ValueError(f"time_conditioning must be 'adaln' or 'none', got "
-                       f"{self.time_conditioning!r}")
-    if self.num_classes:
-      if label is None:
-        label = jnp.full(t.shape, self.num_classes, jnp.int32)
-      label_embedding = nn.Embed(self.num_classes + 1, self.width, dtype=self.dtype,
-                                 name="label_embed",
-                                 embedding_init=part(dense_init(0.02), ("vocab", "embed")))
-      cond = label_embedding(label) if cond is None else cond + label_embedding(label)
-    return cond
 
   @nn.compact
   def __call__(self, z: Array, t: Array, label: Array | None = None, *,
@@ -209,14 +208,26 @@ class Transformer(nn.Module):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, "
                        f"got {self.remat_policy!r}")
+    if self.mlp_type not in MLP_ACTIVATIONS:
+      raise ValueError(f"mlp_type must be one of {sorted(MLP_ACTIVATIONS)}, "
+                       f"got {self.mlp_type!r}")
+    if self.time_conditioning not in ("adaln", "none"):
+      raise ValueError(f"time_conditioning must be 'adaln' or 'none', got "
+                       f"{self.time_conditioning!r}")
     x = self.embed(z)
     if x.shape[-1] != self.width:
       raise ValueError(f"embed gives embeddings of width {x.shape[-1]}, not width={self.width}")
-    cond = self.condition(t, label)
+    if self.time_conditioning == "none":
+      t = jnp.zeros_like(t)
+    cond = layers.ConditionEmbed(
+        self.cond_dim, frequency_dim=self.cond_dim, hidden_dim=4 * self.cond_dim,
+        num_classes=self.num_classes, dtype=self.dtype, name="condition")(t, label)
+    cond = ADALN_ACTIVATIONS[self.mlp_type](cond)
     block_kwargs = dict(
-        num_heads=self.num_heads, mlp_dim=int(self.mlp_ratio * self.width),
+        num_heads=self.num_heads,
+        mlp_dim=mlp_hidden_dim(self.width, self.mlp_ratio, self.mlp_multiple_of),
         mlp_type=self.mlp_type, dropout_rate=self.dropout_rate,
-        out_init_std=0.02 / math.sqrt(2 * self.num_layers),
+        channel_dropout=self.channel_dropout, out_init_std=0.02 / math.sqrt(2 * self.num_layers),
         attention_impl=self.attention_impl, custom_kernels=self.custom_kernels, dtype=self.dtype)
     block_class = ScannedBlock if self.scan_layers else Block
     if self.remat_policy != "none":
@@ -232,13 +243,10 @@ class Transformer(nn.Module):
         x = block_class(**block_kwargs, name=f"block{layer}")(x, cond, train)
 
     part = nn.with_logical_partitioning
-    if cond is None:
-      shift = scale = jnp.zeros((x.shape[0], self.width), self.dtype)
-    else:
-      shift, scale = jnp.split(nn.Dense(
-          2 * self.width, dtype=self.dtype, name="final_adaln",
-          kernel_init=part(nn.initializers.zeros_init(), ("embed", "mlp")),
-          bias_init=part(nn.initializers.zeros_init(), ("mlp",)))(nn.silu(cond)), 2, axis=-1)
+    shift, scale = jnp.split(nn.Dense(
+        2 * self.width, dtype=self.dtype, name="final_adaln",
+        kernel_init=part(nn.initializers.zeros_init(), ("embed", "mlp")),
+        bias_init=part(nn.initializers.zeros_init(), ("mlp",)))(cond), 2, axis=-1)
     x = modulate(nn.LayerNorm(use_bias=False, use_scale=False, dtype=self.dtype)(x), shift, scale)
     # The output width is padded to a multiple of 128 (50257 -> 50304): matmuls with odd
     # widths miss the GPU's fast kernels, and the padded axis can be sharded.

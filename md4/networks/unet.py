@@ -4,21 +4,22 @@ What this follows. MD4's CIFAR-10 network (google-deepmind/md4,
 `md4/networks/unet.py`, "adapted from" the VDM U-Net of google-research/vdm)
 is a U-Net without downsampling: a 3x3 input conv, 32 residual blocks of 128
 channels at 32x32, a middle ResBlock-Attention-ResBlock, 33 up blocks that each
-concatenate a skip, GroupNorm-swish-conv head, dropout 0.1, and a conditioning
-vector (sinusoidal t*1000 -> MLP) added after each block's first conv. Its
-input embeds every channel's token with one (257-row) table and concatenates
-the three channel embeddings per pixel. This module is our own code for the
-DDPM-style generalisation of that design: `channel_mult` levels with a strided
-conv down / nearest-neighbour-and-conv up between them, and attention after
-the res blocks at `attention_resolutions`. The defaults, channel_mult=(1,),
-num_res_blocks=32, no extra attention, reproduce the MD4 CIFAR-10 layout;
-DDPM's CIFAR-10 network is channels=128, channel_mult=(1, 2, 2, 2),
+concatenate a skip, GroupNorm-swish-conv head, dropout 0.1, and a 128-wide
+conditioning vector (sinusoidal t*1000 [128] -> Dense(512) -> swish ->
+Dense(128)) projected, bias-free and zero-initialised, and added after each
+block's first conv. Its input embeds every channel's token with one
+(257-row) table and concatenates the three channel embeddings per pixel.
+This module is our own code for the DDPM-style generalisation of that design:
+`channel_mult` levels with a strided conv down / nearest-neighbour-and-conv
+up between them, and attention after the res blocks at
+`attention_resolutions`. The defaults, channel_mult=(1,), num_res_blocks=32,
+no extra attention, reproduce the MD4 CIFAR-10 network and its parameter
+count; DDPM's CIFAR-10 network is channels=128, channel_mult=(1, 2, 2, 2),
 num_res_blocks=2, attention_resolutions=(16,).
 
-Differences from the reference, on purpose: the conditioning vector passes a
-swish before each block's projection (as in DDPM), class labels add a learned
-embedding to it, the attention's output projection starts at zero, and the
-logit head runs in float32.
+Differences from the reference, on purpose: class labels add a learned
+embedding to the conditioning vector, the attention's output projection
+starts at zero, and the logit head runs in float32.
 """
 
 from typing import Sequence
@@ -32,8 +33,8 @@ Array = jnp.ndarray
 partitioned = layers.partitioned
 
 
-def _conv(features: int, dtype: layers.Dtype, name: str, *, stride: int = 1,
-          zero_init: bool = False, out_axis: str = "conv_out") -> nn.Conv:
+def conv3x3(features: int, dtype: layers.Dtype, name: str, *, stride: int = 1,
+            zero_init: bool = False, out_axis: str = "conv_out") -> nn.Conv:
   kernel_init = nn.initializers.zeros if zero_init else layers.default_init()
   return nn.Conv(features, (3, 3), strides=stride, dtype=dtype,
                  kernel_init=partitioned(kernel_init, None, None, "conv_in", out_axis),
@@ -41,20 +42,50 @@ def _conv(features: int, dtype: layers.Dtype, name: str, *, stride: int = 1,
                  name=name)
 
 
-def _group_norm(groups: int, dtype: layers.Dtype, name: str) -> nn.GroupNorm:
+def group_norm(groups: int, dtype: layers.Dtype, name: str) -> nn.GroupNorm:
   return nn.GroupNorm(num_groups=groups, dtype=dtype,
                       scale_init=partitioned(nn.initializers.ones, "norm"),
                       bias_init=partitioned(nn.initializers.zeros, "norm"),
                       name=name)
 
 
-def _upsample(x: Array) -> Array:
+def skip_dense(features: int, dtype: layers.Dtype) -> nn.Dense:
+  """The 1x1 projection ("skip") of a res block's input whose width is not features."""
+  return nn.Dense(features, dtype=dtype,
+                  kernel_init=partitioned(layers.default_init(), "conv_in", "conv_out"),
+                  bias_init=partitioned(nn.initializers.zeros, "conv_out"), name="skip")
+
+
+def logit_head(h: Array, image_channels: int, vocab_size: int) -> Array:
+  """Zero-initialised 3x3 conv ("conv_out") of h [B, H, W, D] -> logits [B, H, W, C, V], float32."""
+  # Logits in float32: bf16 rounding of the logits would blur the likelihood.
+  logits = conv3x3(image_channels * vocab_size, jnp.float32, "conv_out",
+                   zero_init=True, out_axis="vocab")(h.astype(jnp.float32))
+  return logits.reshape(*h.shape[:3], image_channels, vocab_size)
+
+
+def upsample(x: Array) -> Array:
   """Nearest-neighbour x2: [B, H, W, C] -> [B, 2H, 2W, C]."""
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+def check_levels(channels: int, channel_mult: Sequence[int], norm_groups: int, height: int,
+                 width: int) -> None:
+  """Raises ValueError unless norm_groups divides every level's width and H, W halve at each."""
+  if not channel_mult:
+    raise ValueError("channel_mult must have at least one level")
+  for mult in channel_mult:
+    if (channels * mult) % norm_groups:
+      raise ValueError(f"norm_groups={norm_groups} must divide every level "
+                       f"width channels * channel_mult = {channels * mult}")
+  factor = 2**(len(channel_mult) - 1)
+  if height % factor or width % factor:
+    raise ValueError(f"z's H x W = {height} x {width} must be divisible by "
+                     f"{factor} for channel_mult={tuple(channel_mult)}")
+
+
 class ResBlock(nn.Module):
-  """GN-swish-conv, + projected condition, GN-swish-dropout-conv, + skip."""
+  """GN-swish-conv, + projected condition (bias-free, from zero), GN-swish-dropout-conv, + skip."""
 
   features: int
   groups: int
@@ -63,21 +94,17 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, train: bool) -> Array:
-    h = nn.swish(_group_norm(self.groups, self.dtype, "norm_in")(x))
-    h = _conv(self.features, self.dtype, "conv_in")(h)
+    h = nn.swish(group_norm(self.groups, self.dtype, "norm_in")(x))
+    h = conv3x3(self.features, self.dtype, "conv_in")(h)
     cond_proj = nn.Dense(
-        self.features, dtype=self.dtype,
-        kernel_init=partitioned(layers.default_init(), "embed", "conv_out"),
-        bias_init=partitioned(nn.initializers.zeros, "conv_out"), name="cond")
+        self.features, use_bias=False, dtype=self.dtype,
+        kernel_init=partitioned(nn.initializers.zeros, "embed", "conv_out"), name="cond")
     h = h + cond_proj(cond)[:, None, None, :]
-    h = nn.swish(_group_norm(self.groups, self.dtype, "norm_out")(h))
+    h = nn.swish(group_norm(self.groups, self.dtype, "norm_out")(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = _conv(self.features, self.dtype, "conv_out", zero_init=True)(h)
+    h = conv3x3(self.features, self.dtype, "conv_out", zero_init=True)(h)
     if x.shape[-1] != self.features:
-      x = nn.Dense(
-          self.features, dtype=self.dtype,
-          kernel_init=partitioned(layers.default_init(), "conv_in", "conv_out"),
-          bias_init=partitioned(nn.initializers.zeros, "conv_out"), name="skip")(x)
+      x = skip_dense(self.features, self.dtype)(x)
     return x + h
 
 
@@ -93,7 +120,7 @@ class AttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     batch, height, width, channels = x.shape
-    h = _group_norm(self.groups, self.dtype, "norm")(x)
+    h = group_norm(self.groups, self.dtype, "norm")(x)
     h = layers.SelfAttention(self.num_heads, zero_init_out=True,
                              attention_impl=self.attention_impl, dtype=self.dtype,
                              custom_kernels=self.custom_kernels, name="attention")(
@@ -114,7 +141,8 @@ class UNet(nn.Module):
     num_heads: attention heads.
     dropout: dropout rate inside the res blocks (train=True only).
     token_embed_dim: width of each channel's token embedding.
-    cond_dim: width of the time/label conditioning vector (None: 4 * channels).
+    cond_dim: width of the time/label conditioning vector (sinusoidal [cond_dim]
+      -> Dense(4 cond_dim) -> swish -> Dense(cond_dim)).
     num_classes: class labels 0..num_classes-1, null id num_classes;
       0 = unconditional.
     norm_groups: GroupNorm groups; must divide every level's width.
@@ -131,24 +159,12 @@ class UNet(nn.Module):
   num_heads: int = 1
   dropout: float = 0.1
   token_embed_dim: int = 128
-  cond_dim: int | None = None
+  cond_dim: int = 128
   num_classes: int = 0
   norm_groups: int = 32
   dtype: layers.Dtype = jnp.float32
   attention_impl: str = ""
   custom_kernels: bool = True
-
-  def _check_sizes(self, height: int, width: int) -> None:
-    if not self.channel_mult:
-      raise ValueError("channel_mult must have at least one level")
-    for mult in self.channel_mult:
-      if (self.channels * mult) % self.norm_groups:
-        raise ValueError(f"norm_groups={self.norm_groups} must divide every level "
-                         f"width channels * channel_mult = {self.channels * mult}")
-    factor = 2**(len(self.channel_mult) - 1)
-    if height % factor or width % factor:
-      raise ValueError(f"z's H x W = {height} x {width} must be divisible by "
-                       f"{factor} for channel_mult={tuple(self.channel_mult)}")
 
   @nn.compact
   def __call__(self, z: Array, t: Array, label: Array | None = None, *,
@@ -156,19 +172,18 @@ class UNet(nn.Module):
     """Logits float32 [B, H, W, C, vocab_size] for tokens z, times t [B]."""
     layers.check_inputs(z, t, label, vocab_size=self.vocab_size,
                         num_classes=self.num_classes)
-    batch, height, width, image_channels = z.shape
-    self._check_sizes(height, width)
+    _, height, width, image_channels = z.shape
+    check_levels(self.channels, self.channel_mult, self.norm_groups, height, width)
     groups, dtype, custom = self.norm_groups, self.dtype, self.custom_kernels
 
-    cond = layers.ConditionEmbed(self.cond_dim or 4 * self.channels,
-                                 frequency_dim=self.channels,
+    cond = layers.ConditionEmbed(self.cond_dim, frequency_dim=self.cond_dim,
+                                 hidden_dim=4 * self.cond_dim,
                                  num_classes=self.num_classes, dtype=dtype,
                                  name="condition")(t, label)
-    cond = nn.swish(cond)
 
     h = layers.TokenEmbed(self.vocab_size, self.token_embed_dim, dtype=dtype,
                           name="token_embed")(z)
-    h = _conv(self.channels, dtype, "conv_in")(h)
+    h = conv3x3(self.channels, dtype, "conv_in")(h)
     skips = [h]
     last_level = len(self.channel_mult) - 1
     for level, mult in enumerate(self.channel_mult):
@@ -180,7 +195,7 @@ class UNet(nn.Module):
                              name=f"down_{level}_attn_{i}")(h)
         skips.append(h)
       if level != last_level:
-        h = _conv(h.shape[-1], dtype, f"down_{level}_resample", stride=2)(h)
+        h = conv3x3(h.shape[-1], dtype, f"down_{level}_resample", stride=2)(h)
         skips.append(h)
 
     h = ResBlock(h.shape[-1], groups, self.dropout, dtype, name="mid_res_0")(
@@ -199,10 +214,7 @@ class UNet(nn.Module):
           h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl, custom,
                              name=f"up_{level}_attn_{i}")(h)
       if level != 0:
-        h = _conv(h.shape[-1], dtype, f"up_{level}_resample")(_upsample(h))
+        h = conv3x3(h.shape[-1], dtype, f"up_{level}_resample")(upsample(h))
 
-    h = nn.swish(_group_norm(groups, dtype, "norm_out")(h))
-    # Logits in float32: bf16 rounding of the logits would blur the likelihood.
-    logits = _conv(image_channels * self.vocab_size, jnp.float32, "conv_out",
-                   zero_init=True, out_axis="vocab")(h.astype(jnp.float32))
-    return logits.reshape(batch, height, width, image_channels, self.vocab_size)
+    h = nn.swish(group_norm(groups, dtype, "norm_out")(h))
+    return logit_head(h, image_channels, self.vocab_size)
