@@ -16,13 +16,14 @@ The valid bound, reported and by default trained, is MD4's NELBO over the
 sub-tokens:
 
     NELBO(x) = int_0^1 -w(t) E_q[ sum_i sum_{j: y_t^{ij} = m} -log mu^{ij}(y_0^{ij}) ] dt
-               + L l (1 - alpha_0) log b.
+               + L l (1 - alpha_0) log b + L l alpha_1 log b.
 
-The reconstruction term codes each sub-token still masked at t = 0 uniformly
-over its b digits. That is a proper (sub-)distribution over digit strings:
+The reconstruction and prior terms code uniformly over its b digits each
+sub-token still masked at t = 0 and each still unmasked at t = 1 (as in
+`diffusion.loss`). That is a proper (sub-)distribution over digit strings:
 the mass it puts on strings that encode no class only loosens the bound, and
-l log b >= log C, so it is never below MD4's L (1 - alpha_0) log C; with
-alpha_0 = 1 - eps the two differ by O(eps) nats. For l = 1 and no shuffling
+l log b >= log C, so neither term is below MD4's; with alpha_0 = 1 - eps and
+alpha_1 = eps the two bounds' end terms differ by O(eps) nats. For l = 1 and no shuffling
 the whole loss is MD4's (`diffusion.loss`), draw for draw.
 
 The per-token surrogate int -w(t) E_q[ sum_i -log p(x^i | y_t) ] dt
@@ -181,6 +182,11 @@ class Codec:
                          f"class of {self!r}")
     value = self._value(y).clip(0, self.num_classes - 1)
     return _array_module(y).take(self._class_of_value, value, axis=0)
+
+
+def _check_codec(codec: Codec) -> None:
+  if not isinstance(codec, Codec):
+    raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
 
 
 def _array_module(a) -> object:
@@ -343,43 +349,67 @@ def loss(predict_fn: checks.PredictFn,
     schedule: the masking schedule of every sub-token.
     cont_time, timesteps, antithetic: as in `diffusion.loss`.
     objective: "nelbo" returns the valid bound; "joint" returns the per-token
-      surrogate -w(t) sum_i -log p(x^i | y_t) + recon, a training objective
-      that is not a bound (module docstring).
+      surrogate -w(t) sum_i -log p(x^i | y_t) + recon + prior, a training
+      objective that is not a bound (module docstring).
 
   Returns:
-    (loss [B], aux): aux["nelbo"] is the valid bound per sequence [B] whatever
-    the objective (equal to loss for "nelbo"); its other entries are scalars
-    (batch means): loss_diffusion, loss_recon and bits_per_token (NELBO /
-    (L ln 2), per original token) of the valid bound, masked_fraction (of
-    sub-tokens), and loss_surrogate with objective "joint".
+    `loss_given_state` at a draw of t and of the sub-token states y_t.
   """
   if objective not in OBJECTIVES:
     raise ValueError(
         f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
-  if not isinstance(codec, Codec):
-    raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
+  _check_codec(codec)
   checks.tokens(x, codec.num_classes)
   checks.timesteps(cont_time, timesteps)
-  batch_size = x.shape[0]
-  num_tokens = math.prod(x.shape[1:])
   rng_t, rng_mask = jax.random.split(rng)
-  t = diffusion.sample_times(rng_t, batch_size, antithetic)
+  t = diffusion.sample_times(rng_t, x.shape[0], antithetic)
   if not cont_time:
     t = diffusion.discretise(t, timesteps)
+  y_t = diffusion.mask_tokens(rng_mask, codec.encode(x), schedule.alpha(t), codec.mask_id)
+  return loss_given_state(predict_fn, x, y_t, t, codec=codec, schedule=schedule,
+                          cont_time=cont_time, timesteps=timesteps, objective=objective)
+
+
+def loss_given_state(predict_fn: checks.PredictFn,
+                     x: Array,
+                     y_t: Array,
+                     t: Array,
+                     *,
+                     codec: Codec,
+                     schedule: schedule_lib.Schedule,
+                     cont_time: bool = True,
+                     timesteps: int = 1000,
+                     objective: str = "nelbo") -> tuple[Array, dict[str, Array]]:
+  """The loss of x [B, L, ...] at times t [B] and sub-token states y_t [B, L, ..., l].
+
+  `loss` is this at a draw of (t, y_t); its expectation over them is the
+  NELBO (or the surrogate's mean). In discrete time t must lie on the grid i / T.
+
+  Returns:
+    (loss [B], aux): aux["nelbo"] is the valid bound per sequence [B] whatever
+    the objective (equal to loss for "nelbo"); its other entries are scalars
+    (batch means): loss_diffusion, loss_recon, loss_prior and bits_per_token
+    (NELBO / (L ln 2), per original token) of the valid bound,
+    masked_fraction (of sub-tokens), and loss_surrogate with objective "joint".
+  """
+  batch_size = x.shape[0]
+  num_tokens = math.prod(x.shape[1:])
   y_0 = codec.encode(x)
-  y_t = diffusion.mask_tokens(rng_mask, y_0, schedule.alpha(t), codec.mask_id)
   logits = checks.logits(predict_fn(y_t, t), x.shape + (codec.num_classes,))
   is_masked = y_t == codec.mask_id
   log_mu = sub_token_log_prob(logits, y_t, y_0, codec)
   masked_nll = -jnp.where(is_masked, log_mu, 0.0).reshape(batch_size, -1).sum(axis=-1)
   weight = diffusion.time_weight(schedule, t, cont_time, timesteps)
   loss_diffusion = weight * masked_nll
-  loss_recon = diffusion.reconstruction(schedule, num_tokens * codec.length, codec.base)
-  nelbo = loss_diffusion + loss_recon
+  num_sub_tokens = num_tokens * codec.length
+  loss_recon = diffusion.reconstruction(schedule, num_sub_tokens, codec.base)
+  loss_prior = diffusion.prior(schedule, num_sub_tokens, codec.base)
+  nelbo = loss_diffusion + loss_recon + loss_prior
   aux = {
       "nelbo": nelbo,
       "loss_diffusion": loss_diffusion.mean(),
       "loss_recon": loss_recon,
+      "loss_prior": loss_prior,
       "bits_per_token": nelbo.mean() / (num_tokens * math.log(2)),
       "masked_fraction": is_masked.mean(),
   }
@@ -388,7 +418,8 @@ def loss(predict_fn: checks.PredictFn,
   token_log_prob = diffusion.token_log_prob(carry_over(logits, y_t, codec), x)
   # Tokens with a masked sub-token; a fully revealed one has log p = 0 anyway.
   token_nll = -jnp.where(is_masked.any(axis=-1), token_log_prob, 0.0)
-  surrogate = weight * token_nll.reshape(batch_size, -1).sum(axis=-1) + loss_recon
+  surrogate = (weight * token_nll.reshape(batch_size, -1).sum(axis=-1)
+               + loss_recon + loss_prior)
   aux["loss_surrogate"] = surrogate.mean()
   return surrogate, aux
 
