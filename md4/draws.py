@@ -15,9 +15,9 @@ let rare values win, come out exact, and a value of probability P is drawn
 at its rate times 1 / (2x sinh(1 / 2x)) >= 1 - 1 / (24 x^2), x = 2^32 P:
 0.2% under at P = 1e-9, 0.002% at 1e-8. (Values below 1e-10 keep most of
 their rate; together they hold at most V 1e-10 of the mass.) Per entry that
-costs one 32-bit word and two logarithms, what `jax.random.categorical`
-costs, where 64 bits would double the random bits that dominate the draw at
-large V on a CPU. No float64: TPUs have none.
+costs one 32-bit word and two logarithms, as `jax.random.categorical` does,
+where 64 bits would double the random bits, which take half of the draw's
+time at large V on a CPU. No float64: TPUs have none.
 """
 
 import jax
@@ -53,13 +53,16 @@ def bernoulli(rng: Array, p: Array, shape: tuple[int, ...]) -> Array:
 
 
 def exponential_from_bits(bits: Array) -> Array:
-  """E = -log(1 - u) float32 >= 0 with u = (bits + 1/2) 2^-32 (module docstring).
+  """E = -log(1 - u) float32 > 0 with u = (bits + 1/2) 2^-32 (module docstring).
 
-  Exact below 2^-8, where bits convert to float32 exactly and log1p keeps
-  full precision.
+  Exact to 2 ulps below u = 1/2 (bits below 2^24 convert to float32
+  exactly), by Kahan's log1p: with y = 1 - u rounded, -log(y) u / (1 - y).
+  On a CPU that costs 0.91 s per 5e7 entries against XLA's log1p's 1.05 s
+  (the float32 Gumbel noise of jax.random: 0.84 s).
   """
   u = jnp.minimum((bits.astype(jnp.float32) + 0.5) * _TWO_TO_MINUS_32, _BELOW_ONE)
-  return -jnp.log1p(-u)
+  y = 1.0 - u
+  return jnp.where(y == 1.0, u, -jnp.log(y) * (u / (1.0 - y)))
 
 
 def categorical(rng: Array, logits: Array) -> Array:

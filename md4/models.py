@@ -145,7 +145,8 @@ class MaskedDiffusion:
     self.num_classes = num_classes
     self.schedule = schedule_lib.get(config.noise_schedule)
     self.network = build_network(config, vocab_size, num_classes, embed)
-    # A network that ignores t gives the same output for the same input at any t.
+    # A network that ignores t gives the same output for the same input at any t: the
+    # samplers reuse it exactly then (they refuse a predict_fn that reads t).
     self.network_reads_time = not (config.model.backbone == "transformer"
                                    and config.model.time_conditioning == "none")
     if num_classes:
@@ -298,10 +299,11 @@ class GenMD4(MaskedDiffusion):
     del num_frames
     if top_p is not None:
       raise ValueError("top_p: the GenMD4 sampler (genmd4.sample) has no top-p sampling")
-    tokens = genmd4.sample(predict, rng, shape=shape, vocab_size=self.vocab_size,
-                           power=self.power(params), steps=steps, grid=grid, prefix=prefix,
-                           infill=infill)
-    return Samples(tokens=tokens, frames=None, nfe=jnp.int32(steps))
+    tokens, nfe = genmd4.sample(
+        predict, rng, shape=shape, vocab_size=self.vocab_size, power=self.power(params),
+        steps=steps, grid=grid, prefix=prefix, infill=infill,
+        reuse_outputs=not self.network_reads_time, return_nfe=True)
+    return Samples(tokens=tokens, frames=None, nfe=nfe)
 
 
 class Prime(MaskedDiffusion):
@@ -342,10 +344,11 @@ class Prime(MaskedDiffusion):
   def _draw(self, params, predict, rng, shape, *, steps, grid, top_p, prefix, infill,
             num_frames) -> Samples:
     del params, num_frames
-    tokens = prime.sample(predict, rng, shape=shape, codec=self.codec,
-                          schedule=self.schedule, steps=steps, grid=grid, top_p=top_p,
-                          prefix=prefix, infill=infill)
-    return Samples(tokens=tokens, frames=None, nfe=jnp.int32(steps))
+    tokens, nfe = prime.sample(
+        predict, rng, shape=shape, codec=self.codec, schedule=self.schedule, steps=steps,
+        grid=grid, top_p=top_p, prefix=prefix, infill=infill,
+        reuse_outputs=not self.network_reads_time, return_nfe=True)
+    return Samples(tokens=tokens, frames=None, nfe=nfe)
 
 
 MODEL_TYPES: dict[str, type[MaskedDiffusion]] = {"md4": MD4, "genmd4": GenMD4, "prime": Prime}

@@ -34,7 +34,9 @@ It may be trained, never reported as a likelihood.
 Sampler, t -> s: draw x_hat^i ~ p(. | y_t) per position; each masked sub-token
 is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) as
 f(x_hat^i)_j. Carry-over keeps every state consistent with some class, so the
-final decode always succeeds. (The NELBO above is that of a reverse process
+final decode always succeeds. A step that reveals nothing leaves the
+network's input as it was: for a network that ignores t its output is
+reused (`reuse_outputs`). (The NELBO above is that of a reverse process
 revealing sub-tokens independently from mu; in continuous time at most one
 sub-token is revealed at once and the two processes coincide.)
 """
@@ -47,6 +49,7 @@ import numpy as np
 
 from md4 import checks
 from md4 import diffusion
+from md4 import draws
 from md4 import sampler as sampler_lib
 from md4 import schedule as schedule_lib
 
@@ -434,14 +437,14 @@ def sample_sub_tokens(predict_fn: checks.PredictFn,
                       grid: str = "cosine",
                       top_p: float | None = None,
                       prefix: Array | None = None,
-                      infill: tuple[Array, Array] | None = None) -> Array:
-  """Prime sampler (module docstring): final sub-token states int32 [*shape, l].
+                      infill: tuple[Array, Array] | None = None,
+                      reuse_outputs: bool = False) -> tuple[Array, Array]:
+  """Prime sampler (module docstring): (final sub-token states int32 [*shape, l], nfe int32 []).
 
   Every state is a valid code (`codec.is_valid` holds everywhere). Arguments
   as in `sample`.
   """
-  if not isinstance(codec, Codec):
-    raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
+  _check_codec(codec)
   sampler_lib.check_args(rng, shape, codec.num_classes, schedule, top_p)
   shape = tuple(int(d) for d in shape)
   batch_size = shape[0]
@@ -451,14 +454,20 @@ def sample_sub_tokens(predict_fn: checks.PredictFn,
   given, template = sampler_lib.given_positions(shape, codec.num_classes, prefix, infill)
   # Given positions start with every sub-token revealed; the rest fully masked.
   y_init = jnp.where(given[..., None], table[template], codec.mask_id).astype(jnp.int32)
+  if reuse_outputs:
+    sampler_lib.check_ignores_time(predict_fn, y_init)
 
-  def step(i: Array, y: Array) -> Array:
-    logits = predict_fn(y, jnp.full((batch_size,), times[i], jnp.float32))
-    logits = carry_over(checks.logits(logits, shape + (codec.num_classes,)), y, codec)
+  def allowed_logits(y: Array, t: Array) -> Array:
+    logits = predict_fn(y, jnp.full((batch_size,), t, jnp.float32))
+    return carry_over(checks.logits(logits, shape + (codec.num_classes,)), y, codec)
+
+  def step(i: Array, carry: sampler_lib.Carry) -> sampler_lib.Carry:
+    y = carry.state
+    logits, nfe = sampler_lib.network_output(carry, lambda y: allowed_logits(y, times[i]),
+                                             reuse_outputs)
     rng_draw, rng_reveal = jax.random.split(jax.random.fold_in(rng, i))
-    x_hat = jax.random.categorical(
-        rng_draw, sampler_lib.top_p_log_probs(logits, top_p), axis=-1)
-    reveal = jax.random.uniform(rng_reveal, y.shape) < reveal_probs[i]
+    x_hat = draws.categorical(rng_draw, sampler_lib.top_p_log_probs(logits, top_p))
+    reveal = draws.bernoulli(rng_reveal, reveal_probs[i], y.shape)
     y_next = jnp.where((y == codec.mask_id) & reveal, table[x_hat], y)
 
     def fill(y: Array) -> Array:
@@ -466,9 +475,13 @@ def sample_sub_tokens(predict_fn: checks.PredictFn,
       best = jnp.argmax(carry_over(logits, y, codec), axis=-1)
       return jnp.where(y == codec.mask_id, table[best], y)
 
-    return jax.lax.cond(i == steps - 1, fill, lambda y: y, y_next)
+    y_next = jax.lax.cond(i == steps - 1, fill, lambda y: y, y_next)
+    return sampler_lib.advance(y, y_next, logits, nfe, codec.mask_id, reuse_outputs)
 
-  return jax.lax.fori_loop(0, steps, step, y_init)
+  init = sampler_lib.initial_carry(y_init, shape + (codec.num_classes,), codec.mask_id,
+                                   reuse_outputs)
+  final = jax.lax.fori_loop(0, steps, step, init)
+  return final.state, final.nfe
 
 
 def sample(predict_fn: checks.PredictFn,
@@ -481,11 +494,13 @@ def sample(predict_fn: checks.PredictFn,
            grid: str = "cosine",
            top_p: float | None = None,
            prefix: Array | None = None,
-           infill: tuple[Array, Array] | None = None) -> Array:
+           infill: tuple[Array, Array] | None = None,
+           reuse_outputs: bool = False,
+           return_nfe: bool = False) -> Array | tuple[Array, Array]:
   """Samples tokens int32 [B, L, ...] = `shape` in {0..C-1} with the Prime sampler.
 
-  A `lax.fori_loop` of exactly `steps` network calls; callers jit it with the
-  Python arguments static, e.g.
+  A `lax.fori_loop` of `steps` steps, each one network call (or none, with
+  reuse_outputs); callers jit it with the Python arguments static, e.g.
   jax.jit(lambda rng: prime.sample(fn, rng, shape=(B, L), codec=codec,
   schedule=sch, steps=T)). Called eagerly, the final decode also checks every
   code.
@@ -503,8 +518,17 @@ def sample(predict_fn: checks.PredictFn,
       None or 1.0 draws from all of it.
     prefix, infill: positions given from the start, fully unmasked, as in
       `sampler.ancestral`.
+    reuse_outputs: skip the network in a step that follows one where no
+      sub-token was revealed, as in `sampler.ancestral` (a network that
+      reads t is refused).
+    return_nfe: also return the network evaluations spent (steps without
+      reuse_outputs).
+
+  Returns:
+    tokens, or (tokens, nfe int32 []) with return_nfe.
   """
-  codes = sample_sub_tokens(predict_fn, rng, shape=shape, codec=codec,
-                            schedule=schedule, steps=steps, grid=grid, top_p=top_p,
-                            prefix=prefix, infill=infill)
-  return codec.decode(codes)
+  codes, nfe = sample_sub_tokens(predict_fn, rng, shape=shape, codec=codec,
+                                 schedule=schedule, steps=steps, grid=grid, top_p=top_p,
+                                 prefix=prefix, infill=infill, reuse_outputs=reuse_outputs)
+  tokens = codec.decode(codes)
+  return (tokens, nfe) if return_nfe else tokens

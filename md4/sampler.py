@@ -9,9 +9,13 @@ Time grid 1 = t_0 > t_1 > ... > t_T = 0:
 Step i goes from t = t_i to s = t_{i+1}: each masked position is revealed with
 probability (alpha_s - alpha_t) / (1 - alpha_t), to a draw from
 softmax(logits) (or its renormalised top-p nucleus); the reveal and the value
-are drawn apart; revealed positions never change. Positions still masked after the last step take the network's most
+are drawn apart, each at its probability (`draws`); revealed positions never
+change. Positions still masked after the last step take the network's most
 likely value under the logits of that step, so a run costs exactly T network
-evaluations (fewer with `reuse_outputs`).
+evaluations, or fewer with `reuse_outputs`: after a step that changed
+nothing, the network's input is the same, and a network that ignores t
+(`check_ignores_time`) would give the same output. The helpers `Carry`,
+`network_output` and `advance` do that bookkeeping for every sampler.
 
 Every loop is a `lax.fori_loop`; callers jit the whole sampler with the
 Python arguments static, e.g.
@@ -22,12 +26,15 @@ Python arguments static, e.g.
 """
 
 import math
+from typing import Callable, NamedTuple
 
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
 from md4 import checks
+from md4 import draws
 from md4 import schedule as schedule_lib
 
 Array = jnp.ndarray
@@ -52,11 +59,11 @@ def time_grid(steps: int, grid: str) -> np.ndarray:
 
 def reveal_probs(sch: schedule_lib.Schedule, times: Array) -> Array:
   """(alpha_s - alpha_t) / (1 - alpha_t) for consecutive (t, s) [T], in [0, 1]."""
-  alpha = sch.alpha(jnp.asarray(times, jnp.float32))
-  alpha_t, alpha_s = alpha[:-1], alpha[1:]
+  times = jnp.asarray(times, jnp.float32)
+  t, s = times[:-1], times[1:]
   # eps = 0 makes 1 - alpha_t vanish only where everything is revealed anyway.
-  denominator = jnp.maximum(1.0 - alpha_t, jnp.finfo(jnp.float32).tiny)
-  return jnp.clip((alpha_s - alpha_t) / denominator, 0.0, 1.0)
+  denominator = jnp.maximum(sch.mask_prob(t), jnp.finfo(jnp.float32).tiny)
+  return jnp.clip(sch.alpha_drop(s, t) / denominator, 0.0, 1.0)
 
 
 def top_p_log_probs(logits: Array, top_p: float | None) -> Array:
@@ -78,6 +85,85 @@ def top_p_log_probs(logits: Array, top_p: float | None) -> Array:
   threshold = jnp.take_along_axis(sorted_probs, num_kept - 1, axis=-1)
   return jax.nn.log_softmax(
       jnp.where(probs >= threshold, log_probs, -jnp.inf), axis=-1)
+
+
+class Carry(NamedTuple):
+  """A sampler's loop state.
+
+  Attributes:
+    state: int32 [B, ...] (with mask ids), the network's next input.
+    logits: float32 [B, ..., V], the last network output; None without reuse.
+    nfe: int32 [], network evaluations so far.
+    changed: bool [], whether state changed in the last step with something
+      left to draw, so that the network must run again.
+  """
+
+  state: Array
+  logits: Array | None
+  nfe: Array
+  changed: Array
+
+
+def initial_carry(state: Array, logits_shape: tuple[int, ...], mask_id: int,
+                  reuse_outputs: bool) -> Carry:
+  """The carry before the first step from state [B, ...]."""
+  logits = jnp.zeros(logits_shape, jnp.float32) if reuse_outputs else None
+  return Carry(state, logits, jnp.int32(0), jnp.any(state == mask_id))
+
+
+def network_output(carry: Carry, call_network: Callable[[Array], Array],
+                   reuse_outputs: bool) -> tuple[Array, Array]:
+  """(logits, nfe) of a step: call_network(carry.state), or the carried logits if reusing them."""
+  if not reuse_outputs:
+    return call_network(carry.state), carry.nfe + 1
+  logits = jax.lax.cond(carry.changed, call_network, lambda _: carry.logits, carry.state)
+  return logits, carry.nfe + carry.changed.astype(jnp.int32)
+
+
+def advance(state: Array, next_state: Array, logits: Array, nfe: Array, mask_id: int,
+            reuse_outputs: bool) -> Carry:
+  """The carry after a step from state to next_state that used logits."""
+  changed = jnp.any(next_state != state) & jnp.any(next_state == mask_id)
+  return Carry(next_state, logits if reuse_outputs else None, nfe, changed)
+
+
+def check_ignores_time(predict_fn: checks.PredictFn, state: Array) -> None:
+  """Raises ValueError if t can reach predict_fn(state, t)'s output.
+
+  Reusing the output of such a network across steps would feed it stale
+  times. Read from the jaxpr: t taints the outputs of every equation it
+  enters, followed into nested calls (jit, remat, custom derivatives) whose
+  inputs match, so a t that is read and then dropped does not count.
+  """
+  specs = (jax.ShapeDtypeStruct(state.shape, jnp.int32),
+           jax.ShapeDtypeStruct(state.shape[:1], jnp.float32))
+  jaxpr = jax.make_jaxpr(predict_fn)(*specs).jaxpr
+  if any(_tainted_outputs(jaxpr, [False, True])):
+    raise ValueError("reuse_outputs: predict_fn reads t, so its output cannot be reused "
+                     "across steps; reuse only a network that ignores t "
+                     "(time_conditioning='none')")
+
+
+def _tainted_outputs(jaxpr: jax_core.Jaxpr, tainted_inputs: list[bool]) -> list[bool]:
+  """Which outputs of jaxpr depend on the inputs flagged in tainted_inputs."""
+  tainted = {var for var, flag in zip(jaxpr.invars, tainted_inputs) if flag}
+
+  def is_tainted(var) -> bool:
+    return not isinstance(var, jax_core.Literal) and var in tainted
+
+  for eqn in jaxpr.eqns:
+    inputs = [is_tainted(var) for var in eqn.invars]
+    if not any(inputs):
+      continue
+    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    inner = inner.jaxpr if isinstance(inner, jax_core.ClosedJaxpr) else inner
+    if (isinstance(inner, jax_core.Jaxpr) and len(inner.invars) == len(eqn.invars)
+        and len(inner.outvars) == len(eqn.outvars)):
+      outputs = _tainted_outputs(inner, inputs)
+    else:
+      outputs = [True] * len(eqn.outvars)
+    tainted.update(var for var, flag in zip(eqn.outvars, outputs) if flag)
+  return [is_tainted(var) for var in jaxpr.outvars]
 
 
 def ancestral(predict_fn: checks.PredictFn,
@@ -114,8 +200,9 @@ def ancestral(predict_fn: checks.PredictFn,
       (template values elsewhere are ignored). Where prefix and infill both
       give a position, the prefix wins.
     reuse_outputs: skip the network in a step when no position changed since
-      its last call, reusing those logits. Only valid for a network that
-      ignores t. The skip is decided for the whole batch at once.
+      its last call, reusing those logits. Only for a network that ignores
+      t: one whose output t can reach is refused (`check_ignores_time`). The
+      skip is decided for the whole batch at once.
     return_nfe: also return the number of network evaluations spent.
     num_frames: also return F = num_frames snapshots of the state [F, B, ...]
       (mask id included) at evenly spaced steps, the first before any step and
@@ -132,6 +219,8 @@ def ancestral(predict_fn: checks.PredictFn,
   batch_size = shape[0]
   given, template = given_positions(shape, vocab_size, prefix, infill)
   z_init = jnp.where(given, template, mask_id).astype(jnp.int32)
+  if reuse_outputs:
+    check_ignores_time(predict_fn, z_init)
   times = jnp.asarray(time_grid(steps, grid))
   probs = reveal_probs(schedule, times)
 
@@ -142,43 +231,34 @@ def ancestral(predict_fn: checks.PredictFn,
   frame_steps = jnp.asarray(np.unique(np.linspace(0, steps, max(num_frames, 1)).round()),
                             jnp.int32)
 
-  def step(i: Array, carry: tuple) -> tuple:
-    z, cached_logits, stale, nfe, frames = carry
-    if reuse_outputs:
-      logits = jax.lax.cond(stale, lambda: call_network(z, times[i]),
-                            lambda: cached_logits)
-      nfe = nfe + stale.astype(jnp.int32)
-    else:
-      logits = call_network(z, times[i])
-      nfe = nfe + 1
+  def step(i: Array, carry: tuple[Carry, Array | None]) -> tuple[Carry, Array | None]:
+    loop, frames = carry
+    z = loop.state
+    logits, nfe = network_output(loop, lambda z: call_network(z, times[i]), reuse_outputs)
     draw = _draw(jax.random.fold_in(rng, i), top_p_log_probs(logits, top_p),
                  probs[i], mask_id)
     z_next = jnp.where(z == mask_id, draw, z)
-    still_masked = z_next == mask_id
-    z_next = jnp.where((i == steps - 1) & still_masked,
+    z_next = jnp.where((i == steps - 1) & (z_next == mask_id),
                        jnp.argmax(logits, axis=-1).astype(jnp.int32), z_next)
-    # New logits are needed only if something changed and is left to draw.
-    stale = jnp.any(z_next != z) & jnp.any(still_masked)
     if num_frames:
       index = jnp.minimum(jnp.searchsorted(frame_steps, i + 1), len(frame_steps) - 1)
       frames = jnp.where(frame_steps[index] == i + 1, frames.at[index].set(z_next), frames)
-    return z_next, (logits if reuse_outputs else None), stale, nfe, frames
+    return advance(z, z_next, logits, nfe, mask_id, reuse_outputs), frames
 
-  cached_logits = (jnp.zeros(shape + (vocab_size,), jnp.float32)
-                   if reuse_outputs else None)
   frames = jnp.broadcast_to(z_init, (len(frame_steps),) + shape) if num_frames else None
-  carry = (z_init, cached_logits, jnp.any(z_init == mask_id), jnp.int32(0), frames)
-  z, _, _, nfe, frames = jax.lax.fori_loop(0, steps, step, carry)
-  outputs = (z,) + ((nfe,) if return_nfe else ()) + ((frames,) if num_frames else ())
-  return outputs if len(outputs) > 1 else z
+  init = initial_carry(z_init, shape + (vocab_size,), mask_id, reuse_outputs)
+  final, frames = jax.lax.fori_loop(0, steps, step, (init, frames))
+  outputs = ((final.state,) + ((final.nfe,) if return_nfe else ())
+             + ((frames,) if num_frames else ()))
+  return outputs if len(outputs) > 1 else final.state
 
 
 def _draw(rng: Array, log_probs: Array, reveal_prob: Array, mask_id: int) -> Array:
   """Next state of a masked position [B, ...]: a value, or mask_id if unrevealed."""
   rng_value, rng_reveal = jax.random.split(rng)
-  values = jax.random.categorical(rng_value, log_probs, axis=-1)
-  reveal = jax.random.bernoulli(rng_reveal, reveal_prob, values.shape)
-  return jnp.where(reveal, values, mask_id).astype(jnp.int32)
+  values = draws.categorical(rng_value, log_probs)
+  reveal = draws.bernoulli(rng_reveal, reveal_prob, values.shape)
+  return jnp.where(reveal, values, mask_id)
 
 
 def given_positions(shape: tuple[int, ...], vocab_size: int,

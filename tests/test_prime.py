@@ -238,7 +238,7 @@ def test_carry_over_never_materialises_logits_times_length():
           jax.random.PRNGKey(0))
   sample_jaxpr = jax.make_jaxpr(lambda key: prime.sample_sub_tokens(
       network, key, shape=(batch, length), codec=codec, schedule=sch, steps=2,
-      top_p=0.9))(jax.random.PRNGKey(0))
+      top_p=0.9, reuse_outputs=True))(jax.random.PRNGKey(0))
   assert _largest_output(loss_jaxpr.jaxpr) <= limit
   assert _largest_output(sample_jaxpr.jaxpr) <= limit
 
@@ -571,7 +571,7 @@ def test_bad_loss_input_is_named(kwargs, match):
 def _sample_codes(predict_fn, codec, shape, steps, seed=0, **kwargs):
   sample_fn = jax.jit(lambda key: prime.sample_sub_tokens(
       predict_fn, key, shape=shape, codec=codec, schedule=schedule.get("cosine"),
-      steps=steps, **kwargs))
+      steps=steps, **kwargs)[0])
   return np.asarray(sample_fn(jax.random.PRNGKey(seed)))
 
 
@@ -648,6 +648,45 @@ def test_prefix_is_kept_and_conditions_the_rest(prefix_length):
   tokens = codec.decode(codes)
   # Copies of the first token: the prefix fixes every position.
   np.testing.assert_array_equal(tokens, np.broadcast_to(first, tokens.shape))
+
+
+def test_reuse_outputs_gives_identical_samples_with_fewer_network_calls():
+  """For a network that reads y but not t, reusing its output after a step
+  that revealed no sub-token changes no sample; the reported NFE counts the
+  calls that ran. A network that reads t is refused."""
+  codec = prime.Codec(27, 2, shuffle_seed=0)
+  tables = jnp.asarray(np.random.default_rng(5).normal(
+      size=(codec.length, codec.base + 1, 27)), jnp.float32)
+  calls = []
+
+  def network(y, t):
+    del t
+    jax.debug.callback(lambda: calls.append(1))
+    neighbour = jnp.roll(y, 1, axis=1)
+    return sum(tables[j][y[..., j]] + tables[j][neighbour[..., j]]
+               for j in range(codec.length))
+
+  outputs = {}
+  for reuse in (False, True):
+    calls.clear()
+    codes, nfe = jax.jit(lambda key: prime.sample_sub_tokens(
+        network, key, shape=(4, 6), codec=codec, schedule=schedule.get("cosine"),
+        steps=200, top_p=0.95, reuse_outputs=reuse))(jax.random.PRNGKey(6))
+    outputs[reuse] = np.asarray(codes), int(nfe)
+    assert len(calls) == int(nfe)
+  np.testing.assert_array_equal(outputs[False][0], outputs[True][0])
+  assert outputs[False][1] == 200
+  # 48 sub-tokens: at most 48 steps reveal one, so at most 49 calls.
+  assert outputs[True][1] <= 4 * 6 * codec.length + 1
+  tokens, nfe = prime.sample(network, jax.random.PRNGKey(6), shape=(4, 6), codec=codec,
+                             schedule=schedule.get("cosine"), steps=200, top_p=0.95,
+                             reuse_outputs=True, return_nfe=True)
+  np.testing.assert_array_equal(tokens, codec.decode(outputs[True][0]))
+  assert int(nfe) == outputs[True][1]
+  with pytest.raises(ValueError, match="reads t"):
+    prime.sample(lambda y, t: network(y, t) * t[:, None, None], jax.random.PRNGKey(6),
+                 shape=(4, 6), codec=codec, schedule=schedule.get("cosine"), steps=4,
+                 reuse_outputs=True)
 
 
 @pytest.mark.parametrize("kwargs, match", [
