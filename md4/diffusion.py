@@ -123,8 +123,6 @@ def loss(predict_fn: checks.PredictFn,
   Draws t (`sample_times`, on the grid i / T in discrete time) and z_t
   (`mask_tokens`), then returns `loss_given_state`.
   """
-  checks.tokens(x, vocab_size)
-  checks.timesteps(cont_time, timesteps)
   rng_t, rng_mask = jax.random.split(rng)
   t = sample_times(rng_t, x.shape[0], antithetic)
   if not cont_time:
@@ -151,6 +149,8 @@ def loss_given_state(predict_fn: checks.PredictFn,
   Returns (nelbo [B], aux) with aux scalars: loss_diffusion, loss_recon,
   loss_prior, bits_per_token and masked_fraction (batch means).
   """
+  checks.tokens(x, vocab_size)
+  checks.timesteps(cont_time, timesteps)
   batch_size = x.shape[0]
   num_tokens = math.prod(x.shape[1:])
   logits = checks.logits(predict_fn(z, t), x.shape + (vocab_size,))

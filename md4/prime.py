@@ -358,12 +358,7 @@ def loss(predict_fn: checks.PredictFn,
   Returns:
     `loss_given_state` at a draw of t and of the sub-token states y_t.
   """
-  if objective not in OBJECTIVES:
-    raise ValueError(
-        f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
   _check_codec(codec)
-  checks.tokens(x, codec.num_classes)
-  checks.timesteps(cont_time, timesteps)
   rng_t, rng_mask = jax.random.split(rng)
   t = diffusion.sample_times(rng_t, x.shape[0], antithetic)
   if not cont_time:
@@ -395,6 +390,12 @@ def loss_given_state(predict_fn: checks.PredictFn,
     (NELBO / (L ln 2), per original token) of the valid bound,
     masked_fraction (of sub-tokens), and loss_surrogate with objective "joint".
   """
+  if objective not in OBJECTIVES:
+    raise ValueError(
+        f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
+  _check_codec(codec)
+  checks.tokens(x, codec.num_classes)
+  checks.timesteps(cont_time, timesteps)
   batch_size = x.shape[0]
   num_tokens = math.prod(x.shape[1:])
   y_0 = codec.encode(x)
