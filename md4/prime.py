@@ -36,7 +36,10 @@ is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) as
 f(x_hat^i)_j. Carry-over keeps every state consistent with some class, so the
 final decode always succeeds. A step that reveals nothing leaves the
 network's input as it was: for a network that ignores t its output is
-reused (`reuse_outputs`). (The NELBO above is that of a reverse process
+reused (`reuse_outputs`). Beyond it: `sample_ordered` (MaskGIT, LLaDA,
+blocks) ranks positions by p(x_hat^i | y_t) and reveals all sub-tokens of
+the chosen ones; `sample_first_hitting` reveals one uniformly chosen masked
+sub-token per network call, exact for a network that ignores t. (The NELBO above is that of a reverse process
 revealing sub-tokens independently from mu; in continuous time at most one
 sub-token is revealed at once and the two processes coincide.)
 """
@@ -445,27 +448,17 @@ def sample_sub_tokens(predict_fn: checks.PredictFn,
   Every state is a valid code (`codec.is_valid` holds everywhere). Arguments
   as in `sample`.
   """
-  _check_codec(codec)
-  sampler_lib.check_args(rng, shape, codec.num_classes, schedule, top_p)
-  shape = tuple(int(d) for d in shape)
+  shape, y_init, allowed_logits = _sampler_setup(predict_fn, rng, shape, codec, schedule,
+                                                 top_p, prefix, infill, reuse_outputs)
   batch_size = shape[0]
   times = jnp.asarray(sampler_lib.time_grid(steps, grid))
   reveal_probs = sampler_lib.reveal_probs(schedule, times)
   table = jnp.asarray(codec.digit_table)
-  given, template = sampler_lib.given_positions(shape, codec.num_classes, prefix, infill)
-  # Given positions start with every sub-token revealed; the rest fully masked.
-  y_init = jnp.where(given[..., None], table[template], codec.mask_id).astype(jnp.int32)
-  if reuse_outputs:
-    sampler_lib.check_ignores_time(predict_fn, y_init)
-
-  def allowed_logits(y: Array, t: Array) -> Array:
-    logits = predict_fn(y, jnp.full((batch_size,), t, jnp.float32))
-    return carry_over(checks.logits(logits, shape + (codec.num_classes,)), y, codec)
 
   def step(i: Array, carry: sampler_lib.Carry) -> sampler_lib.Carry:
     y = carry.state
-    logits, nfe = sampler_lib.network_output(carry, lambda y: allowed_logits(y, times[i]),
-                                             reuse_outputs)
+    logits, nfe = sampler_lib.network_output(
+        carry, lambda y: allowed_logits(y, jnp.full((batch_size,), times[i])), reuse_outputs)
     rng_draw, rng_reveal = jax.random.split(jax.random.fold_in(rng, i))
     x_hat = draws.categorical(rng_draw, sampler_lib.top_p_log_probs(logits, top_p))
     reveal = draws.bernoulli(rng_reveal, reveal_probs[i], y.shape)
@@ -483,6 +476,82 @@ def sample_sub_tokens(predict_fn: checks.PredictFn,
                                    reuse_outputs)
   final = jax.lax.fori_loop(0, steps, step, init)
   return final.state, final.nfe
+
+
+def _sampler_setup(predict_fn, rng, shape, codec, schedule, top_p, prefix, infill,
+                   reuse_outputs):
+  """(shape, the initial sub-token state [*shape, l], (y, t [B]) -> carried-over logits)."""
+  _check_codec(codec)
+  sampler_lib.check_args(rng, shape, codec.num_classes, schedule, top_p)
+  shape = tuple(int(d) for d in shape)
+  table = jnp.asarray(codec.digit_table)
+  given, template = sampler_lib.given_positions(shape, codec.num_classes, prefix, infill)
+  # Given positions start with every sub-token revealed; the rest fully masked.
+  y_init = jnp.where(given[..., None], table[template], codec.mask_id).astype(jnp.int32)
+  if reuse_outputs:
+    sampler_lib.check_ignores_time(predict_fn, y_init)
+
+  def allowed_logits(y: Array, t: Array) -> Array:
+    logits = predict_fn(y, t.astype(jnp.float32))
+    return carry_over(checks.logits(logits, shape + (codec.num_classes,)), y, codec)
+
+  return shape, y_init, allowed_logits
+
+
+def sample_ordered(predict_fn: checks.PredictFn,
+                   rng: Array,
+                   *,
+                   shape: tuple[int, ...],
+                   codec: Codec,
+                   schedule: schedule_lib.Schedule,
+                   steps: int,
+                   grid: str = "cosine",
+                   top_p: float | None = None,
+                   prefix: Array | None = None,
+                   infill: tuple[Array, Array] | None = None,
+                   reuse_outputs: bool = False,
+                   **options) -> tuple[Array, Array]:
+  """(tokens [*shape], nfe) by `sampler.ordered_unmasking` over positions.
+
+  A position counts as masked while any of its sub-tokens is; a chosen one
+  gets every sub-token of f(x_hat), x_hat drawn under carry-over, so it
+  agrees with what was revealed. options: order, temperature,
+  choice_temperature, threshold, block_size of `sampler.ordered_unmasking`.
+  """
+  shape, y_init, allowed_logits = _sampler_setup(predict_fn, rng, shape, codec, schedule,
+                                                 top_p, prefix, infill, reuse_outputs)
+  table = jnp.asarray(codec.digit_table)
+  final = sampler_lib.ordered_unmasking(
+      allowed_logits, rng, y_init,
+      masked=lambda y: jnp.any(y == codec.mask_id, axis=-1),
+      reveal=lambda y, chosen, values: jnp.where(chosen[..., None], table[values], y),
+      mask_id=codec.mask_id, logits_shape=shape + (codec.num_classes,), schedule=schedule,
+      steps=steps, grid=grid, top_p=top_p, reuse_outputs=reuse_outputs, **options)
+  return codec.decode(final.state), final.nfe
+
+
+def sample_first_hitting(predict_fn: checks.PredictFn,
+                         rng: Array,
+                         *,
+                         shape: tuple[int, ...],
+                         codec: Codec,
+                         schedule: schedule_lib.Schedule,
+                         top_p: float | None = None,
+                         prefix: Array | None = None,
+                         infill: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+  """(tokens [*shape], nfe) by `sampler.first_hitting_loop` over the l L sub-tokens.
+
+  The chosen sub-token j of position i gets f(x_hat^i)_j, x_hat^i drawn
+  under carry-over: a draw from its marginal mu^{ij}. nfe = l times the
+  generated positions.
+  """
+  shape, y_init, allowed_logits = _sampler_setup(predict_fn, rng, shape, codec, schedule,
+                                                 top_p, prefix, infill, False)
+  table = jnp.asarray(codec.digit_table)
+  final = sampler_lib.first_hitting_loop(
+      allowed_logits, rng, y_init, mask_id=codec.mask_id, entries=lambda values: table[values],
+      logits_shape=shape + (codec.num_classes,), schedule=schedule, top_p=top_p)
+  return codec.decode(final.state), final.nfe
 
 
 def sample(predict_fn: checks.PredictFn,
