@@ -33,7 +33,8 @@ Metrics = dict[str, Array]
 
 # What a model's sampler can do beyond unconditional draws ("frames": ancestral only), and
 # the samplers (`sampler_lib.SAMPLERS`) it has.
-FEATURES = ("prefix", "infill", "frames", "guidance") + sampler_lib.SAMPLERS
+SAMPLERS = sampler_lib.SAMPLERS
+FEATURES = ("prefix", "infill", "frames", "guidance") + SAMPLERS
 
 
 @flax.struct.dataclass
@@ -409,6 +410,19 @@ class Prime(MaskedDiffusion):
                                          reuse_outputs=not self.network_reads_time,
                                          **common, **options)
     return Samples(tokens=tokens, frames=None, nfe=nfe)
+
+
+def configured_sampler(config: ml_collections.ConfigDict, name: str | None = None,
+                       overrides: dict | None = None) -> tuple[str, dict[str, Any]]:
+  """(sampler name, its options): config.sampler (or name) with config.sampler_options.<name>
+  updated by overrides; a threshold of 0 means none."""
+  name = config.sampler if name is None else name
+  options = dict(config.sampler_options.get(name, {}))
+  options.update(overrides or {})
+  if options.get("threshold") == 0.0:
+    options["threshold"] = None
+  sampler_lib.sampler_options(name, options)
+  return name, options
 
 
 MODEL_TYPES: dict[str, type[MaskedDiffusion]] = {"md4": MD4, "genmd4": GenMD4, "prime": Prime}

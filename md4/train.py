@@ -30,6 +30,7 @@ from md4 import defaults
 from md4 import likelihood
 from md4 import metric_writers
 from md4 import models
+from md4 import sample_quality
 from md4 import samples as samples_lib
 from md4 import sharding as sharding_lib
 
@@ -138,9 +139,11 @@ def sample_from_config(model: models.Model, config: ml_collections.ConfigDict, p
                        rng: Array, num_samples: int, num_frames: int) -> models.Samples:
   """model.sample with the config's sampler settings."""
   top_p = config.sample_top_p
+  name, options = models.configured_sampler(config)
   return model.sample(params, rng, num_samples, steps=config.sample_steps,
                       grid=config.sample_grid, top_p=None if top_p >= 1.0 else top_p,
-                      num_frames=num_frames, guidance_scale=config.guidance_scale)
+                      num_frames=num_frames if name == "ancestral" else 0,
+                      guidance_scale=config.guidance_scale, sampler=name, **options)
 
 
 def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
@@ -174,13 +177,26 @@ def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: A
     samples_lib.write(workdir / "samples", f"step_{step}", tokens, dataset, frames)
 
 
+def sample_scores(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
+                  dataset: data_lib.Dataset, rng: Array) -> dict[str, float]:
+  """md4.sample_quality's scores of config.num_quality_samples samples, keys prefixed "sample_"."""
+  drawn = trainer.sample(params, rng, config.num_quality_samples, 0)
+  tokens = np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
+  scores = sample_quality.scores(tokens, dataset, config.seed)
+  return {f"sample_{name}": float(value) for name, value in scores.items()}
+
+
 def summary_line(eval_metrics: dict[str, float]) -> str:
-  """One line for the end of a run: the held-out bound, and the true entropy when known."""
+  """The end of a run: the held-out bound, the true entropy and the samples' scores when known."""
   line = f"held-out NELBO: {eval_metrics['eval_bits_per_token']:.4f} bits per token"
   entropy = eval_metrics.get("data_entropy_bits_per_token")
   if entropy is not None:
     line += (f"; source entropy: {entropy:.4f} bits per token "
              f"(gap {eval_metrics['eval_bits_per_token'] - entropy:+.4f})")
+  scores = {name[len("sample_"):]: value for name, value in eval_metrics.items()
+            if name.startswith("sample_")}
+  if scores:
+    line += "\n" + sample_quality.describe(scores)
   return line
 
 
@@ -284,6 +300,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.sample_every_steps == 0 or last:
         write_samples(config, trainer, state.ema_params, dataset, workdir, step,
                       jax.random.fold_in(rng_sample, step))
+      if last and config.num_quality_samples and dataset.known_source is not None:
+        scores = sample_scores(config, trainer, state.ema_params, dataset,
+                               jax.random.split(rng_sample)[0])
+        writer.write_scalars(step, scores)
+        eval_metrics.update(scores)
       preempted = preemption.reached(checkpoints, step)
       if step % config.checkpoint_every_steps == 0 or last or preempted:
         if config.check_nans and history:
