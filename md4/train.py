@@ -296,15 +296,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         history = []
       if step % config.eval_every_steps == 0 or last:
         eval_metrics = evaluate(config, trainer, state.ema_params, dataset, config.seed)
+        if last and config.num_quality_samples and dataset.known_source is not None:
+          eval_metrics.update(sample_scores(config, trainer, state.ema_params, dataset,
+                                            jax.random.split(rng_sample)[0]))
         writer.write_scalars(step, eval_metrics)
       if step % config.sample_every_steps == 0 or last:
         write_samples(config, trainer, state.ema_params, dataset, workdir, step,
                       jax.random.fold_in(rng_sample, step))
-      if last and config.num_quality_samples and dataset.known_source is not None:
-        scores = sample_scores(config, trainer, state.ema_params, dataset,
-                               jax.random.split(rng_sample)[0])
-        writer.write_scalars(step, scores)
-        eval_metrics.update(scores)
       preempted = preemption.reached(checkpoints, step)
       if step % config.checkpoint_every_steps == 0 or last or preempted:
         if config.check_nans and history:
