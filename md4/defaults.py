@@ -81,6 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample_top_p = 1.0
   config.num_montage_frames = 8
   config.check_nans = True
+  # Persistent compilation cache (md4.compilation_cache): a folder or gs:// path; "" is off.
+  config.compilation_cache_dir = "~/.cache/md4/jax_compilation_cache"
   return config
 
 
