@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from md4 import compilation_cache
 from md4 import data as data_lib
 from md4 import models
 from md4 import sharding
@@ -83,6 +84,7 @@ def model_flops_per_token(config, params, vocab_size: int) -> float:
 def main(argv):
   del argv
   config = _CONFIG.value
+  compilation_cache.enable(config)
   mesh = sharding.make_mesh(config)
   if _SYNTHETIC.value:
     example_shape = tuple(map(int, _EXAMPLE_SHAPE.value or [config.seq_len]))

@@ -1,12 +1,20 @@
-"""MD4-S on an OpenWebText-style corpus with a GPT-2-sized vocabulary.
+"""MD4-S on OpenWebText with GPT-2's tokenizer.
 
 From the MD4 paper's OpenWebText setup: sequences of 1024 tokens, 12 layers,
 width 768, 12 heads, batch 512, AdamW with lr 3e-4, linear schedule, EMA
-0.9999. Chosen here: a SentencePiece BPE vocabulary of 50257 pieces (GPT-2's
-size) trained on the corpus itself, 2500 warm-up steps, bf16 compute with f32
-parameters. Prepare the corpus once with
-`python -m md4.data.prepare --config=configs/owt.py --config.tokens.path=CORPUS`
-(CORPUS: one document per line, or see md4/data/tokens.py for other formats).
+0.9999. Chosen here: 2500 warm-up steps, bf16 compute with f32 parameters.
+
+Data (docs/data.md): GPT-2's tokenizer (tiktoken's gpt2 encoding: 50257 ids,
+<|endoftext|> = 50256 ends each document), documents packed into 1024-token
+sequences as the MD4 reference packs them. Held out: MDLM's OpenWebText
+split, the last 100,000 documents of the Hugging Face dataset's order (the
+MD4 reference's own split, 2% of the sequences shuffled without a seed, cannot
+be reproduced). tokens.path defaults to the Hugging Face dataset's 21
+urlsf_subset*.tar archives; its parquet shards work with
+--config.tokens.documents=parquet. Prepare once with
+`python -m md4.data.prepare --config=configs/owt.py`; offline, point
+--config.tokens.tiktoken_dir at GPT-2's encoder.json and vocab.bpe, or give
+GPT-2's tokenizer.json as --config.tokens.tokenizer.
 """
 
 from md4 import defaults
@@ -15,9 +23,11 @@ from md4 import defaults
 def get_config():
   config = defaults.get_config()
   config.dataset = "tokens"
-  config.tokens.name = "owt"
-  config.tokens.vocab_size = 50257
-  config.tokens.tokenizer_type = "bpe"
+  config.tokens.name = "owt_gpt2"
+  config.tokens.path = "~/.cache/md4/openwebtext/subsets/urlsf_subset*.tar"
+  config.tokens.documents = "openwebtext"
+  config.tokens.tokenizer = "tiktoken:gpt2"
+  config.tokens.validation_documents = 100_000
   config.seq_len = 1024
   config.noise_schedule = "linear"
   config.model.width = 768

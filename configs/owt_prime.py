@@ -1,9 +1,9 @@
-"""MDM-Prime on an OpenWebText-style corpus: the MD4-S setup of owt.py with partial masking.
+"""MDM-Prime on OpenWebText: the MD4-S setup of owt.py with partial masking.
 
-Tokens of the 50257-piece vocabulary are written as l = 2 sub-tokens (base
-225); `--config.prime.binary=True` uses 16 binary sub-tokens instead. Prepare
-the corpus once with
-`python -m md4.data.prepare --config=configs/owt_prime.py --config.tokens.path=CORPUS`.
+The data are owt.py's: GPT-2's 50257 tokens, MDLM's held-out split, the same
+prepared folder. Tokens are written as l = 2 sub-tokens (base 225);
+`--config.prime.binary=True` uses 16 binary sub-tokens instead. Prepare the
+corpus once with `python -m md4.data.prepare --config=configs/owt_prime.py`.
 """
 
 from configs import owt

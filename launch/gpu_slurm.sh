@@ -25,6 +25,9 @@ salloc, or a requeued job) it starts md4.main with srun, one process per node
   python -u -m md4.main --config=CONFIG --workdir=WORKDIR [md4.main flags]
       --coordinator_address=FIRST_NODE:PORT --num_processes=N --process_id=$SLURM_PROCID
 Re-running the same command resumes from the latest checkpoint in WORKDIR.
+When md4.main is preempted (SIGTERM from a preemption or the time limit: it
+saves and exits with 75), the job requeues itself (scontrol requeue) and the
+requeued job resumes.
 
 Required:
   --config=PATH         experiment config, relative to the repository root
@@ -89,6 +92,8 @@ run() {
   fi
 }
 
+# The md4.main exit code that means "preempted, checkpoint saved: re-run me" (md4.errors).
+PREEMPTED_EXIT_CODE=75
 SCRIPT_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 readonly SCRIPT_PATH
 
@@ -264,10 +269,18 @@ launch() {
     done
   fi
   run mkdir -p "$task_log_dir"
+  local rc=0
   run srun --nodes="$num_nodes" --ntasks="$num_procs" --ntasks-per-node="$tasks_per_node" \
     --distribution=block --kill-on-bad-exit=1 --chdir="$REPO_DIR" \
     --open-mode=append --output="$task_log_dir/task-%t.log" \
-    bash -c "$(task_script)" md4-task "${#main[@]}" "${main[@]}" "${EXTRA_ARGS[@]}"
+    bash -c "$(task_script)" md4-task "${#main[@]}" "${main[@]}" "${EXTRA_ARGS[@]}" || rc=$?
+  if ((DRY_RUN)); then
+    echo "# if md4.main exits with $PREEMPTED_EXIT_CODE (preempted, checkpoint saved), requeue the job:"
+  fi
+  if ((DRY_RUN || rc == PREEMPTED_EXIT_CODE)); then
+    run scontrol requeue "$SLURM_JOB_ID"
+  fi
+  return "$rc"
 }
 
 if [[ -n ${SLURM_JOB_ID:-} ]]; then

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs md4 training on every worker of a Cloud TPU VM slice (created if missing).
+# Runs md4 training on every worker of a Cloud TPU VM slice (created if missing),
+# again after a preemption, until it ends.
 # Walk-through: launch/README.md. Options: launch/tpu_pod.sh --help.
 set -euo pipefail
 
@@ -8,11 +9,14 @@ usage() {
 Usage: launch/tpu_pod.sh --config=configs/NAME.py --workdir=gs://BUCKET/DIR [options] [-- md4.main flags]
 
 Creates the Cloud TPU VM slice if it does not exist (reuses it if it does),
-copies this checkout to every worker, installs it into ~/md4-venv, then runs
+through a queued resource by default, copies this checkout to every worker,
+installs it into ~/md4-venv (with md4's [gcs] extra), then runs
   python -m md4.main --config=CONFIG --workdir=WORKDIR [md4.main flags]
 on all workers at once (gcloud compute tpus tpu-vm ssh --worker=all).
 md4.main finds the other workers by itself (jax.distributed on Cloud TPU).
-Re-running the same command resumes from the latest checkpoint in WORKDIR.
+When the run is preempted (md4.main exits with 75, or the slice goes away),
+the slice is recreated if need be and the run resumed, up to --max-restarts
+times. Re-running the same command also resumes from the latest checkpoint.
 
 Required:
   --config=PATH            experiment config, relative to the repository root
@@ -26,6 +30,9 @@ Slice (option / environment variable / default):
   --accelerator-type=TYPE  MD4_TPU_TYPE     v5litepod-256 (v5e, 256 chips, 32 workers)
   --runtime-version=VER    MD4_TPU_VERSION  v2-alpha-tpuv5-lite (the v5e runtime)
   --spot                   create the slice as a Spot VM (cheaper; may be preempted)
+  --create-with=HOW        MD4_TPU_CREATE_WITH  queued-resources (default: queues the
+                           request until capacity is free, the path Google recommends)
+                           or tpu-vm (gcloud compute tpus tpu-vm create: now or never)
 
 Code and install:
   --repo-dir=DIR           checkout to copy as a tarball (default: the one holding this script)
@@ -38,7 +45,8 @@ Run:
   --env=KEY=VALUE          export KEY=VALUE on every worker before md4.main (repeatable)
   --prepare-data           run python -m md4.data.prepare (same config and --config.* flags)
                            on every worker first: each worker reads its own data_dir
-  --detach                 start md4.main under nohup and return at once
+  --detach                 start md4.main under nohup and return at once (no restarts)
+  --max-restarts=N         resume after at most N preemptions (default 10)
   --log-dir=DIR            local copy of all workers' output (default: REPO/logs/tpu)
   --dry-run                print every command instead of running it (gcloud is not called)
   -h, --help               show this help
@@ -95,6 +103,8 @@ PROJECT=${MD4_TPU_PROJECT:-}
 ACCELERATOR_TYPE=${MD4_TPU_TYPE:-v5litepod-256}
 RUNTIME_VERSION=${MD4_TPU_VERSION:-v2-alpha-tpuv5-lite}
 SPOT=0
+CREATE_WITH=${MD4_TPU_CREATE_WITH:-queued-resources}
+MAX_RESTARTS=10
 REPO_DIR=$(dirname "$SCRIPT_DIR")
 GIT_URL=""
 GIT_REF="main"
@@ -116,6 +126,8 @@ set_option() {
     --project) PROJECT=$2 ;;
     --accelerator-type) ACCELERATOR_TYPE=$2 ;;
     --runtime-version) RUNTIME_VERSION=$2 ;;
+    --create-with) CREATE_WITH=$2 ;;
+    --max-restarts) MAX_RESTARTS=$2 ;;
     --repo-dir) REPO_DIR=$2 ;;
     --git-url) GIT_URL=$2 ;;
     --git-ref) GIT_REF=$2 ;;
@@ -161,6 +173,9 @@ done
 [[ $TPU_NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   die "--name '$TPU_NAME' is not a valid TPU name (lowercase letters, digits, '-'; starts with a letter)"
 [[ $PYTHON_VERSION =~ ^3\.[0-9]+$ ]] || die "--python-version expects X.Y, got '$PYTHON_VERSION'"
+[[ $CREATE_WITH == queued-resources || $CREATE_WITH == tpu-vm ]] ||
+  die "--create-with must be queued-resources or tpu-vm, got '$CREATE_WITH'"
+[[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "--max-restarts expects a number >= 0, got '$MAX_RESTARTS'"
 if [[ -z $GIT_URL ]]; then
   [[ -f $REPO_DIR/pyproject.toml ]] || die "--repo-dir '$REPO_DIR' is not an md4 checkout (no pyproject.toml)"
   REPO_DIR=$(cd "$REPO_DIR" && pwd)
@@ -176,40 +191,56 @@ if [[ -n $PROJECT ]]; then
   GCLOUD_FLAGS+=(--project="$PROJECT")
 fi
 TPU_VM=(gcloud compute tpus tpu-vm)
+QUEUED=(gcloud compute tpus queued-resources)
+# The md4.main exit code that means "preempted, checkpoint saved: re-run me" (md4.errors).
+PREEMPTED_EXIT_CODE=75
 
-CREATE=("${TPU_VM[@]}" create "$TPU_NAME" "${GCLOUD_FLAGS[@]}"
-  --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" --quiet)
+if [[ $CREATE_WITH == queued-resources ]]; then
+  # The queued resource and its one node share the name.
+  CREATE=("${QUEUED[@]}" create "$TPU_NAME" --node-id="$TPU_NAME" "${GCLOUD_FLAGS[@]}"
+    --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION" --quiet)
+  DESCRIBE=("${QUEUED[@]}" describe "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --format='value(state.state)')
+  DELETE=("${QUEUED[@]}" delete "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --force --quiet)
+else
+  CREATE=("${TPU_VM[@]}" create "$TPU_NAME" "${GCLOUD_FLAGS[@]}"
+    --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" --quiet)
+  DESCRIBE=("${TPU_VM[@]}" describe "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --format='value(state)')
+  DELETE=("${TPU_VM[@]}" delete "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --quiet)
+fi
 if ((SPOT)); then
   CREATE+=(--spot)
 fi
 
-# Creates the slice, or reuses it: READY is used as is, STOPPED is started,
-# PREEMPTED/TERMINATED is deleted and created again, transitional states are awaited.
+# The slice's state, MISSING when it does not exist.
+slice_state() {
+  echo "+ $(quote_all "${DESCRIBE[@]}")" >&2
+  "${DESCRIBE[@]}" 2>/dev/null || echo MISSING
+}
+
+# Creates the slice, or reuses it; sets CREATED=1 when it had to be (re)created.
+# Ready (READY, ACTIVE) is used as is; a stopped TPU VM is started; a preempted or
+# failed one (PREEMPTED, TERMINATED, SUSPENDED, FAILED) is deleted and created again;
+# a request in the queue or a slice in transition is awaited.
 ensure_slice() {
-  local describe=("${TPU_VM[@]}" describe "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --format='value(state)')
+  CREATED=0
   if ((DRY_RUN)); then
-    run "${describe[@]}"
+    run "${DESCRIBE[@]}"
     echo "# if the slice does not exist (or was preempted), create it:"
     run "${CREATE[@]}"
     return
   fi
   local state
   while true; do
-    echo "+ $(quote_all "${describe[@]}")" >&2
-    state=$("${describe[@]}" 2>/dev/null) || state="MISSING"
+    state=$(slice_state)
     case $state in
-      READY) return ;;
+      READY | ACTIVE) return ;;
       MISSING)
         run "${CREATE[@]}"
-        return
+        CREATED=1
         ;;
       STOPPED) run "${TPU_VM[@]}" start "$TPU_NAME" "${GCLOUD_FLAGS[@]}" ;;
-      PREEMPTED | TERMINATED)
-        run "${TPU_VM[@]}" delete "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --quiet
-        run "${CREATE[@]}"
-        return
-        ;;
-      CREATING | STARTING | RESTARTING | REPAIRING)
+      PREEMPTED | TERMINATED | SUSPENDED | FAILED) run "${DELETE[@]}" ;;
+      CREATING | STARTING | RESTARTING | REPAIRING | ACCEPTED | WAITING_FOR_RESOURCES | PROVISIONING | SUSPENDING | DELETING)
         echo "tpu_pod.sh: slice $TPU_NAME is $state; waiting" >&2
         sleep 30
         ;;
@@ -256,7 +287,7 @@ setup_workers() {
     "python3 -m pip install --user --quiet --upgrade uv" \
     "[ -x \"\$HOME/md4-venv/bin/python\" ] || python3 -m uv venv --seed --python=$PYTHON_VERSION \"\$HOME/md4-venv\"" \
     "$python -m pip install --quiet --upgrade pip" \
-    "$python -m pip install --quiet -e \"\$HOME/md4\" \"jax[tpu]\""
+    "$python -m pip install --quiet -e \"\$HOME/md4[gcs]\" \"jax[tpu]\""
 }
 
 # The steps each worker runs: its worker id (from the metadata server) names its log file.
@@ -295,17 +326,49 @@ run_steps() {
   RUN_STEPS=("${steps[@]}")
 }
 
-if ((!SKIP_SETUP)); then
-  ensure_slice
-  setup_workers
-fi
-
 local_log="$LOG_DIR/$TPU_NAME-$(date -u +%Y%m%dT%H%M%SZ).log"
-run mkdir -p "$LOG_DIR"
 run_steps
 if ((DRY_RUN)); then
+  if ((!SKIP_SETUP)); then
+    ensure_slice
+    setup_workers
+  fi
+  run mkdir -p "$LOG_DIR"
   echo "# the output of all workers, each line prefixed [worker N], is also appended to $local_log"
   on_all_workers "${RUN_STEPS[@]}"
-else
-  on_all_workers "${RUN_STEPS[@]}" 2>&1 | tee -a "$local_log"
+  echo "# if md4.main was preempted (exit code $PREEMPTED_EXIT_CODE, or the slice is gone): the same again, up to --max-restarts=$MAX_RESTARTS times"
+  exit 0
 fi
+
+mkdir -p "$LOG_DIR"
+restarts=0
+while true; do
+  if ((!SKIP_SETUP)); then
+    ensure_slice
+    if ((CREATED || restarts == 0)); then
+      setup_workers
+    fi
+  fi
+  attempt_log=$(mktemp)
+  set +e
+  on_all_workers "${RUN_STEPS[@]}" 2>&1 | tee -a "$local_log" "$attempt_log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  # gcloud may not pass the workers' exit code on; their last words say it too.
+  preempted=0
+  if ((rc == PREEMPTED_EXIT_CODE)) || grep -q "md4: Preempted" "$attempt_log"; then
+    preempted=1
+  elif ((rc != 0 && !SKIP_SETUP)) && [[ ! $(slice_state) =~ ^(READY|ACTIVE)$ ]]; then
+    preempted=1 # The slice went away under the run.
+  fi
+  rm -f "$attempt_log"
+  if ((DETACH || !preempted)); then
+    exit "$rc"
+  fi
+  if ((restarts >= MAX_RESTARTS)); then
+    echo "tpu_pod.sh: preempted again after $restarts restarts (--max-restarts); re-run this command to resume" >&2
+    exit "$PREEMPTED_EXIT_CODE"
+  fi
+  restarts=$((restarts + 1))
+  echo "tpu_pod.sh: the run was preempted; resuming it (restart $restarts of at most $MAX_RESTARTS)" >&2
+done

@@ -1,13 +1,24 @@
 """Orbax checkpoints of the train state and the data position, for training and evaluation.
 
-A checkpoint at step N is `workdir/checkpoints/N/` with two items: "state"
-(a `TrainState`: step, parameters, optimizer state, EMA parameters) and
-"data" (the grain iterator's position). Restoring checks that the saved
-parameters have the shapes the config builds before reading any array.
+A checkpoint at step N is `workdir/checkpoints/N/` with four items:
+"state" (a `TrainState`: step, parameters, optimizer state, EMA parameters),
+"data" (the training iterator's position, the same on every process, so a
+checkpoint written by N processes restores on M), "checksums" (one per array
+of the state, to catch contents that changed after the save) and "config"
+(the config it was trained with, which `md4.evaluate` uses).
+
+Restoring checks that the saved arrays have the shapes the config builds
+before reading any, retries errors that do not show damage, and moves a
+checkpoint shown to be damaged to `workdir/checkpoints_damaged/` (nothing
+is deleted). When checkpoints exist and none restores, the run stops.
 """
 
 import contextlib
-from typing import Any, Callable
+import json
+import re
+import secrets
+import time
+from typing import Any, Callable, Iterator
 
 from absl import logging
 from etils import epath
@@ -19,7 +30,15 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from md4 import storage
+
 Array = jnp.ndarray
+
+DAMAGED_DIR = "checkpoints_damaged"
+RESTORE_ATTEMPTS = 3
+# Tensorstore status codes that mean the bytes read are not what was written.
+_DAMAGE_CODES = re.compile(r"^(DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FOUND|"
+                           r"INVALID_ARGUMENT):")
 
 
 @flax.struct.dataclass
@@ -34,15 +53,34 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint written by a model of another shape."""
 
 
+class DamagedCheckpointError(ValueError):
+  """A checkpoint whose files are not what was saved."""
+
+
+class CheckpointReadError(OSError):
+  """A checkpoint that could not be read, for a reason that does not show damage."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """Checkpoints exist, and none of them restores."""
+
+
 def manager(config: ml_collections.ConfigDict, workdir: epath.Path) -> ocp.CheckpointManager:
-  """The training run's manager: keeps config.keep_checkpoints, saves asynchronously if asked."""
+  """The training run's manager: keeps config.keep_checkpoints, saves asynchronously if asked.
+
+  It deletes the unfinished checkpoints a killed run left, so that a step is
+  never saved over a partial one (the workdir lock keeps other runs away).
+  """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints,
-      enable_async_checkpointing=config.async_checkpointing)
+      enable_async_checkpointing=config.async_checkpointing,
+      cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
       workdir / "checkpoints", options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})
+                     "data": ocp.JsonCheckpointHandler(),
+                     "checksums": ocp.JsonCheckpointHandler(),
+                     "config": ocp.JsonCheckpointHandler()})
 
 
 def abstract_state(init: Callable[[Array], TrainState], sharding: Any) -> TrainState:
@@ -55,86 +93,241 @@ def _path_name(path: tuple[Any, ...]) -> str:
   return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def check_compatible(saved_params: Any, expected_params: Any, directory: str) -> None:
-  """Raises CheckpointMismatchError naming the first parameter whose shape differs."""
-  saved = {_path_name(path): tuple(leaf.shape)
-           for path, leaf in jax.tree_util.tree_leaves_with_path(saved_params)}
-  expected = {_path_name(path): tuple(leaf.shape)
-              for path, leaf in jax.tree_util.tree_leaves_with_path(expected_params)}
-  for name in sorted(set(saved) | set(expected)):
+def _named_leaves(tree: Any) -> dict[str, Any]:
+  return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_compatible(saved: Any, expected: Any, directory: str) -> None:
+  """Raises CheckpointMismatchError naming the first array whose shape differs (params first)."""
+  saved = {name: tuple(leaf.shape) for name, leaf in _named_leaves(saved).items()}
+  expected = {name: tuple(leaf.shape) for name, leaf in _named_leaves(expected).items()}
+  for name in sorted(set(saved) | set(expected), key=lambda n: (not n.startswith("params."), n)):
     if saved.get(name) != expected.get(name):
       raise CheckpointMismatchError(
-          f"checkpoint {directory} does not fit this model: parameter {name} has shape "
+          f"checkpoint {directory} does not fit this model: array {name} has shape "
           f"{saved.get(name, 'absent')} there and {expected.get(name, 'absent')} in the "
           "config. Use the config it was trained with, or another --workdir.")
 
 
-def restore_or_init(checkpoints: ocp.CheckpointManager, init: Callable[[Array], TrainState],
-                    sharding: Any, train_iterator: grain.DatasetIterator,
-                    rng: Array) -> TrainState:
-  """The newest readable checkpoint's state (and data position), or init(rng).
+def _checksum(x: Array) -> Array:
+  """Sum of each element's bits times an odd weight of its position, mod 2**32 (uint32 []).
 
-  An unreadable checkpoint is reported and moved aside to checkpoints_unreadable/
-  (nothing is deleted), and the one before it is tried.
+  Modular sums do not depend on the order of summation, so the value is the
+  same on any mesh and number of processes; a flipped bit changes it.
   """
-  abstract = abstract_state(init, sharding)
-  for step in sorted(checkpoints.all_steps(), reverse=True):
-    directory = checkpoints.directory / str(step)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  position = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(x.ndim)):
+    position += jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
+    stride *= x.shape[axis]
+  return jnp.sum(bits * (2 * position + 1), dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+
+
+def checksums(tree: Any) -> dict[str, int]:
+  """{array name: `_checksum`} of every array of tree."""
+  return {name: int(value) for name, value in _named_leaves(jax.device_get(_checksums(tree))).items()}
+
+
+def verify_checksums(tree: Any, saved: dict[str, int], directory: str, prefix: str = "") -> None:
+  """Raises DamagedCheckpointError naming the arrays of tree (saved under prefix) that changed."""
+  changed = [prefix + name for name, value in checksums(tree).items()
+             if saved.get(prefix + name) != value]
+  if changed:
+    raise DamagedCheckpointError(
+        f"the contents of {', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''} "
+        f"in {directory} changed after they were saved (checksum mismatch)")
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _shows_damage(error: BaseException) -> bool:
+  """Whether error says a checkpoint's files are missing, cut short or not what was written."""
+  return any(isinstance(cause, (DamagedCheckpointError, json.JSONDecodeError, FileNotFoundError))
+             or _DAMAGE_CODES.match(str(cause)) for cause in _causes(error))
+
+
+def _reason(error: BaseException) -> str:
+  """The innermost cause's first line: one line per failed checkpoint in the log."""
+  cause = list(_causes(error))[-1]
+  line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+  return f"{type(cause).__name__}: {line[:300]}"
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+  """Orbax logs each failed read at length (thousands of lines); md4 logs one line instead."""
+  orbax_logger = logging.get_absl_logger()
+  level = orbax_logger.level
+  orbax_logger.setLevel(logging.FATAL + 1)
+  try:
+    yield
+  finally:
+    orbax_logger.setLevel(level)
+
+
+def _read_with_retries(read: Callable[[], Any], directory: str) -> Any:
+  """read(), retried after errors that do not show damage; DamagedCheckpointError otherwise."""
+  for attempt in range(1, RESTORE_ATTEMPTS + 1):
     try:
-      check_compatible(checkpoints.item_metadata(step)["state"]["params"], abstract.params,
-                       str(directory))
-      restored = checkpoints.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          data=grain.checkpoint.CheckpointRestore(train_iterator)))
-    except CheckpointMismatchError:
+      with _orbax_quiet():
+        return read()
+    except (CheckpointMismatchError, DamagedCheckpointError):
       raise
     except Exception as error:  # pylint: disable=broad-except
-      aside = checkpoints.directory.parent / "checkpoints_unreadable" / str(step)
-      logging.error("Checkpoint %s is unreadable (%s: %s); moving it to %s and trying the "
-                    "previous one.", directory, type(error).__name__, error, aside)
-      if jax.process_index() == 0:
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        directory.rename(aside)
-      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
-      checkpoints.reload()
+      if _shows_damage(error):
+        raise DamagedCheckpointError(_reason(error)) from error
+      if attempt == RESTORE_ATTEMPTS:
+        raise CheckpointReadError(
+            f"reading checkpoint {directory} failed {RESTORE_ATTEMPTS} times ({_reason(error)}); "
+            "it does not look damaged, so it was left in place. Check the storage (network, "
+            "permissions) and re-run.") from error
+      logging.warning("Reading checkpoint %s failed (%s); retrying (attempt %d of %d)",
+                      directory, _reason(error), attempt + 1, RESTORE_ATTEMPTS)
+      time.sleep(2.0 ** attempt)
+
+
+def _move_aside(checkpoints: ocp.CheckpointManager, step: int) -> epath.Path:
+  """Moves checkpoint `step` to checkpoints_damaged/<step>-<time>-<random>: never a collision."""
+  suffix = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+  aside = checkpoints.directory.parent / DAMAGED_DIR / f"{step}-{suffix}"
+  if jax.process_index() == 0:
+    storage.move_aside(checkpoints.directory / str(step), aside)
+  else:
+    aside = aside.parent  # Process 0 chose the name.
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+  checkpoints.reload()
+  return aside
+
+
+def _damaged_earlier(workdir: epath.Path) -> list[str]:
+  folder = workdir / DAMAGED_DIR
+  return sorted(str(path) for path in folder.iterdir()) if folder.exists() else []
+
+
+def restore_or_init(checkpoints: ocp.CheckpointManager, init: Callable[[Array], TrainState],
+                    sharding: Any, train_iterator: grain.DatasetIterator, rng: Array,
+                    allow_fresh_start: bool = False) -> TrainState:
+  """The newest checkpoint that restores (the iterator set to its position), or init(rng).
+
+  A checkpoint shown to be damaged is moved aside and the one before it is
+  tried. If checkpoints exist (or were moved aside before) and none restores,
+  NoUsableCheckpointError lists them, unless allow_fresh_start.
+  """
+  abstract = abstract_state(init, sharding)
+  failures = []
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    directory = str(checkpoints.directory / str(step))
+
+    def read(step=step, directory=directory):
+      check_compatible(checkpoints.item_metadata(step)["state"], abstract, directory)
+      restored = checkpoints.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+          checksums=ocp.args.JsonRestore()))
+      verify_checksums(restored.state, restored.checksums, directory)
+      return restored
+
+    try:
+      restored = _read_with_retries(read, directory)
+    except DamagedCheckpointError as error:
+      aside = _move_aside(checkpoints, step)
+      logging.error("Checkpoint %s is damaged (%s); moved it to %s", directory, error, aside)
+      failures.append(f"step {step}: {error} (moved to {aside})")
       continue
+    train_iterator.set_state(restored.data)
     logging.info("Restored checkpoint at step %d from %s", step, checkpoints.directory)
     return restored.state
+  workdir = checkpoints.directory.parent
+  earlier = [path for path in _damaged_earlier(workdir)
+             if not any(path in failure for failure in failures)]
+  if (failures or earlier) and not allow_fresh_start:
+    listing = "; ".join(failures + [f"{path} (moved aside by an earlier run)" for path in earlier])
+    raise NoUsableCheckpointError(
+        f"no checkpoint of workdir {workdir} restores: {listing}. Nothing was deleted. To "
+        "train from step 0 all the same, re-run with --allow_fresh_start.")
+  if failures or earlier:
+    logging.warning("No checkpoint restores; starting from step 0 (--allow_fresh_start)")
   return init(rng)
 
 
-def restore_ema_params(workdir: epath.Path, step: int | None, init: Callable[[Array], TrainState],
-                       sharding: Any) -> tuple[int, Any]:
-  """(step, TrainState.ema_params of that checkpoint (default: the latest)); nothing else is read.
+def read_config(workdir: epath.Path, step: int | None) -> tuple[int, ml_collections.ConfigDict]:
+  """(step, the config checkpoint `step` (default: the latest) of workdir was trained with)."""
+  folder = workdir / "checkpoints"
+  checkpoints = _read_only(folder, config=ocp.JsonCheckpointHandler())
+  try:
+    step = _existing_step(folder, checkpoints, step)
+    directory = str(folder / str(step))
+    restored = _read_with_retries(lambda: checkpoints.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore())), directory)
+  finally:
+    checkpoints.close()
+  return step, ml_collections.ConfigDict(restored.config)
+
+
+def _existing_step(folder: epath.Path, checkpoints: ocp.CheckpointManager,
+                   step: int | None) -> int:
+  """step, or the latest when None; ValueError naming the folder when there is no such one."""
+  steps = checkpoints.all_steps()
+  if not steps:
+    raise ValueError(f"no checkpoints in workdir={str(folder.parent)!r}: {folder} holds no "
+                     "finished checkpoint")
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise ValueError(f"step={step}: no checkpoint at that step in {folder}; "
+                     f"available steps: {sorted(steps)}")
+  return step
+
+
+def _read_only(folder: epath.Path, **item_handlers) -> ocp.CheckpointManager:
+  if not folder.is_dir():
+    raise ValueError(f"no checkpoints in workdir={str(folder.parent)!r}: {folder} does not exist")
+  return ocp.CheckpointManager(folder, item_handlers=item_handlers,
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def restore_ema_params(workdir: epath.Path, step: int | None,
+                       init: Callable[[Array], TrainState], sharding: Any) -> tuple[int, Any]:
+  """(step, TrainState.ema_params of that checkpoint (default: the latest)), checked against
+  its checksums; nothing else is read.
 
   The parameters come back sharded as `sharding.ema_params` says.
   """
   folder = workdir / "checkpoints"
-  if not folder.is_dir():
-    raise ValueError(f"no checkpoints in workdir={str(workdir)!r}: {folder} does not exist")
   # A read-only manager of its own: the partial restore needs the PyTree handler.
-  checkpoints = ocp.CheckpointManager(folder, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-                                      options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    steps = checkpoints.all_steps()
-    if not steps:
-      raise ValueError(f"no checkpoints in workdir={str(workdir)!r}: {folder} holds no "
-                       "finished checkpoint")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise ValueError(f"step={step}: no checkpoint at that step in {folder}; "
-                       f"available steps: {sorted(steps)}")
-    item = {"ema_params": abstract_state(init, sharding).ema_params}
+  checkpoints = _read_only(folder, state=ocp.PyTreeCheckpointHandler(),
+                           checksums=ocp.JsonCheckpointHandler())
+  item = {"ema_params": abstract_state(init, sharding).ema_params}
+
+  def read():
     check_compatible(checkpoints.item_metadata(step)["state"]["ema_params"],
-                     item["ema_params"], str(folder / str(step)))
-    restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))
+                     item["ema_params"], directory)
+    restored = checkpoints.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True),
+        checksums=ocp.args.JsonRestore()))
+    verify_checksums(restored.state["ema_params"], restored.checksums, directory,
+                     prefix="ema_params.")
+    return restored.state["ema_params"]
+
+  try:
+    step = _existing_step(folder, checkpoints, step)
+    directory = str(folder / str(step))
+    params = _read_with_retries(read, directory)
   finally:
     checkpoints.close()
   logging.info("Restored the EMA parameters of step %d from %s", step, folder)
-  return step, restored.state["ema_params"]
+  return step, params
 
 
 @contextlib.contextmanager
@@ -145,15 +338,24 @@ def saving_errors(checkpoints: ocp.CheckpointManager, step: int):
   except Exception as error:  # pylint: disable=broad-except
     raise OSError(
         f"saving a checkpoint (at or before step {step}) in {checkpoints.directory} failed: "
-        f"{type(error).__name__}: {error}. The older checkpoints there are intact; free "
-        "disk space or fix the path, then re-run to resume from the latest of them.") from error
+        f"{_reason(error)}. The older checkpoints there are intact; free disk space or fix "
+        "the path, then re-run to resume from the latest of them.") from error
+
+
+def check_saves(checkpoints: ocp.CheckpointManager, step: int) -> None:
+  """Raises saving_errors' OSError if an asynchronous save has failed by now (never waits)."""
+  if not checkpoints.is_saving_in_progress():
+    with saving_errors(checkpoints, step):
+      checkpoints.wait_until_finished()  # Returns at once; raises what the save raised.
 
 
 def save(checkpoints: ocp.CheckpointManager, state: TrainState,
-         train_iterator: grain.DatasetIterator) -> None:
-  """Starts saving state and the data position at state.step (asynchronously if configured)."""
+         train_iterator: grain.DatasetIterator, config: ml_collections.ConfigDict) -> None:
+  """Starts saving state, its checksums, the data position and the config at state.step."""
   step = int(state.step)
   with saving_errors(checkpoints, step):
     checkpoints.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(train_iterator)))
+        data=ocp.args.JsonSave(train_iterator.get_state()),
+        checksums=ocp.args.JsonSave(checksums(state)),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))

@@ -2,17 +2,22 @@
 
     python -m md4.evaluate --workdir=DIR [--step=N] [--split=eval] [--num_t=8]
     python -m md4.evaluate --workdir=DIR --text_file=FILE    # zero-shot on other text
+    python -m md4.evaluate --workdir=DIR --zero_shot=lambada:FILE,wikitext2:FILE,...
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --prefix="the cat"
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --infill="the ____ sat on the ___"
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --num_samples=1024 \
         --sampler=blocks --sampler_options='{"block_size": 16}'
 
-The model, data and mesh are rebuilt from DIR/config.json; the EMA parameters
-of the checkpoint (what training's evaluation uses) are restored, alone. The
+The model, data and mesh are rebuilt from the config the checkpoint was
+trained with (stored in it; DIR/config.json may have changed since); the EMA
+parameters of the checkpoint (what training's evaluation uses) are restored,
+alone, and checked against their checksums. A preemption notice (SIGTERM)
+ends the command within seconds with md4.errors.PREEMPTED_EXIT_CODE. The
 NELBO estimate and its standard error are `md4.likelihood`'s. --text_file
 reads any text for a text model, mapped to the vocabulary as the training
 text was (`Dataset.read_text`; a word-piece model also takes a corpus folder
-prepared with its tokenizer).
+prepared with its tokenizer). --zero_shot evaluates the MD4 paper's zero-shot
+sets (`md4.data.zero_shot`) and prints them as a Markdown table.
 
 With --sample, unconditional samples are scored (`md4.sample_quality`): their
 sample entropy for text, and against the true law of a known source their
@@ -27,6 +32,7 @@ OUT/samples_step_<N>.* (`md4.samples`), and a summary to stdout.
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from typing import Any, Iterator
@@ -40,17 +46,23 @@ import ml_collections
 import numpy as np
 
 from md4 import checkpointing
+from md4 import compilation_cache
 from md4 import data as data_lib
 from md4 import defaults
+from md4 import errors
 from md4 import judge as judge_lib
 from md4 import likelihood
 from md4 import models
+from md4 import preemption as preemption_lib
 from md4 import sample_quality
 from md4 import samples as samples_lib
 from md4 import sampler as sampler_lib
 from md4 import sharding as sharding_lib
+from md4 import storage
 from md4 import train
 from md4.data import pipeline
+from md4.data import tokens
+from md4.data import zero_shot
 
 Batch = dict[str, np.ndarray]
 
@@ -58,6 +70,7 @@ SPLITS = ("eval", "train")
 DTYPES = ("float32", "bfloat16")
 INFILL_BLANK = "_"
 RESULTS_DIR = "eval"
+ZERO_SHOT = "zero_shot:"  # Prefix of the zero-shot sets' sections in results["nelbo"].
 
 
 @dataclasses.dataclass
@@ -73,6 +86,7 @@ class Options:
   seed: int = 0                      # Seed of the times, masks and samples.
   dtype: str | None = None           # Compute precision; None: the config's model.dtype.
   text_file: str | None = None       # Zero-shot NELBO on this text instead of the split.
+  zero_shot: str | None = None       # "NAME:PATH,...": the zero-shot table instead of the split.
   nelbo: bool = True                 # Evaluate the NELBO.
   sample: bool = False               # Write samples.
   num_samples: int | None = None     # None: config.num_samples.
@@ -112,8 +126,10 @@ class Checkpoint:
   params: Any
 
 
-def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The config a training run wrote to workdir/config.json, validated."""
+def load_config(workdir: str | os.PathLike,
+                step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
+  """(step, the config checkpoint `step` (default: the latest) of workdir was trained with)."""
+  storage.use_emulator_if_set()
   workdir = epath.Path(workdir).expanduser()
   if not workdir.is_dir():
     raise ValueError(f"workdir={str(workdir)!r} is not a directory")
@@ -121,7 +137,8 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   if not path.exists():
     raise ValueError(f"{path} not found: workdir={str(workdir)!r} holds no training run "
                      "(train.train_and_evaluate writes config.json there)")
-  return defaults.validate(ml_collections.ConfigDict(json.loads(path.read_text())))
+  step, config = checkpointing.read_config(workdir, step)
+  return step, defaults.validate(config)
 
 
 def restore(workdir: str | os.PathLike, step: int | None = None,
@@ -133,7 +150,8 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
   config.model.dtype ("float32", "bfloat16").
   """
   workdir = epath.Path(workdir).expanduser()
-  config = load_config(workdir)
+  step, config = load_config(workdir, step)
+  compilation_cache.enable(config)
   if batch_size is not None:
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -144,7 +162,9 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
     config.model.dtype = dtype
   # Training's antithetic times over the tiled batch are what stratify the times.
   config.antithetic_time_sampling = True
+  config.grad_accum_steps = 1  # Evaluation has no micro-batches.
   mesh = sharding_lib.make_mesh(config)
+  sharding_lib.check_batch(config, mesh)
   dataset = data_lib.create(config)
   model = models.create(config, dataset.vocab_size, dataset.example_shape,
                         dataset.num_classes)
@@ -280,6 +300,58 @@ def parse_sampler_options(text: str | None) -> dict[str, Any]:
   return parsed
 
 
+def zero_shot_sections(checkpoint: Checkpoint, spec: str, *, num_t: int = 8,
+                       seed: int = 0) -> dict[str, dict[str, Any]]:
+  """NELBOs of the zero-shot sets spec names ("NAME:PATH,..."): {"zero_shot:NAME": section}.
+
+  Every sequence of a set is evaluated: the last batch is filled with copies
+  of the first sequences, whose estimates are dropped.
+  """
+  config = checkpoint.config
+  if config.dataset != "tokens":
+    raise ValueError(f"zero_shot needs a model of a token corpus (config.dataset='tokens'), "
+                     f"this one was trained on {config.dataset!r}")
+  pairs = zero_shot.parse(spec)
+  tokenizer = tokens.load_tokenizer(config.tokens, tokens.folder(config))
+  length, batch_size = config.seq_len, config.batch_size
+  sections = {}
+  for name, path in pairs:
+    try:
+      ids = zero_shot.token_ids(name, path, tokenizer)
+    except (OSError, ValueError) as error:
+      raise ValueError(f"zero_shot {name}:{path}: {error}") from error
+    chunks = zero_shot.sequences(ids, length)
+    if len(chunks) < 2:
+      raise ValueError(f"zero_shot {name}:{path} makes {len(chunks)} sequence(s) of "
+                       f"seq_len={length}; a standard error needs >= 2")
+    filled = np.concatenate([chunks, np.resize(chunks, (-len(chunks) % batch_size, length))])
+    batches = pipeline.eval_iterator_fn(pipeline.ChunkSource(filled.reshape(-1), length),
+                                        batch_size)()
+    nats = nelbo_per_sequence(checkpoint, batches, num_t=num_t, seed=seed)[:len(chunks)]
+    section = likelihood.summarise(nats, length, word_pieces=True)
+    # Delta method: perplexity = exp(ln 2 * bits), so its standard error is ln 2 * ppl * se.
+    section["perplexity_stderr"] = (math.log(2) * section["perplexity"]
+                                    * section["bits_per_token_stderr"])
+    section.update(set=zero_shot.SETS[name].title, path=os.path.abspath(path),
+                   set_tokens=len(ids), num_t=num_t, seed=seed, batch_size=batch_size)
+    sections[ZERO_SHOT + name] = section
+  return sections
+
+
+def zero_shot_table(nelbo: dict[str, dict[str, Any]]) -> list[str]:
+  """The zero-shot sections of results["nelbo"] as the lines of a Markdown table."""
+  sets = [section for name, section in nelbo.items() if name.startswith(ZERO_SHOT)]
+  if not sets:
+    return []
+  lines = ["| Set | Sequences | Bits per token | Perplexity (bound) |",
+           "| --- | ---: | ---: | ---: |"]
+  for section in sets:
+    lines.append(f"| {section['set']} | {section['num_sequences']} | "
+                 f"{section['bits_per_token']:.4f} ± {section['bits_per_token_stderr']:.4f} | "
+                 f"{section['perplexity']:.2f} ± {section['perplexity_stderr']:.2f} |")
+  return lines
+
+
 def run(options: Options) -> dict[str, Any]:
   """What `python -m md4.evaluate` runs; returns the results.
 
@@ -296,7 +368,12 @@ def run(options: Options) -> dict[str, Any]:
              else checkpoint.workdir / RESULTS_DIR)
   results = {"workdir": str(checkpoint.workdir), "step": checkpoint.step,
              "model_type": config.model_type, "dataset": config.dataset, "nelbo": {}}
-  if options.nelbo:
+  if options.nelbo and options.zero_shot:
+    if options.text_file:
+      raise ValueError("give text_file or zero_shot, not both")
+    results["nelbo"].update(zero_shot_sections(checkpoint, options.zero_shot,
+                                               num_t=options.num_t, seed=options.seed))
+  elif options.nelbo:
     if options.text_file:
       name = f"text_file:{os.path.abspath(options.text_file)}"
       batches = text_file_batches(checkpoint, options.text_file)
@@ -388,6 +465,9 @@ def summary(results: dict[str, Any]) -> str:
       lines.append("  " + sample_quality.describe(drawn["quality"]))
   if "results_file" in results:
     lines.append(f"  results: {results['results_file']}")
+  table = zero_shot_table(results["nelbo"])
+  if table:
+    lines.extend(["", *table])
   return "\n".join(lines)
 
 
@@ -403,6 +483,9 @@ _HELP = {
     "dtype": "Compute precision (float32, bfloat16); default: the config's model.dtype.",
     "text_file": "Zero-shot NELBO on this text, mapped to the model's vocabulary as its "
                  "training text was (word-piece models: also a prepared corpus folder).",
+    "zero_shot": "The zero-shot table: NAME:PATH,... with NAME in "
+                 f"{', '.join(zero_shot.SETS)} and PATH a local copy of the set "
+                 "(docs/data.md); evaluated instead of the split.",
     "nelbo": "Evaluate the NELBO (--nonelbo: only sample).",
     "sample": "Write samples.",
     "num_samples": "Default: config.num_samples.",
@@ -440,8 +523,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   sharding_lib.initialize_distributed()
   given = flags.FLAGS
-  results = run(Options(**{field.name: given[field.name].value
-                           for field in dataclasses.fields(Options)}))
+  preemption = preemption_lib.Preemption()
+  # Evaluation holds nothing unsaved: a notice ends it at once.
+  with preemption.exits_at_once("evaluating"):
+    results = run(Options(**{field.name: given[field.name].value
+                             for field in dataclasses.fields(Options)}))
+  preemption.close()
   if jax.process_index() == 0:
     print(summary(results))
 
@@ -449,7 +536,7 @@ def main(argv: list[str]) -> None:
 def cli() -> None:
   """`python -m md4.evaluate`: flags defined here, so that importing this module defines none."""
   define_flags()
-  app.run(main)
+  errors.run(main)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Entry point: python -m md4.main --config=configs/<name>.py --workdir=DIR."""
+"""Entry point: python -m md4.main --config=configs/<name>.py --workdir=DIR.
+
+Exits with 0 when training is done, with md4.errors.PREEMPTED_EXIT_CODE (75)
+after saving on a preemption notice (re-run the same command to resume), and
+with 1 on an error, printed as `md4: error: ...` (md4.errors).
+"""
 
 import logging as python_logging
 
@@ -6,6 +11,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from md4 import errors
 
 
 class _QuietOrbax(python_logging.Filter):
@@ -28,7 +35,8 @@ def main(argv: list[str]) -> None:
                                   given.process_id)
   logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  eval_metrics = train.train_and_evaluate(given.config, given.workdir)
+  eval_metrics = train.train_and_evaluate(errors.loaded(given.config), given.workdir,
+                                          allow_fresh_start=given.allow_fresh_start)
   if jax.process_index() == 0 and eval_metrics:
     print(train.summary_line(eval_metrics))
 
@@ -44,13 +52,17 @@ def define_flags() -> None:
       "jax cannot detect by itself (Cloud TPU and SLURM are detected).")
   flags.DEFINE_integer("num_processes", None, "Number of processes.")
   flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.DEFINE_bool(
+      "allow_fresh_start", False, "When checkpoints exist but none restores (each is listed "
+      "in the error), train from step 0 instead of stopping; they stay in "
+      "WORKDIR/checkpoints_damaged/.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
 def cli() -> None:
   """`python -m md4.main`."""
   define_flags()
-  app.run(main)
+  errors.run(main)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,19 @@ def tree_sharding(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                      logical_rules(config, mesh))
 
 
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Refuses, before anything is built, a micro-batch that does not split over the data axes."""
+  parallel = math.prod(mesh.shape[axis] for axis in DATA_AXES if axis in mesh.shape)
+  micro_batch = config.batch_size // config.grad_accum_steps
+  if micro_batch % parallel:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} over config.grad_accum_steps="
+        f"{config.grad_accum_steps} micro-batches makes {micro_batch} sequences per "
+        f"micro-batch, which do not divide over the {parallel} data-parallel devices of the "
+        f"mesh {dict(mesh.shape)}: make batch_size / grad_accum_steps a multiple of "
+        f"{parallel}, or change config.mesh_shape")
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   """Batches split over every data-parallel axis (data and fsdp) present."""
   axes = tuple(a for a in DATA_AXES if a in mesh.axis_names)

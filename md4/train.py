@@ -6,9 +6,10 @@ the train state and the data position, `likelihood` estimates the held-out
 bound.
 """
 
+import contextlib
 import dataclasses
 import functools
-import signal
+import json
 import time
 from typing import Any
 
@@ -22,17 +23,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from md4 import checkpointing
+from md4 import compilation_cache
 from md4 import data as data_lib
 from md4 import defaults
+from md4 import errors
 from md4 import likelihood
+from md4 import lock
 from md4 import metric_writers
 from md4 import models
+from md4 import preemption as preemption_lib
 from md4 import sample_quality
 from md4 import samples as samples_lib
 from md4 import sharding as sharding_lib
+from md4 import storage
 
 Array = jnp.ndarray
 Metrics = dict[str, Array]
@@ -212,72 +217,161 @@ def check_finite(history: list[tuple[int, Metrics]]) -> None:
             "and re-run to resume from it.")
 
 
-class Preemption:
-  """Whether to checkpoint and exit now because of a preemption notice (SIGTERM).
+def format_duration(seconds: float) -> str:
+  """Days, hours and minutes ("2d 03h 15m"), or minutes and seconds under an hour: no wrapping."""
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  days, hours = divmod(hours, 24)
+  if days:
+    return f"{days}d {hours:02d}h {minutes:02d}m"
+  if hours:
+    return f"{hours}h {minutes:02d}m"
+  return f"{minutes}m {secs:02d}s"
 
-  One process: a SIGTERM handler sets a flag the loop checks. Several
-  processes: JAX's preemption sync manager (started by jax.distributed)
-  receives the notice and makes every process stop at the same step.
+
+class Progress:
+  """Steps per second over training steps only: compiling, evaluating, sampling and saving apart."""
+
+  def __init__(self, step: int):
+    self._step = step
+    self._start = time.perf_counter()
+    self._apart = 0.0
+
+  @contextlib.contextmanager
+  def apart(self):
+    """A stretch whose time does not count as training."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._apart += time.perf_counter() - start
+
+  def steps_per_sec(self, step: int) -> float:
+    """Training steps per second since the previous call (or the start)."""
+    now = time.perf_counter()
+    rate = (step - self._step) / max(now - self._start - self._apart, 1e-9)
+    self._step, self._start, self._apart = step, now, 0.0
+    return rate
+
+
+def _config_changes(old: Any, new: Any, prefix: str = "") -> dict[str, list[Any]]:
+  """{dotted key: [old value, new value]} of every key whose value differs (absent: None)."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+      changes.update(_config_changes(old.get(key), new.get(key), f"{prefix}{key}."))
+    return changes
+  return {} if old == new else {prefix[:-1]: [old, new]}
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: epath.Path, step: int) -> None:
+  """Writes workdir/config.json; changes from the one there are logged and kept in history.
+
+  Each resume that changes keys appends {"step", "changes": {key: [old, new]}}
+  to workdir/config_history.jsonl.
   """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
-    self.requested = True
-
-  def reached(self, checkpoints: ocp.CheckpointManager, step: int) -> bool:
-    if jax.process_count() > 1:
-      self.requested = self.requested or checkpoints.reached_preemption(step)
-    return self.requested
-
-  def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+  path = workdir / "config.json"
+  new = json.loads(config.to_json_best_effort())
+  if path.exists():
+    changes = _config_changes(json.loads(path.read_text()), new)
+    for key, (old_value, new_value) in changes.items():
+      logging.warning("config.%s changed on resuming at step %d: %r -> %r", key, step,
+                      old_value, new_value)
+    if changes:
+      history = workdir / "config_history.jsonl"
+      earlier = history.read_bytes() if history.exists() else b""
+      line = json.dumps({"step": step, "time": time.time(), "changes": changes}) + "\n"
+      storage.write_whole(history, earlier + line.encode())
+  storage.write_whole(path, json.dumps(new, indent=2) + "\n")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def lock_workdir(workdir: epath.Path) -> lock.WorkdirLock | None:
+  """Process 0 takes the workdir's lock; every process raises if it could not."""
+  held, error = None, None
+  if jax.process_index() == 0:
+    held = lock.WorkdirLock(workdir)
+    try:
+      held.acquire()
+    except lock.WorkdirLockedError as locked:
+      held, error = None, locked
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      error = lock.WorkdirLockedError(f"process 0 could not lock workdir {workdir}: see its log")
+  if error is not None:
+    raise error
+  return held
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_fresh_start: bool = False) -> dict[str, float]:
   """Trains config's model in workdir, resuming from its latest checkpoint.
 
-  Returns the last evaluation's metrics.
+  allow_fresh_start: start from step 0 when checkpoints exist but none
+  restores (otherwise that is an error). On a preemption notice it saves and
+  raises `errors.Preempted` (or, outside the training loop, where nothing is
+  unsaved, exits with errors.PREEMPTED_EXIT_CODE: `md4.preemption`). Returns
+  the last evaluation's metrics.
   """
   config = defaults.validate(config)
+  storage.use_emulator_if_set()
+  compilation_cache.enable(config)
   workdir = epath.Path(workdir).expanduser()
-  workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-  mesh = sharding_lib.make_mesh(config)
-  dataset = data_lib.create(config)
-  model = models.create(config, dataset.vocab_size, dataset.example_shape,
-                        dataset.num_classes)
-  trainer = build_trainer(config, model, mesh)
-  rng_init, rng_train, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-
-  checkpoints = checkpointing.manager(config, workdir)
-  state = checkpointing.restore_or_init(checkpoints, trainer.init, trainer.state_sharding,
-                                        dataset.train, rng_init)
-  step = int(state.step)
-  if step == 0:
-    logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
-  writer = metric_writers.MetricWriter(workdir, is_main)
-  preemption = Preemption()
-  history: list[tuple[int, Metrics]] = []
+  preemption = preemption_lib.Preemption()
   eval_metrics: dict[str, float] = {}
-  last_log_step, last_log_time = step, time.time()
-  logging.info("Training %s on %s from step %d to %d on mesh %s", config.model_type,
-               config.dataset, step, config.num_train_steps, dict(mesh.shape))
+  with contextlib.ExitStack() as cleanup:
+    cleanup.callback(preemption.close)
+    with preemption.exits_at_once("starting"):
+      workdir.mkdir(parents=True, exist_ok=True)
+      workdir_lock = lock_workdir(workdir)
+      if workdir_lock is not None:
+        cleanup.callback(workdir_lock.release)
+        preemption.on_exit(workdir_lock.release)
+      mesh = sharding_lib.make_mesh(config)
+      sharding_lib.check_batch(config, mesh)
+      dataset = data_lib.create(config)
+      model = models.create(config, dataset.vocab_size, dataset.example_shape,
+                            dataset.num_classes)
+      trainer = build_trainer(config, model, mesh)
+      rng_init, rng_train, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+      checkpoints = checkpointing.manager(config, workdir)
+      cleanup.callback(checkpoints.close)
+      state = checkpointing.restore_or_init(checkpoints, trainer.init, trainer.state_sharding,
+                                            dataset.train, rng_init, allow_fresh_start)
+    step = int(state.step)
+    if is_main:
+      record_config(config, workdir, step)
+    if step == 0:
+      logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
+    writer = metric_writers.MetricWriter(workdir, is_main, start_step=step)
+    cleanup.callback(writer.close)
+    preemption.on_exit(writer.close)
 
-  try:
+    def wait_for_saves():
+      with checkpointing.saving_errors(checkpoints, step):
+        checkpoints.wait_until_finished()
+
+    cleanup.callback(wait_for_saves)
+    preemption.on_exit(wait_for_saves)
+    logging.info("Training %s on %s from step %d to %d on mesh %s", config.model_type,
+                 config.dataset, step, config.num_train_steps, dict(mesh.shape))
+
+    progress = Progress(step)
+    history: list[tuple[int, Metrics]] = []
+    compiled = False
     while step < config.num_train_steps:
       batch = sharding_lib.global_batch(next(dataset.train), trainer.batch_sharding)
-      state, metrics = trainer.train_step(state, batch, rng_train)
+      if compiled:
+        state, metrics = trainer.train_step(state, batch, rng_train)
+      else:
+        with preemption.exits_at_once("compiling the train step"), progress.apart():
+          start = time.perf_counter()
+          state, metrics = trainer.train_step(state, batch, rng_train)
+          jax.block_until_ready(metrics)
+          logging.info("Compiled the train step in %.2f s (its first run included)",
+                       time.perf_counter() - start)
+        compiled = True
       step += 1
       history.append((step, metrics))
       last = step == config.num_train_steps
@@ -285,38 +379,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         history = jax.device_get(history)
         if config.check_nans:
           check_finite(history)
-        # Throughput of this interval (it includes any eval, sampling or compile in it).
-        steps_per_sec = (step - last_log_step) / (time.time() - last_log_time)
-        last_log_step, last_log_time = step, time.time()
+        checkpointing.check_saves(checkpoints, step)
+        steps_per_sec = progress.steps_per_sec(step)
         means = {k: float(np.mean([m[k] for _, m in history])) for k in history[0][1]}
         writer.write_scalars(step, {**means, "steps_per_sec": steps_per_sec})
         eta = (config.num_train_steps - step) / max(steps_per_sec, 1e-9)
         logging.info("step %d/%d  %.2f steps/s  ETA %s", step, config.num_train_steps,
-                     steps_per_sec, time.strftime("%H:%M:%S", time.gmtime(eta)))
+                     steps_per_sec, format_duration(eta))
         history = []
-      if step % config.eval_every_steps == 0 or last:
-        eval_metrics = evaluate(config, trainer, state.ema_params, dataset, config.seed)
-        if last and config.num_quality_samples and dataset.known_source is not None:
-          eval_metrics.update(sample_scores(config, trainer, state.ema_params, dataset,
-                                            jax.random.split(rng_sample)[0]))
-        writer.write_scalars(step, eval_metrics)
-      if step % config.sample_every_steps == 0 or last:
-        write_samples(config, trainer, state.ema_params, dataset, workdir, step,
-                      jax.random.fold_in(rng_sample, step))
-      preempted = preemption.reached(checkpoints, step)
-      if step % config.checkpoint_every_steps == 0 or last or preempted:
+      evaluating = step % config.eval_every_steps == 0 or last
+      sampling = step % config.sample_every_steps == 0 or last
+      preempted = preemption.reached(step)
+      # Saved before evaluating or sampling, so that a notice during either loses nothing.
+      if (step % config.checkpoint_every_steps == 0 or last or evaluating or sampling
+          or preempted):
         if config.check_nans and history:
           check_finite(jax.device_get(history))
-        checkpointing.save(checkpoints, state, dataset.train)
+        with progress.apart():
+          writer.flush()
+          checkpointing.save(checkpoints, state, dataset.train, config)
       if preempted:
-        with checkpointing.saving_errors(checkpoints, step):
-          checkpoints.wait_until_finished()
-        raise SystemExit(f"Preempted at step {step}: checkpoint saved in "
-                         f"{checkpoints.directory}; re-run the same command to resume.")
-  finally:
-    with checkpointing.saving_errors(checkpoints, step):
-      checkpoints.wait_until_finished()
-    checkpoints.close()
-    writer.close()
-    preemption.restore()
+        with progress.apart():
+          wait_for_saves()
+        if jax.process_count() > 1:  # None exits before the checkpoint is committed.
+          multihost_utils.sync_global_devices("preempted")
+        raise errors.Preempted(
+            f"Preempted at step {step}: checkpoint saved in {checkpoints.directory}")
+      if evaluating:
+        start = time.perf_counter()
+        with preemption.exits_at_once("evaluating"), progress.apart():
+          eval_metrics = evaluate(config, trainer, state.ema_params, dataset, config.seed)
+          if last and config.num_quality_samples and dataset.known_source is not None:
+            eval_metrics.update(sample_scores(config, trainer, state.ema_params, dataset,
+                                              jax.random.split(rng_sample)[0]))
+        writer.write_scalars(step, {**eval_metrics, "eval_seconds": time.perf_counter() - start})
+      if sampling:
+        start = time.perf_counter()
+        with preemption.exits_at_once("sampling"), progress.apart():
+          write_samples(config, trainer, state.ema_params, dataset, workdir, step,
+                        jax.random.fold_in(rng_sample, step))
+        logging.info("step %d: sampled in %.2f s", step, time.perf_counter() - start)
+    with preemption.exits_at_once("finishing the last save"):
+      wait_for_saves()
   return eval_metrics

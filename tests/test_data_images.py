@@ -1,4 +1,4 @@
-"""Image pipelines on tfds.testing.mock_data (random examples, no files, no TensorFlow)."""
+"""Image pipelines through tfds (source="tfds"), on tfds.testing.mock_data (no files, no TensorFlow)."""
 
 import sys
 
@@ -12,7 +12,7 @@ from tests import helpers
 
 
 def _config(dataset="cifar10", batch_size=8, **options) -> ml_collections.ConfigDict:
-  return helpers.data_config(dataset, batch_size=batch_size, **options)
+  return helpers.data_config(dataset, batch_size=batch_size, source="tfds", **options)
 
 
 def _source_images(name: str, split: str) -> dict[bytes, int]:

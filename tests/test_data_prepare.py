@@ -67,7 +67,7 @@ def test_synthetic_reports_the_entropy():
 
 def test_images_prepare_both_splits():
   with tfds.testing.mock_data(num_examples=6):
-    summary = data_lib.prepare_dataset(_config("cifar10"))
+    summary = data_lib.prepare_dataset(_config("cifar10", source="tfds"))
   assert summary == {"dataset": "cifar10", "tfds_name": "cifar10",
                      "examples": {"train": 6, "test": 6}}
 

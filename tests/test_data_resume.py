@@ -52,7 +52,7 @@ def make_dataset(request, tmp_path):
   elif name == "synthetic":
     config = _config("synthetic", num_eval_examples=16)
   else:
-    config = _config("cifar10", random_flip=True)
+    config = _config("cifar10", random_flip=True, source="tfds")
   with contextlib.ExitStack() as stack:
     if name == "cifar10":
       stack.enter_context(tfds.testing.mock_data(num_examples=40))

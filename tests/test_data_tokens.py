@@ -1,15 +1,20 @@
 """Tokenised corpora: SentencePiece, the memory-mapped stream, its manifest, packing."""
 
+import io
 import json
 import os
 import pathlib
+import tarfile
 
 import ml_collections
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
 from md4 import data as data_lib
+from md4.data import tokenizer
 from md4.data import tokens
 from tests import helpers
 
@@ -49,7 +54,7 @@ def test_sentencepiece_round_trip(tmp_path, corpus, tokenizer_type, vocab_size):
   path, documents = corpus
   options = _options(path, tokenizer_type=tokenizer_type, vocab_size=vocab_size)
   built = tokens.load_or_build(options, tmp_path / "out")
-  processor = spm.SentencePieceProcessor(model_file=str(built.tokenizer_path))
+  processor = spm.SentencePieceProcessor(model_file=built.tokenizer.identity["model"])
   assert processor.get_piece_size() == vocab_size == built.vocab_size
   assert (processor.unk_id(), processor.eos_id(), built.eod_id) == (0, 1, 1)
   for document in documents[:50]:
@@ -61,7 +66,7 @@ def test_sentencepiece_round_trip(tmp_path, corpus, tokenizer_type, vocab_size):
 def test_packing_fills_every_slot_with_the_document_stream(tmp_path, corpus):
   path, documents = corpus
   built = tokens.load_or_build(_options(path), tmp_path / "out")
-  processor = spm.SentencePieceProcessor(model_file=str(built.tokenizer_path))
+  processor = spm.SentencePieceProcessor(model_file=built.tokenizer.identity["model"])
   stream = []
   for document in documents:
     stream.extend(processor.encode(document) + [built.eod_id])
@@ -96,7 +101,7 @@ def test_manifest_reuse_and_rebuild(tmp_path, corpus):
   first = tokens.load_or_build(_options(path), folder)
   assert first.rebuilt
   manifest = json.loads((folder / tokens.MANIFEST).read_text())
-  assert manifest["tokenizer_sha256"] == tokens._sha256(folder / tokens.TOKENIZER)
+  assert manifest["tokenizer_sha256"] == tokenizer.file_sha256(folder / tokens.TOKENIZER)
   assert manifest["num_tokens"] == len(first.tokens)
   stamp = (folder / tokens.TOKENS).stat().st_mtime_ns
 
@@ -136,10 +141,10 @@ def test_a_given_model_is_used_and_an_end_of_document_id_added_if_missing(tmp_pa
   model = pathlib.Path(f"{model_prefix}.model")
   built = tokens.load_or_build(_options(path, tokenizer=str(model)), tmp_path / "out")
   assert (built.vocab_size, built.eod_id) == (81, 80)
-  assert built.tokenizer_path == model.resolve()
+  assert built.tokenizer.identity == {"kind": "sentencepiece", "model": str(model.resolve())}
   assert not (tmp_path / "out" / tokens.TOKENIZER).exists()
   assert (np.asarray(built.tokens) == 80).sum() == len(documents)
-  decode = tokens.decoder(built.tokenizer_path, built.eod_id)
+  decode = tokens.decoder(built.tokenizer)
   assert decode(built.tokens[:300]).split("\n")[:2] == documents[:2]
 
   # Retraining the given model in place changes its checksum: the tokens are rebuilt.
@@ -162,6 +167,60 @@ def test_document_formats(tmp_path, documents, content, expected):
   found = list(tokens.iter_documents([path], documents))
   assert [text for text, _ in found] == expected
   assert sum(consumed for _, consumed in found) == len(content.encode("utf-8"))
+
+
+def _tar_bytes(members: dict[str, bytes], mode: str = "w") -> bytes:
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode=mode) as archive:
+    for name, content in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(content)
+      archive.addfile(info, io.BytesIO(content))
+  return buffer.getvalue()
+
+
+OWT_TEXTS = ["First page.\n\n\n\nAfter four newlines.\n", "  Second page, caf\u00e9.  ",
+             "Third\n\n\npage", "Fourth."]
+# As the Hugging Face openwebtext builder gives them: runs of 3+ newlines -> 2, stripped.
+OWT_DOCUMENTS = ["First page.\n\nAfter four newlines.", "Second page, caf\u00e9.",
+                 "Third\n\npage", "Fourth."]
+
+
+def test_openwebtext_archives_parquet_and_arrow_give_the_same_documents(tmp_path):
+  # urlsf_subset00.tar holds .xz files, each an xz-compressed tar of .txt documents.
+  def subset(texts, first):
+    return _tar_bytes({f"{first + i:07d}-{i}.txt": text.encode() for i, text in
+                       enumerate(texts)}, mode="w:xz")
+  (tmp_path / "urlsf_subset00.tar").write_bytes(_tar_bytes({
+      "openwebtext/urlsf_subset00-1_data.xz": subset(OWT_TEXTS[:3], 0),
+      "openwebtext/._urlsf_subset00-1_data.xz": b"resource fork, skipped",
+      "openwebtext/urlsf_subset00-2_data.xz": subset(OWT_TEXTS[3:], 3)}))
+  found = list(tokens.iter_documents([tmp_path / "urlsf_subset00.tar"], "openwebtext"))
+  assert [text for text, _ in found] == OWT_DOCUMENTS
+  assert sum(read for _, read in found) <= (tmp_path / "urlsf_subset00.tar").stat().st_size
+
+  table = pa.table({"text": OWT_DOCUMENTS})
+  pq.write_table(table, tmp_path / "train-00000-of-00001.parquet", row_group_size=2)
+  with pa.OSFile(str(tmp_path / "data-00000-of-00001.arrow"), "wb") as sink:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+      writer.write_table(table, max_chunksize=3)
+  with pa.OSFile(str(tmp_path / "file-format.arrow"), "wb") as sink:
+    with pa.ipc.new_file(sink, table.schema) as writer:
+      writer.write_table(table)
+  for name, documents in (("train-00000-of-00001.parquet", "parquet"),
+                          ("data-00000-of-00001.arrow", "arrow"),
+                          ("file-format.arrow", "arrow")):
+    found = list(tokens.iter_documents([tmp_path / name], documents))
+    assert [text for text, _ in found] == OWT_DOCUMENTS
+    # Bytes read, for the progress bar: all of it, but an Arrow stream's few closing bytes.
+    assert 0.9 < sum(read for _, read in found) / (tmp_path / name).stat().st_size <= 1
+
+  pq.write_table(pa.table({"content": ["x"]}), tmp_path / "other.parquet")
+  with pytest.raises(ValueError, match="other.parquet: no column 'text'"):
+    list(tokens.iter_documents([tmp_path / "other.parquet"], "parquet"))
+  (tmp_path / "truncated.tar").write_bytes((tmp_path / "urlsf_subset00.tar").read_bytes()[:3000])
+  with pytest.raises(ValueError, match="truncated.tar: a damaged or truncated archive"):
+    list(tokens.iter_documents([tmp_path / "truncated.tar"], "openwebtext"))
 
 
 def test_invalid_options_are_rejected(tmp_path, corpus):
@@ -191,4 +250,4 @@ def test_build_leaves_no_partial_files(tmp_path, corpus):
   path, _ = corpus
   tokens.load_or_build(_options(path), tmp_path / "out")
   assert sorted(os.listdir(tmp_path / "out")) == sorted(
-      [tokens.MANIFEST, tokens.TOKENIZER, tokens.TOKENS])
+      [tokens.MANIFEST, tokens.TOKENIZER, tokens.TOKENS, tokens.DOCUMENT_ENDS])

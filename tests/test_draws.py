@@ -5,7 +5,7 @@ categorical draws a value of probability P is computed exactly from the
 bits (no sampling), and one statistical test, at a false-alarm rate of 1e-3,
 draws through `sampler.ancestral` in a regime where float32 Gumbel-max
 (jax.random.categorical, the samplers' draw before md4.draws) under-draws
-13-fold: it fails that test (count 0 against an expected 16).
+13-fold, and is run against that draw too, which it rejects.
 """
 
 import math
@@ -115,13 +115,12 @@ def _rare_log_probs() -> np.ndarray:
   return log_p
 
 
-def test_the_sampler_draws_rare_values_at_their_rate():
-  """One step at eps = 0 reveals every position, each a draw from the
-  network's p: 2^15 positions of 2^14 values. The count of rare values is
-  binomial with mean 16.1 (1.2 for float32 Gumbel-max); the two-sided
-  binomial test has false-alarm rate 1e-3."""
+def _rare_count(monkeypatch, categorical) -> int:
+  """The rare values among 2^15 positions that one sampler step at eps = 0
+  reveals, every one a draw from the network's p, with `draws.categorical`
+  replaced by categorical."""
+  monkeypatch.setattr(draws, "categorical", categorical)
   positions_per_call, num_calls = 2048, 16
-  rare_mass = (RARE_VOCAB - 1) * RARE_PROBABILITY
 
   @jax.jit
   def num_rare(rng, log_p):
@@ -132,12 +131,32 @@ def test_the_sampler_draws_rare_values_at_their_rate():
     return (z != 0).sum()
 
   log_p = jnp.asarray(_rare_log_probs(), jnp.float32)
-  count = sum(int(num_rare(key, log_p))
-              for key in jax.random.split(jax.random.key(3), num_calls))
-  num = positions_per_call * num_calls
-  assert stats.binomtest(count, num, rare_mass).pvalue > FALSE_ALARM, count
-  # The same count rejects float32 Gumbel-max's rate.
-  assert stats.binomtest(count, num, 0.076 * rare_mass).pvalue < FALSE_ALARM, count
+  return sum(int(num_rare(key, log_p))
+             for key in jax.random.split(jax.random.key(3), num_calls))
+
+
+def _float32_gumbel_max(rng, logits):
+  """The samplers' draw before md4.draws."""
+  return jax.random.categorical(rng, logits, axis=-1)
+
+
+@pytest.mark.parametrize("categorical, drawn_at_its_rate",
+                         [(draws.categorical, True), (_float32_gumbel_max, False)],
+                         ids=["draws.categorical", "float32_gumbel_max"])
+def test_the_sampler_draws_rare_values_at_their_rate(monkeypatch, categorical,
+                                                     drawn_at_its_rate):
+  """2^15 draws of 2^14 values: the count of rare ones is binomial with mean
+  16.1 if they are drawn at their rate (1.2 for float32 Gumbel-max). The
+  two-sided binomial test of that mean has false-alarm rate 1e-3; it passes
+  for md4.draws and rejects the float32 draw the samplers used before it
+  (its count here: 1), which is the test's power shown on this seed."""
+  count = _rare_count(monkeypatch, categorical)
+  num, rare_mass = 2**15, (RARE_VOCAB - 1) * RARE_PROBABILITY
+  pvalue = stats.binomtest(count, num, rare_mass).pvalue
+  assert (pvalue > FALSE_ALARM) == drawn_at_its_rate, (count, pvalue)
+  if drawn_at_its_rate:
+    # The same count rejects float32 Gumbel-max's rate.
+    assert stats.binomtest(count, num, 0.076 * rare_mass).pvalue < FALSE_ALARM, count
 
 
 @pytest.fixture

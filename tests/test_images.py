@@ -1,4 +1,5 @@
-"""Images: shrunk CIFAR-10 / ImageNet-64 configs train on mocked tfds; guidance; PNG files."""
+"""Images: shrunk CIFAR-10 / ImageNet-64 configs prepare and train from small official-format
+archives, offline and without TensorFlow; guidance; PNG files."""
 
 import importlib.util
 import json
@@ -16,8 +17,10 @@ from md4 import models
 from md4 import sampler
 from md4 import train
 from md4 import visualize
+from tests import test_image_archives
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+no_tensorflow = test_image_archives.no_tensorflow
 
 
 def load_png(path: pathlib.Path) -> np.ndarray:
@@ -43,10 +46,16 @@ def shrink(config):
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar10_conditional", "imagenet64_conditional"])
-def test_two_training_steps_on_mocked_tfds(name, tmp_path):
+def test_two_training_steps_from_official_format_archives(name, tmp_path, monkeypatch,
+                                                          no_tensorflow):
   config = shrink(load_config(name))
-  with tfds.testing.mock_data(num_examples=16):
-    eval_metrics = train.train_and_evaluate(config, tmp_path)
+  config.data_dir = str(tmp_path / "data")
+  if name.startswith("cifar10"):
+    test_image_archives.prepared_cifar10(monkeypatch, tmp_path / "data")
+  else:
+    test_image_archives.prepared_imagenet64(monkeypatch, tmp_path / "data")
+  tmp_path = tmp_path / "run"
+  eval_metrics = train.train_and_evaluate(config, tmp_path)
   assert np.isfinite(eval_metrics["eval_bits_per_token"])
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
   assert [line["step"] for line in lines if "loss" in line] == [1, 2]
@@ -95,6 +104,7 @@ def test_masked_pixels_are_drawn_grey():
 
 def test_class_conditional_config_uses_the_labels():
   config = shrink(load_config("cifar10_conditional"))
+  config.cifar10.source = "tfds"
   with tfds.testing.mock_data(num_examples=16):
     dataset = data.create(config)
   model = models.create(config, dataset.vocab_size, dataset.example_shape, dataset.num_classes)

@@ -21,23 +21,44 @@ GPU_SLURM = REPO / "launch" / "gpu_slurm.sh"
 OVERRIDES = ["--config.batch_size=1024", "--config.note=it's a test"]
 
 # Records its arguments (one JSON line per call) and fakes the few gcloud
-# answers the TPU script reads: the slice state, and the tarball scp'd.
+# answers the TPU script reads: the slice state (FAKE_TPU_STATE until the slice
+# is created, started or deleted), the tarball scp'd, and the run over ssh,
+# which FAKE_PREEMPTIONS times ends as a preempted md4.main does.
 FAKE_GCLOUD = """#!{python}
 import json, os, shutil, sys
 args = sys.argv[1:]
-with open(os.environ["GCLOUD_LOG"], "a") as log:
-  log.write(json.dumps(args) + "\\n")
+log = os.environ["GCLOUD_LOG"]
+with open(log, "a") as f:
+  f.write(json.dumps(args) + "\\n")
 if "describe" in args:
-  state = os.environ.get("FAKE_TPU_STATE", "MISSING")
+  state = open(log + ".state").read() if os.path.exists(log + ".state") else os.environ.get(
+      "FAKE_TPU_STATE", "MISSING")
   if state == "MISSING":
     sys.exit(1)
   print(state)
+ready = "ACTIVE" if "queued-resources" in args else "READY"
+for verb, state in [("create", ready), ("start", ready), ("delete", "MISSING")]:
+  if verb in args:
+    open(log + ".state", "w").write(state)
 if "scp" in args:
-  shutil.copy(args[args.index("scp") + 1], os.environ["GCLOUD_LOG"] + ".tar.gz")
+  shutil.copy(args[args.index("scp") + 1], log + ".tar.gz")
+if "ssh" in args and "md4.main" in args[-1]:
+  runs = len(open(log + ".runs").read()) if os.path.exists(log + ".runs") else 0
+  open(log + ".runs", "a").write("x")
+  if runs < int(os.environ.get("FAKE_PREEMPTIONS", "0")):
+    if os.environ.get("FAKE_SLICE_LOST"):
+      open(log + ".state", "w").write("SUSPENDED")
+      sys.exit(255)
+    print("[worker 0] md4: Preempted at step 5: checkpoint saved; re-run the same command to resume.")
+    sys.exit(75)
 """
 
-# Expands the job's node list the way SLURM would for "gpu[001-003]".
+# Expands the job's node list the way SLURM would for "gpu[001-003]"; records requeues.
 FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ $1 == requeue ]]; then
+  echo "$2" >> "$GCLOUD_LOG.requeued"
+  exit 0
+fi
 [[ $1 == show && $2 == hostnames ]] || exit 1
 case $3 in
   "gpu[001-003]") printf '%s\\n' gpu001 gpu002 gpu003 ;;
@@ -148,9 +169,10 @@ def test_tpu_dry_run_prints_every_step_and_never_calls_gcloud(sandbox):
   for c in gcloud:
     assert "--zone=us-west4-a" in c and "--project=proj-1" in c
     assert "md4-tester" in c or "md4-tester:md4.tar.gz" in c
-  create = gcloud[1]
-  assert "--accelerator-type=v5litepod-256" in create
-  assert "--version=v2-alpha-tpuv5-lite" in create
+  describe, create = gcloud[:2]
+  assert describe[:4] == create[:4] == ["gcloud", "compute", "tpus", "queued-resources"]
+  assert {"--node-id=md4-tester", "--accelerator-type=v5litepod-256",
+          "--runtime-version=v2-alpha-tpuv5-lite"} <= set(create)
   assert "--worker=all" in gcloud[2]
   tar = next(c for c in commands if c[0] == "tar")
   assert tar[tar.index("-C") + 1] == str(sandbox["repo"])
@@ -158,6 +180,7 @@ def test_tpu_dry_run_prints_every_step_and_never_calls_gcloud(sandbox):
   assert "--worker=all" in setup and "--worker=all" in train
   setup_cmd = next(a for a in setup if a.startswith("--command="))
   assert "pip install --quiet -e" in setup_cmd and "jax[tpu]" in setup_cmd
+  assert 'md4[gcs]' in setup_cmd, "workers install the gs:// dependencies"
   train_cmd = next(a for a in train if a.startswith("--command="))
   # The worker script is itself quoted once more for `bash -c`.
   inner = shlex.split(train_cmd.removeprefix("--command="))
@@ -172,10 +195,11 @@ def test_tpu_options_from_environment_and_git_source(sandbox):
   env = dict(sandbox["env"], MD4_TPU_TYPE="v5litepod-16", MD4_TPU_ZONE="us-east5-a",
              MD4_TPU_NAME="my-slice", MD4_TPU_VERSION="v2-alpha-tpuv6e")
   args = ["--config=configs/tiny.py", "--workdir=gs://b/r", "--spot", "--dry-run",
-          "--git-url=https://example.com/md4.git", "--git-ref=dev"]
+          "--git-url=https://example.com/md4.git", "--git-ref=dev", "--create-with=tpu-vm"]
   result = _run(TPU_POD, args, env)
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
+  assert not any("queued-resources" in c for c in commands)
   create = next(c for c in commands if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"])
   assert create[5] == "my-slice"
   assert {"--accelerator-type=v5litepod-16", "--zone=us-east5-a",
@@ -223,31 +247,61 @@ def test_tpu_detach_starts_under_nohup(sandbox):
   assert '>> "$log" 2>&1 < /dev/null & }' in result.stdout
 
 
-@pytest.mark.parametrize("state, verbs", [
-    ("MISSING", ["describe", "create", "scp", "ssh", "ssh"]),
-    ("READY", ["describe", "scp", "ssh", "ssh"]),
-    ("PREEMPTED", ["describe", "delete", "create", "scp", "ssh", "ssh"]),
-    ("STOPPED", ["describe", "start", "describe", "scp", "ssh", "ssh"]),
+@pytest.mark.parametrize("create_with, state, verbs", [
+    ("queued-resources", "MISSING", ["describe", "create", "describe", "scp", "ssh", "ssh"]),
+    ("queued-resources", "ACTIVE", ["describe", "scp", "ssh", "ssh"]),
+    ("queued-resources", "SUSPENDED",
+     ["describe", "delete", "describe", "create", "describe", "scp", "ssh", "ssh"]),
+    ("tpu-vm", "MISSING", ["describe", "create", "describe", "scp", "ssh", "ssh"]),
+    ("tpu-vm", "READY", ["describe", "scp", "ssh", "ssh"]),
+    ("tpu-vm", "PREEMPTED",
+     ["describe", "delete", "describe", "create", "describe", "scp", "ssh", "ssh"]),
+    ("tpu-vm", "STOPPED", ["describe", "start", "describe", "scp", "ssh", "ssh"]),
 ])
-def test_tpu_real_run_with_fake_gcloud(sandbox, state, verbs):
+def test_tpu_real_run_with_fake_gcloud(sandbox, create_with, state, verbs):
   """Without --dry-run: creates/reuses the slice by its state and ships a clean tarball."""
   env = dict(sandbox["env"], FAKE_TPU_STATE=state)
-  if state == "STOPPED":  # the fake answers STOPPED once, then READY
-    flip = sandbox["bin"] / "gcloud"
-    flip.write_text(flip.read_text().replace(
-        'state = os.environ.get("FAKE_TPU_STATE", "MISSING")',
-        'state = "READY" if os.path.exists(os.environ["GCLOUD_LOG"] + ".started") '
-        'else os.environ["FAKE_TPU_STATE"]\n'
-        '  open(os.environ["GCLOUD_LOG"] + ".started", "a").close()'))
-  result = _run(TPU_POD, _tpu_args(sandbox, f"--log-dir={sandbox['tmp'] / 'logs'}"), env)
+  result = _run(TPU_POD, _tpu_args(sandbox, f"--log-dir={sandbox['tmp'] / 'logs'}",
+                                   f"--create-with={create_with}"), env)
   assert result.returncode == 0, result.stderr
   calls = _gcloud_calls(sandbox)
   assert [c[3] for c in calls] == verbs
+  assert {c[2] for c in calls if c[3] in ("describe", "create", "delete")} == {create_with}
+  if create_with == "queued-resources" and "delete" in verbs:
+    assert "--force" in next(c for c in calls if c[3] == "delete")
   with tarfile.open(sandbox["env"]["GCLOUD_LOG"] + ".tar.gz") as tar:
     tops = {pathlib.PurePosixPath(name).parts[:1] for name in tar.getnames()}
   assert tops == {(), ("configs",), ("pyproject.toml",)}, "no .git or .venv in the tarball"
   assert calls[-1][calls[-1].index("ssh") + 1] == "md4-tester"
   assert len(list((sandbox["tmp"] / "logs").glob("md4-tester-*.log"))) == 1
+
+
+@pytest.mark.parametrize("slice_lost, verbs", [
+    # md4.main said it was preempted (exit code 75): run again on the same slice.
+    (False, ["describe", "scp", "ssh", "ssh", "describe", "ssh", "describe", "ssh"]),
+    # The Spot slice went away under the run (ssh failed, the resource is SUSPENDED):
+    # recreate it, set it up again, run again.
+    (True, ["describe", "scp", "ssh", "ssh", "describe", "describe", "delete", "describe",
+            "create", "describe", "scp", "ssh", "ssh", "describe", "describe", "delete",
+            "describe", "create", "describe", "scp", "ssh", "ssh"]),
+])
+def test_tpu_preempted_runs_are_resumed_until_they_end(sandbox, slice_lost, verbs):
+  env = dict(sandbox["env"], FAKE_TPU_STATE="ACTIVE", FAKE_PREEMPTIONS="2")
+  if slice_lost:
+    env["FAKE_SLICE_LOST"] = "1"
+  result = _run(TPU_POD, _tpu_args(sandbox, f"--log-dir={sandbox['tmp'] / 'logs'}"), env)
+  assert result.returncode == 0, result.stderr
+  assert [c[3] for c in _gcloud_calls(sandbox)] == verbs
+  assert result.stderr.count("the run was preempted; resuming it") == 2
+
+
+def test_tpu_gives_up_after_max_restarts_with_the_preemption_code(sandbox):
+  env = dict(sandbox["env"], FAKE_TPU_STATE="ACTIVE", FAKE_PREEMPTIONS="5")
+  result = _run(TPU_POD, _tpu_args(sandbox, f"--log-dir={sandbox['tmp'] / 'logs'}",
+                                   "--max-restarts=1"), env)
+  assert result.returncode == 75
+  assert "after 1 restarts (--max-restarts)" in result.stderr
+  assert [c[3] for c in _gcloud_calls(sandbox)].count("ssh") == 3  # setup, run, one rerun
 
 
 @pytest.mark.parametrize("args, message", [
@@ -258,6 +312,10 @@ def test_tpu_real_run_with_fake_gcloud(sandbox, state, verbs):
     (["--config=configs/tiny.py", "--workdir=gs://b/r", "--env=1x"], "--env expects KEY=VALUE"),
     (["--config=configs/tiny.py", "--workdir=gs://b/r", "--zonez=x"], "unknown option '--zonez'"),
     (["--config=configs/tiny.py", "--workdir=gs://b/r", "stray"], "unexpected argument 'stray'"),
+    (["--config=configs/tiny.py", "--workdir=gs://b/r", "--create-with=gke"],
+     "--create-with must be queued-resources or tpu-vm"),
+    (["--config=configs/tiny.py", "--workdir=gs://b/r", "--max-restarts=-1"],
+     "--max-restarts expects a number"),
 ])
 def test_tpu_bad_input_is_rejected_naming_the_option(sandbox, args, message):
   result = _run(TPU_POD, [f"--repo-dir={sandbox['repo']}", "--dry-run", *args], sandbox["env"])
@@ -307,6 +365,7 @@ def test_slurm_dry_run_in_allocation_one_process_per_node(sandbox):
   for rank, (line, host) in enumerate(zip(tasks, ["gpu001", "gpu002", "gpu003"])):
     assert line.startswith(f"# task {rank} on {host} (local rank 0): JAX_LOCAL_DEVICE_IDS=0,1,2,3 ")
     assert f"--num_processes=3 --process_id={rank} --config.batch_size=1024" in line
+  assert ["scontrol", "requeue", "4242"] in _commands(result.stdout)  # On exit code 75.
 
 
 def test_slurm_dry_run_in_allocation_one_process_per_gpu(sandbox):
@@ -353,10 +412,14 @@ def test_slurm_tasks_get_their_rank_and_gpus(sandbox, procs, visible, expected_e
     assert (log_dir / "4242" / f"task-{rank}.log").read_text() == "training step 1\n"
 
 
-def test_slurm_task_failure_fails_the_launch(sandbox):
-  env = _slurm_env(sandbox, MD4_PYTHON=str(sandbox["python"]), FAKE_EXIT_CODE="3")
+@pytest.mark.parametrize("exit_code, requeued", [(3, False), (75, True)])
+def test_slurm_task_failure_fails_the_launch_and_a_preemption_requeues(sandbox, exit_code,
+                                                                       requeued):
+  env = _slurm_env(sandbox, MD4_PYTHON=str(sandbox["python"]), FAKE_EXIT_CODE=str(exit_code))
   result = _run(GPU_SLURM, _slurm_args(sandbox, f"--log-dir={sandbox['tmp'] / 'l'}"), env)
-  assert result.returncode != 0
+  assert result.returncode == exit_code
+  requeues = pathlib.Path(sandbox["env"]["GCLOUD_LOG"] + ".requeued")
+  assert (requeues.read_text() == "4242\n") if requeued else not requeues.exists()
 
 
 def test_slurm_submits_itself_with_sbatch_outside_an_allocation(sandbox):

@@ -1,28 +1,43 @@
-"""Images from tensorflow-datasets data sources (array_record; no TensorFlow needed).
+"""Images: CIFAR-10 and ImageNet 64x64, from the official archives or from tfds.
 
 Each pixel channel is a token in 0..255: examples are "x" int32 [H, W, 3]
 and, when the dataset has labels, "label" int32 (for class conditioning).
 
-  cifar10     tfds "cifar10": 50k train / 10k test, 32x32, 10 classes.
-  imagenet64  tfds "imagenet_resized/64x64": 1.28M train / 50k validation,
-              64x64, 1000 classes. imagenet64.tfds_name may name another
-              dataset, e.g. "downsampled_imagenet/64x64" (van den Oord et al.;
-              no labels).
+  cifar10     50k train / 10k test, 32x32, 10 classes.
+  imagenet64  Downsampled ImageNet 64x64 (Chrabaszcz et al.): 1.28M train /
+              50k validation, 1000 classes.
 
-The data must already be prepared in array_record format under the source's
-tfds_data_dir option (tfds's default folder when empty):
-`python -m md4.data.prepare --config=...` downloads and prepares it.
+The source's `source` option picks where the pixels come from:
+  "archive"   the official archives, converted once into memory-mapped arrays
+              under `<config.data_dir>/<dataset>` (`md4.data.image_archives`;
+              no TensorFlow). `python -m md4.data.prepare --config=...` does it,
+              and so does the first single-process training run.
+  "tfds"      tensorflow-datasets data sources in array_record format under
+              tfds_data_dir (tfds's default folder when empty): reading needs
+              no TensorFlow, preparing (`md4.data.prepare`) does (the `tfds`
+              extra). tfds_name may name another dataset, e.g.
+              "downsampled_imagenet/64x64" (van den Oord et al.; no labels),
+              the ImageNet-64 of the MD4 reference.
 """
 
+import pathlib
+
+import jax
 import ml_collections
 import numpy as np
 
 from md4 import data as data_lib
+from md4.data import image_archives
 from md4.data import pipeline
 
+SOURCES = ("archive", "tfds")
 
-def _options(tfds_name: str, eval_split: str) -> dict[str, object]:
+
+def _options(tfds_name: str, eval_split: str, **extra) -> dict[str, object]:
   return {
+      "source": "archive",      # archive: the official archives (no TensorFlow); tfds.
+      "archive_dir": "",        # Where the archives are; empty: <config.data_dir>/<dataset>.
+      **extra,
       "tfds_name": tfds_name,   # Another tfds dataset of [H, W, 3] images may stand in.
       "tfds_data_dir": "",      # Empty: tfds's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
       "train_split": "train",
@@ -66,16 +81,55 @@ def _num_classes(source) -> int:
   return int(features["label"].num_classes) if "label" in features else 0
 
 
+def _folders(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, pathlib.Path]:
+  """(prepared folder, archive folder) of config.dataset's archives."""
+  folder = pathlib.Path(config.data_dir).expanduser() / config.dataset
+  archive_dir = data_lib.options(config).archive_dir
+  return folder, pathlib.Path(archive_dir).expanduser() if archive_dir else folder
+
+
+def _prepare_archives(config: ml_collections.ConfigDict, allow_build: bool
+                      ) -> dict[str, object]:
+  folder, archive_dir = _folders(config)
+  manifest = image_archives.read_manifest(folder)
+  if not allow_build and not image_archives.is_current(manifest, folder, archive_dir):
+    raise FileNotFoundError(f"{folder} holds no prepared {config.dataset}; run "
+                            "`python -m md4.data.prepare --config=...` once before a "
+                            "multi-process job")
+  return image_archives.prepare(config.dataset, folder, archive_dir,
+                                download=data_lib.options(config).get("download", False))
+
+
+def _source(config: ml_collections.ConfigDict) -> str:
+  """config.dataset's source option, checked."""
+  source = data_lib.options(config).source
+  if source not in SOURCES:
+    raise ValueError(f"{config.dataset}.source must be one of {SOURCES}, got {source!r}")
+  return source
+
+
+def _splits(config: ml_collections.ConfigDict) -> tuple[object, object, int]:
+  """(train source, held-out source, number of classes) of config.dataset."""
+  options = data_lib.options(config)
+  if _source(config) == "archive":
+    manifest = _prepare_archives(config, allow_build=jax.process_count() == 1)
+    folder, _ = _folders(config)
+    return (image_archives.ArraySource(folder, options.train_split, manifest),
+            image_archives.ArraySource(folder, options.eval_split, manifest),
+            manifest["num_classes"])
+  data_dir = options.tfds_data_dir or None
+  train = load_split(options.tfds_name, options.train_split, data_dir)
+  return (train, load_split(options.tfds_name, options.eval_split, data_dir),
+          _num_classes(train))
+
+
 def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   """Batches of config.dataset images as 256-way tokens, labels kept."""
   options = data_lib.options(config)
-  name, data_dir = options.tfds_name, options.tfds_data_dir or None
-  train = load_split(name, options.train_split, data_dir)
-  held_out = load_split(name, options.eval_split, data_dir)
+  train, held_out, num_classes = _splits(config)
   image_shape = tuple(to_example(train[0])["x"].shape)
   if len(image_shape) != 3 or image_shape[-1] != 3:
-    raise ValueError(f"tfds dataset {name!r} has images of shape {image_shape}, "
-                     "expected [H, W, 3]")
+    raise ValueError(f"{config.dataset} has images of shape {image_shape}, expected [H, W, 3]")
   return data_lib.Dataset(
       train=pipeline.train_iterator(
           train, config.batch_size, config.seed, transform=to_example,
@@ -85,22 +139,28 @@ def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
       vocab_size=256,
       example_shape=image_shape,
       modality="image",
-      num_classes=_num_classes(train),
+      num_classes=num_classes,
   )
 
 
 def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, object]:
-  """Downloads and prepares both splits with tfds (array_record)."""
+  """Converts the official archives, or downloads and prepares both splits with tfds."""
   del progress
   options = data_lib.options(config)
+  if _source(config) == "archive":
+    manifest = _prepare_archives(config, allow_build=True)
+    return {"folder": str(_folders(config)[0]),
+            "examples": {split: shape[0] for split, shape in manifest["splits"].items()}}
   sizes = {split: len(load_split(options.tfds_name, split, options.tfds_data_dir or None,
                                  download=True))
            for split in (options.train_split, options.eval_split)}
   return {"tfds_name": options.tfds_name, "examples": sizes}
 
 
-CIFAR10 = data_lib.register(
-    data_lib.Source("cifar10", _options("cifar10", "test"), create, prepare))
+CIFAR10 = data_lib.register(data_lib.Source(
+    "cifar10", _options("cifar10", "test",
+                        download=True),  # Download cifar-10-python.tar.gz when absent.
+    create, prepare))
 IMAGENET64 = data_lib.register(
     data_lib.Source("imagenet64", _options("imagenet_resized/64x64", "validation"), create,
                     prepare))

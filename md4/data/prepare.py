@@ -2,7 +2,8 @@
 
 Runs the `prepare` of the source config.dataset names (md4.data): a download,
 a tokenisation, a conversion; each source's docstring says what. Prints one
-JSON line describing what is ready.
+JSON line describing what is ready; an error is one line, `md4: error: ...`
+(md4.errors).
 """
 
 import json
@@ -12,19 +13,20 @@ from absl import flags
 from ml_collections import config_flags
 
 from md4 import data as data_lib
+from md4 import errors
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(json.dumps(data_lib.prepare_dataset(flags.FLAGS.config)))
+  print(json.dumps(data_lib.prepare_dataset(errors.loaded(flags.FLAGS.config))))
 
 
 def cli() -> None:
   """The command line: flags are defined here, not on import, so md4.main can import md4.data."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  errors.run(main)
 
 
 if __name__ == "__main__":

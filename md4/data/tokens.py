@@ -1,29 +1,36 @@
-"""Tokenised corpora (OpenWebText-style) with SentencePiece.
+"""Tokenised corpora (OpenWebText-style): SentencePiece, GPT-2 (tokenizer.json or tiktoken).
 
 One-off preparation, into `<config.data_dir>/tokens/<config.tokens.name>`:
   tokenizer.model  a SentencePiece model trained on the corpus (BPE or unigram,
                    tokens.vocab_size pieces, id 0 = <unk>, id 1 = </s> = end of
-                   document), unless tokens.tokenizer names a `.model` to load;
+                   document), unless tokens.tokenizer names one to load: a
+                   SentencePiece .model, a Hugging Face tokenizer.json (GPT-2's)
+                   or tiktoken:gpt2 (`md4.data.tokenizer`);
   tokens.bin       every document's ids followed by the end-of-document id,
                    concatenated, as uint16 (vocabulary <= 65536) or uint32;
+  documents.bin    where each document ends in tokens.bin, uint64 [documents];
   manifest.json    what the files were built from (corpus paths, sizes and
                    mtimes, document format, tokenizer settings and SHA-256) and
                    their counts. The files are reused while it matches and
                    rebuilt when it does not; it is written last, so a build that
                    stopped halfway is never taken for a finished one.
 
-A loaded model without an end-of-sentence piece gets an extra id
-(= its piece count) for the end of a document. The token stream is packed
-into non-overlapping sequences of seq_len ids, so every slot holds a real
-token and documents run across sequence boundaries; the last
-tokens.validation_fraction of the sequences is held out.
+Corpus formats (tokens.documents): text files (a document per line, per
+blank-line-separated block, per file, per jsonl object) and, read without
+the `datasets` library (`md4.data.document_files`), a Hugging Face dataset's
+parquet shards or Arrow files, and OpenWebText's own archives.
+
+The token stream is packed into non-overlapping sequences of seq_len ids, so
+every slot holds a real token and documents run across sequence boundaries.
+Held out: the last tokens.validation_documents documents when > 0 (MDLM's
+OpenWebText split holds out the last 100,000), packed apart from the rest;
+else the last tokens.validation_fraction of the sequences.
 
 `python -m md4.data.prepare --config=...` runs the preparation with a
 progress bar; `create` runs it when needed in a single-process job.
 """
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -37,14 +44,17 @@ import numpy as np
 
 from md4 import data as data_lib
 from md4.data import chars
+from md4.data import document_files
 from md4.data import pipeline
+from md4.data import tokenizer as tokenizer_lib
 
-DOCUMENT_FORMATS = ("line", "blank_line", "file", "jsonl")
+DOCUMENT_FORMATS = ("line", "blank_line", "file", "jsonl", "parquet", "arrow", "openwebtext")
 TOKENIZER_TYPES = ("bpe", "unigram")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 TOKENS = "tokens.bin"
-_FORMAT_VERSION = 1
+DOCUMENT_ENDS = "documents.bin"
+_FORMAT_VERSION = 2
 _UNK_ID, _EOS_ID = 0, 1
 _ENCODE_BATCH_BYTES = 1 << 23
 _MAX_SENTENCE_BYTES = 1 << 14
@@ -53,12 +63,18 @@ OPTIONS = {
     "name": "corpus",          # The folder <data_dir>/tokens/<name> of the prepared files.
     "path": "",                # Corpus: a file or a glob pattern (UTF-8).
     "documents": "line",       # line: one per line; blank_line: separated by blank lines;
-                               # file: one per file; jsonl: one JSON object per line, key "text".
-    "tokenizer": "",           # A SentencePiece .model to load; empty: train one on the corpus.
+                               # file: one per file; jsonl: one JSON object per line, key "text";
+                               # parquet, arrow: one per row of column "text"; openwebtext:
+                               # each .txt in OpenWebText's (nested) tar archives.
+    "tokenizer": "",           # A SentencePiece .model, a tokenizer.json, or tiktoken:gpt2;
+                               # empty: train a SentencePiece model on the corpus.
+    "tiktoken_dir": "",        # tiktoken:gpt2 offline: a folder with GPT-2's encoder.json and
+                               # vocab.bpe; empty: tiktoken's cache ($TIKTOKEN_CACHE_DIR).
     "tokenizer_type": "bpe",   # bpe or unigram, when training.
     "vocab_size": 32768,       # Pieces, <unk> and </s> included, when training.
     "max_training_sentences": 1_000_000,  # Lines sampled from the corpus to train on.
     "validation_fraction": 0.01,          # Share of the sequences held out, from the end.
+    "validation_documents": 0,            # > 0: hold out the last this many documents instead.
 }
 
 
@@ -68,7 +84,8 @@ class TokenCorpus:
 
   Attributes:
     tokens: the packed token stream, memory-mapped [N].
-    tokenizer_path: the SentencePiece model that made it.
+    document_ends: where each document ends in tokens, memory-mapped [D].
+    tokenizer: the tokenizer that made it.
     vocab_size: number of ids, the end-of-document id included.
     eod_id: the end-of-document id.
     manifest: the manifest.json contents.
@@ -76,7 +93,8 @@ class TokenCorpus:
   """
 
   tokens: np.ndarray
-  tokenizer_path: pathlib.Path
+  document_ends: np.ndarray
+  tokenizer: tokenizer_lib.Tokenizer
   vocab_size: int
   eod_id: int
   manifest: dict[str, Any]
@@ -93,6 +111,16 @@ def iter_documents(paths: Sequence[pathlib.Path], documents: str
       text = chars.read_text(path)
       if text.strip():
         yield text, path.stat().st_size
+      continue
+    if documents in ("parquet", "arrow", "openwebtext"):
+      rows = (document_files.iter_archive(path) if documents == "openwebtext"
+              else document_files.iter_table(path))
+      consumed = 0
+      for text, read in rows:
+        consumed += read
+        if text.strip():
+          yield text, consumed
+          consumed = 0
       continue
     pending, consumed = [], 0
     with open(path, "rb") as file:
@@ -124,14 +152,6 @@ def iter_documents(paths: Sequence[pathlib.Path], documents: str
           pending, consumed = [], 0
     if pending:
       yield "\n".join(pending), consumed
-
-
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as file:
-    while chunk := file.read(1 << 20):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def _progress(total: int, description: str, enabled: bool):
@@ -181,44 +201,33 @@ def _write_atomic(path: pathlib.Path, content: bytes) -> None:
   os.replace(part, path)
 
 
-def _load_processor(path: pathlib.Path):
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  try:
-    return spm.SentencePieceProcessor(model_file=str(path))
-  except (OSError, RuntimeError) as error:
-    raise ValueError(f"tokens.tokenizer: cannot load a SentencePiece model from {path} "
-                     f"({error})") from error
-
-
-def vocabulary(processor) -> tuple[int, int]:
-  """(vocab_size, end-of-document id) of a SentencePiece processor."""
-  pieces = processor.get_piece_size()
-  if processor.eos_id() >= 0:
-    return pieces, processor.eos_id()
-  return pieces + 1, pieces
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def tokenise(paths: Sequence[pathlib.Path], documents: str, processor, eod_id: int,
-             dtype: np.dtype, out_path: pathlib.Path, progress: bool = False
-             ) -> tuple[int, int]:
-  """Writes each document's ids and eod_id to out_path; returns (tokens, documents)."""
+def tokenise(paths: Sequence[pathlib.Path], documents: str,
+             tokenizer: tokenizer_lib.Tokenizer, dtype: np.dtype, out_path: pathlib.Path,
+             ends_path: pathlib.Path, progress: bool = False) -> tuple[int, int]:
+  """Writes the documents' ids, each followed by the end-of-document id, to out_path.
+
+  ends_path gets where each document ends, uint64 [documents]. Returns (tokens, documents).
+  """
   total = sum(path.stat().st_size for path in paths)
-  threads = os.cpu_count() or 1
   num_tokens = num_documents = 0
-  with open(out_path, "wb") as out, _progress(total, "tokenising", progress) as bar:
+  with (open(out_path, "wb") as out, open(ends_path, "wb") as ends,
+        _progress(total, "tokenising", progress) as bar):
     batch, batch_bytes, batch_consumed = [], 0, 0
 
     def flush():
       nonlocal num_tokens, num_documents
+      encoded = tokenizer.encode_batch(batch)
+      lengths = np.asarray([len(ids) + 1 for ids in encoded], np.uint64)
       stream = []
-      for ids in processor.encode(batch, out_type=int, num_threads=threads):
+      for ids in encoded:
         stream.extend(ids)
-        stream.append(eod_id)
+        stream.append(tokenizer.eod_id)
       np.asarray(stream, dtype=dtype).tofile(out)
+      (num_tokens + np.cumsum(lengths)).astype(np.uint64).tofile(ends)
       num_tokens += len(stream)
       num_documents += len(batch)
       bar.update(batch_consumed)
@@ -235,14 +244,17 @@ def tokenise(paths: Sequence[pathlib.Path], documents: str, processor, eod_id: i
   return num_tokens, num_documents
 
 
-def _build_key(options: ml_collections.ConfigDict, paths: Sequence[pathlib.Path]
-               ) -> dict[str, Any]:
+def load_tokenizer(options: ml_collections.ConfigDict, folder: pathlib.Path
+                   ) -> tokenizer_lib.Tokenizer:
+  """The tokenizer options name, or the SentencePiece model trained into folder."""
+  return tokenizer_lib.load(options.tokenizer or str(folder / TOKENIZER), options.tiktoken_dir)
+
+
+def _build_key(options: ml_collections.ConfigDict, paths: Sequence[pathlib.Path],
+               given: tokenizer_lib.Tokenizer | None) -> dict[str, Any]:
   """What the prepared files depend on; a manifest with another key is stale."""
-  if options.tokenizer:
-    model = pathlib.Path(options.tokenizer).expanduser().resolve()
-    if not model.is_file():
-      raise ValueError(f"tokens.tokenizer: no file {model}")
-    tokenizer = {"model": str(model), "sha256": _sha256(model)}
+  if given is not None:
+    tokenizer = {**given.identity, "sha256": given.sha256}
   else:
     tokenizer = {"type": options.tokenizer_type, "vocab_size": options.vocab_size,
                  "max_training_sentences": options.max_training_sentences}
@@ -263,14 +275,16 @@ def _manifest_or_none(folder: pathlib.Path) -> dict[str, Any] | None:
 
 
 def _is_current(manifest: dict[str, Any] | None, key: dict[str, Any], folder: pathlib.Path,
-                tokenizer_path: pathlib.Path) -> bool:
+                given: tokenizer_lib.Tokenizer | None) -> bool:
   if manifest is None or any(manifest.get(name) != value for name, value in key.items()):
     return False
-  tokens = folder / TOKENS
   try:
     expected_size = manifest["num_tokens"] * np.dtype(manifest["dtype"]).itemsize
-    return (tokens.stat().st_size == expected_size
-            and _sha256(tokenizer_path) == manifest["tokenizer_sha256"])
+    sha256 = (given.sha256 if given is not None
+              else tokenizer_lib.file_sha256(folder / TOKENIZER))
+    return ((folder / TOKENS).stat().st_size == expected_size
+            and (folder / DOCUMENT_ENDS).stat().st_size == 8 * manifest["num_documents"]
+            and sha256 == manifest["tokenizer_sha256"])
   except (OSError, KeyError, TypeError):
     return False
 
@@ -283,71 +297,81 @@ def load_or_build(options: ml_collections.ConfigDict, folder: str | os.PathLike,
                      f"got {options.documents!r}")
   folder = pathlib.Path(folder).expanduser()
   paths = chars.resolve_paths(options.path, "tokens.path")
-  key = _build_key(options, paths)
-  tokenizer_path = (pathlib.Path(key["tokenizer"]["model"]) if options.tokenizer
-                    else folder / TOKENIZER)
+  given = load_tokenizer(options, folder) if options.tokenizer else None
+  key = _build_key(options, paths, given)
   manifest = _manifest_or_none(folder)
-  rebuilt = not _is_current(manifest, key, folder, tokenizer_path)
+  rebuilt = not _is_current(manifest, key, folder, given)
   if rebuilt:
     if not allow_build:
       raise FileNotFoundError(
           f"{folder} holds no tokenised corpus matching the config; run "
           "`python -m md4.data.prepare --config=...` once before a multi-process job")
-    manifest = _build(options, paths, key, folder, tokenizer_path, progress)
+    manifest = _build(options, paths, key, folder, given, progress)
   if manifest["num_tokens"] == 0:
     raise ValueError(f"tokens.path={options.path!r} holds no documents")
-  dtype = np.dtype(manifest["dtype"])
-  tokens = np.memmap(folder / TOKENS, dtype=dtype, mode="r", shape=(manifest["num_tokens"],))
-  return TokenCorpus(tokens=tokens, tokenizer_path=tokenizer_path,
+  tokens = np.memmap(folder / TOKENS, dtype=np.dtype(manifest["dtype"]), mode="r",
+                     shape=(manifest["num_tokens"],))
+  document_ends = np.memmap(folder / DOCUMENT_ENDS, dtype=np.uint64, mode="r",
+                            shape=(manifest["num_documents"],))
+  return TokenCorpus(tokens=tokens, document_ends=document_ends,
+                     tokenizer=given or load_tokenizer(options, folder),
                      vocab_size=manifest["vocab_size"], eod_id=manifest["eod_id"],
                      manifest=manifest, rebuilt=rebuilt)
 
 
 def _build(options: ml_collections.ConfigDict, paths: Sequence[pathlib.Path],
-           key: dict[str, Any], folder: pathlib.Path, tokenizer_path: pathlib.Path,
+           key: dict[str, Any], folder: pathlib.Path, given: tokenizer_lib.Tokenizer | None,
            progress: bool) -> dict[str, Any]:
   logging.info("Preparing the token corpus in %s", folder)
   folder.mkdir(parents=True, exist_ok=True)
   # The manifest goes first and comes back last: a half-built folder never matches.
   (folder / MANIFEST).unlink(missing_ok=True)
-  if not options.tokenizer:
-    train_tokenizer(paths, options.documents, tokenizer_path,
+  if given is None:
+    train_tokenizer(paths, options.documents, folder / TOKENIZER,
                     vocab_size=options.vocab_size, tokenizer_type=options.tokenizer_type,
                     max_sentences=options.max_training_sentences, progress=progress)
-  processor = _load_processor(tokenizer_path)
-  vocab_size, eod_id = vocabulary(processor)
-  dtype = token_dtype(vocab_size)
-  part = folder / (TOKENS + ".part")
-  num_tokens, num_documents = tokenise(paths, options.documents, processor, eod_id, dtype,
-                                       part, progress)
-  os.replace(part, folder / TOKENS)
-  manifest = {**key, "tokenizer_sha256": _sha256(tokenizer_path), "vocab_size": vocab_size,
-              "eod_id": eod_id, "dtype": dtype.name, "num_tokens": num_tokens,
+  tokenizer = given or load_tokenizer(options, folder)
+  dtype = token_dtype(tokenizer.vocab_size)
+  parts = folder / (TOKENS + ".part"), folder / (DOCUMENT_ENDS + ".part")
+  num_tokens, num_documents = tokenise(paths, options.documents, tokenizer, dtype, *parts,
+                                       progress=progress)
+  os.replace(parts[0], folder / TOKENS)
+  os.replace(parts[1], folder / DOCUMENT_ENDS)
+  manifest = {**key, "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+              "eod_id": tokenizer.eod_id, "dtype": dtype.name, "num_tokens": num_tokens,
               "num_documents": num_documents}
   _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
   return manifest
 
 
-def decoder(tokenizer_path: pathlib.Path, eod_id: int):
+def decoder(tokenizer: tokenizer_lib.Tokenizer):
   """Maps ids [...] to text, one line per document end."""
-  processor = _load_processor(tokenizer_path)
-  pieces = processor.get_piece_size()
 
   def decode(ids: np.ndarray) -> str:
     ids = np.asarray(ids).reshape(-1).tolist()
     documents, current = [], []
     for token in ids:
-      if token == eod_id:
+      if token == tokenizer.eod_id:
         documents.append(current)
         current = []
-      elif 0 <= token < pieces:
+      elif 0 <= token < tokenizer.vocab_size:
         current.append(token)
       else:
-        raise ValueError(f"id {token} is outside the vocabulary [0, {pieces})")
+        raise ValueError(f"id {token} is outside the vocabulary [0, {tokenizer.vocab_size})")
     documents.append(current)
-    return "\n".join(processor.decode(document) for document in documents)
+    return "\n".join(tokenizer.decode(document) for document in documents)
 
   return decode
+
+
+def encode_documents(tokenizer: tokenizer_lib.Tokenizer, documents: Sequence[str]
+                     ) -> np.ndarray:
+  """One stream int32 [N]: each document's ids followed by the end-of-document id."""
+  stream = []
+  for ids in tokenizer.encode_batch(documents):
+    stream.extend(ids)
+    stream.append(tokenizer.eod_id)
+  return np.asarray(stream, np.int32)
 
 
 def folder(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -367,6 +391,13 @@ def read_manifest(corpus_dir: pathlib.Path, what: str) -> dict[str, Any]:
   return manifest
 
 
+def _tokenizer_option(identity: dict[str, str]) -> str:
+  """The tokens.tokenizer value that loads the tokenizer of a manifest's identity."""
+  if "model" in identity:
+    return identity["model"]
+  return tokenizer_lib.TIKTOKEN_PREFIX + identity["name"]
+
+
 def _read_other_text(path: str, corpus: TokenCorpus, documents: str) -> np.ndarray:
   """ids int32 [N] of a text file (tokenised like the corpus) or of a prepared corpus folder.
 
@@ -374,24 +405,46 @@ def _read_other_text(path: str, corpus: TokenCorpus, documents: str) -> np.ndarr
   """
   location = pathlib.Path(path).expanduser()
   if not location.is_dir():
-    processor = _load_processor(corpus.tokenizer_path)
-    stream = []
-    for document, _ in iter_documents(chars.resolve_paths(path, "text file"), documents):
-      stream.extend(processor.encode(document, out_type=int))
-      stream.append(corpus.eod_id)
-    return np.asarray(stream, np.int32)
+    texts = [text for text, _ in iter_documents(chars.resolve_paths(path, "text file"),
+                                                documents)]
+    return encode_documents(corpus.tokenizer, texts)
   manifest = read_manifest(location, path)
   if manifest["tokenizer_sha256"] != corpus.manifest["tokenizer_sha256"]:
     raise ValueError(
         f"{path} was tokenised with a different tokenizer (SHA-256 "
         f"{manifest['tokenizer_sha256'][:12]}...) than the model's (SHA-256 "
         f"{corpus.manifest['tokenizer_sha256'][:12]}...): prepare it with "
-        f"tokens.tokenizer={str(corpus.tokenizer_path)!r}")
+        f"tokens.tokenizer={_tokenizer_option(corpus.tokenizer.identity)!r}")
   if manifest["vocab_size"] != corpus.vocab_size:
     raise ValueError(f"{path} has vocab_size {manifest['vocab_size']}, the model "
                      f"{corpus.vocab_size}")
   return np.memmap(location / TOKENS, dtype=np.dtype(manifest["dtype"]), mode="r",
                    shape=(manifest["num_tokens"],))
+
+
+def split_sources(corpus: TokenCorpus, length: int, options: ml_collections.ConfigDict
+                  ) -> tuple[pipeline.ChunkSource, pipeline.ChunkSource]:
+  """(train, validation) chunks of `length` ids: the held-out documents packed apart, or
+  the last validation_fraction of the chunks."""
+  held_out = options.validation_documents
+  if held_out <= 0:
+    num_train, num_validation = pipeline.split_chunks(
+        len(corpus.tokens), length, options.validation_fraction, "tokens.validation_fraction")
+    return (pipeline.ChunkSource(corpus.tokens, length, 0, num_train),
+            pipeline.ChunkSource(corpus.tokens, length, num_train * length, num_validation))
+  num_documents = len(corpus.document_ends)
+  if held_out >= num_documents:
+    raise ValueError(f"tokens.validation_documents={held_out} leaves no training document "
+                     f"of the {num_documents}: lower it, or use more data")
+  boundary = int(corpus.document_ends[num_documents - held_out - 1])
+  train = pipeline.ChunkSource(corpus.tokens[:boundary], length)
+  validation = pipeline.ChunkSource(corpus.tokens[boundary:], length)
+  if len(train) < 1 or len(validation) < 1:
+    raise ValueError(
+        f"tokens.validation_documents={held_out}: {boundary} training and "
+        f"{len(corpus.tokens) - boundary} held-out tokens make {len(train)} and "
+        f"{len(validation)} sequences of seq_len={length} (each needs >= 1)")
+  return train, validation
 
 
 def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
@@ -401,18 +454,14 @@ def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   length = config.seq_len
   if length < 1:
     raise ValueError(f"seq_len must be >= 1, got {length}")
-  num_train, num_validation = pipeline.split_chunks(
-      len(corpus.tokens), length, options.validation_fraction, "tokens.validation_fraction")
-  train = pipeline.ChunkSource(corpus.tokens, length, 0, num_train)
-  validation = pipeline.ChunkSource(corpus.tokens, length, num_train * length, num_validation)
-  processor = _load_processor(corpus.tokenizer_path)
+  train, validation = split_sources(corpus, length, options)
   return data_lib.Dataset(
       train=pipeline.train_iterator(train, config.batch_size, config.seed),
       eval_batches=pipeline.eval_iterator_fn(validation, config.batch_size),
       vocab_size=corpus.vocab_size,
       example_shape=(length,),
-      decode=decoder(corpus.tokenizer_path, corpus.eod_id),
-      encode=lambda text: np.asarray(processor.encode(text, out_type=int), np.int32),
+      decode=decoder(corpus.tokenizer),
+      encode=lambda text: np.asarray(corpus.tokenizer.encode_batch([text])[0], np.int32),
       read_text=lambda path: _read_other_text(path, corpus, options.documents),
       word_pieces=True,
   )
@@ -422,6 +471,7 @@ def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, Any]
   """Trains the tokenizer (unless given) and tokenises the corpus, unless already current."""
   corpus = load_or_build(config.tokens, folder(config), progress=progress)
   return {"folder": str(folder(config)), "rebuilt": corpus.rebuilt,
+          "tokenizer": corpus.tokenizer.identity,
           "vocab_size": corpus.vocab_size, "eod_id": corpus.eod_id,
           "tokens": corpus.manifest["num_tokens"],
           "documents": corpus.manifest["num_documents"]}

@@ -1,0 +1,93 @@
+"""How md4's commands end: `md4: error: ...` on one line, or the preemption exit code.
+
+An error md4 raises on purpose (its message says what is wrong and what to
+do) is printed as one line, `md4: error: <message>`, and the command exits
+with 1; --verbosity=1 shows the traceback instead. Errors raised elsewhere
+(bugs) keep their traceback. A bad command-line flag is reported on one line
+too. A preemption exits with PREEMPTED_EXIT_CODE, which the launch scripts
+take as "re-run me". Light to import: no JAX here, so that --help stays fast.
+"""
+
+import ast
+import functools
+import os
+import sys
+import traceback
+from typing import Callable
+
+from absl import app
+from absl import logging
+import ml_collections
+
+# EX_TEMPFAIL of sysexits.h, "try again later": the launch scripts re-run (or requeue) on it.
+PREEMPTED_EXIT_CODE = 75
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class Preempted(SystemExit):
+  """The run saved its step and stopped on a preemption notice.
+
+  The message ends saying that re-running the same command resumes.
+  """
+
+  def __init__(self, message: str):
+    super().__init__(f"{message}; re-run the same command to resume.")
+
+
+def raised_by_md4(error: BaseException) -> bool:
+  """Whether a raise statement of md4's own code raised error (not a bug's AttributeError)."""
+  frames = traceback.extract_tb(error.__traceback__)
+  return (bool(frames) and (frames[-1].line or "").startswith("raise ")
+          and os.path.abspath(frames[-1].filename).startswith(_PACKAGE_DIR + os.sep))
+
+
+def _one_line(error: BaseException) -> str:
+  """str(error) on one line; a KeyError's repr'd message (ml_collections raises those) unquoted."""
+  text = str(error)
+  try:
+    text = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    pass
+  return " ".join(str(text).split())
+
+
+def loaded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The --config flag's config; ml_collections defers a failure to load it, raised here."""
+  try:
+    config.keys()
+  except OSError as error:
+    raise ValueError(f"--config could not be loaded: {_one_line(error)}") from error
+  return config
+
+
+def _reporting(main: Callable[[list[str]], None], started: list[bool]
+               ) -> Callable[[list[str]], None]:
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> None:
+    started.append(True)
+    try:
+      main(argv)
+    except Preempted as preempted:
+      print(f"md4: {preempted}", file=sys.stderr, flush=True)
+      sys.exit(PREEMPTED_EXIT_CODE)
+    except Exception as error:  # pylint: disable=broad-except
+      if logging.get_verbosity() >= 1 or not raised_by_md4(error):
+        raise
+      logging.flush()
+      print(f"md4: error: {_one_line(error)}", file=sys.stderr, flush=True)
+      sys.exit(1)
+
+  return wrapped
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """app.run(main), ending as the module docstring says."""
+  started = []
+  try:
+    app.run(_reporting(main, started))
+  except Exception as error:  # pylint: disable=broad-except
+    if started:  # Not md4's: its traceback.
+      raise
+    print(f"md4: error: in the command-line flags: {_one_line(error)} (--helpfull lists them)",
+          file=sys.stderr, flush=True)
+    sys.exit(1)

@@ -1,0 +1,104 @@
+"""One run per workdir: a lock file, WORKDIR/md4.lock, held by process 0 of the run.
+
+The lock names the holder's host and pid and is refreshed every
+HEARTBEAT_SECONDS. A second run stops at once, naming them. A lock is stale,
+and is taken over with a warning, when its pid is dead on this host, or
+when it has not been refreshed for STALE_SECONDS (its run died on a machine
+that is gone, as after a Spot preemption).
+"""
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+
+from absl import logging
+from etils import epath
+
+from md4 import storage
+
+LOCK_FILE = "md4.lock"
+HEARTBEAT_SECONDS = 60.0
+STALE_SECONDS = 600.0
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another run holds the workdir."""
+
+
+def _alive_here(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Someone else's live process.
+  return True
+
+
+class WorkdirLock:
+  """The lock of one workdir; acquire() before writing anything there, release() at the end."""
+
+  def __init__(self, workdir: epath.Path):
+    self.path = workdir / LOCK_FILE
+    self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                    "token": secrets.token_hex(8), "started": time.time()}
+    self._stop = threading.Event()
+    self._heartbeat = None
+
+  def _record(self) -> str:
+    return json.dumps({**self._holder, "refreshed": time.time()})
+
+  def _stale_reason(self, holder: dict) -> str | None:
+    if holder["host"] == socket.gethostname() and not _alive_here(holder["pid"]):
+      return f"its process {holder['pid']} on this host is gone"
+    age = time.time() - holder["refreshed"]
+    if age > STALE_SECONDS:
+      return f"it was last refreshed {age / 60:.0f} minutes ago"
+    return None
+
+  def acquire(self) -> None:
+    """Takes the lock, or raises WorkdirLockedError naming the run that holds it."""
+    for _ in range(3):  # A lock released or taken over meanwhile: look again.
+      if storage.create_exclusive(self.path, self._record()):
+        self._heartbeat = threading.Thread(target=self._refresh, name="md4-lock", daemon=True)
+        self._heartbeat.start()
+        return
+      try:
+        holder = json.loads(self.path.read_text())
+      except (FileNotFoundError, ValueError):
+        continue
+      stale = self._stale_reason(holder)
+      if stale is None:
+        raise WorkdirLockedError(
+            f"workdir {self.path.parent} is in use by another run: pid {holder['pid']} on "
+            f"host {holder['host']}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(holder['started']))}. Stop "
+            f"that run or use another --workdir (if it is gone, delete {self.path}).")
+      logging.warning("Taking over the stale lock %s of pid %d on %s: %s", self.path,
+                      holder["pid"], holder["host"], stale)
+      self.path.unlink()
+    raise WorkdirLockedError(f"could not take the lock {self.path}: other runs keep taking it")
+
+  def _holds(self) -> bool:
+    try:
+      return json.loads(self.path.read_text())["token"] == self._holder["token"]
+    except (FileNotFoundError, ValueError):
+      return False
+
+  def _refresh(self) -> None:
+    while not self._stop.wait(HEARTBEAT_SECONDS):
+      if not self._holds():
+        logging.error("The lock %s was taken by another run; this run no longer holds it",
+                      self.path)
+        return
+      storage.write_whole(self.path, self._record())
+
+  def release(self) -> None:
+    """Gives the lock up (if this run still holds it)."""
+    self._stop.set()
+    if self._heartbeat is not None and self._holds():
+      self.path.unlink()
+    self._heartbeat = None
