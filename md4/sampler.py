@@ -235,14 +235,10 @@ def ancestral(predict_fn: checks.PredictFn,
     the tuple (z, nfe int32 [], frames) with only the ones asked for. Without
     reuse_outputs nfe == steps.
   """
-  check_args(rng, shape, vocab_size, schedule, top_p)
-  shape = tuple(int(d) for d in shape)
+  shape, _, z_init = initial_state(predict_fn, rng, shape, vocab_size, schedule, top_p, prefix,
+                                   infill, reuse_outputs)
   mask_id = vocab_size
   batch_size = shape[0]
-  given, template = given_positions(shape, vocab_size, prefix, infill)
-  z_init = jnp.where(given, template, mask_id).astype(jnp.int32)
-  if reuse_outputs:
-    check_ignores_time(predict_fn, z_init)
   times = jnp.asarray(time_grid(steps, grid))
   probs = reveal_probs(schedule, times)
 
@@ -273,6 +269,21 @@ def ancestral(predict_fn: checks.PredictFn,
   outputs = ((final.state,) + ((final.nfe,) if return_nfe else ())
              + ((frames,) if num_frames else ()))
   return outputs if len(outputs) > 1 else final.state
+
+
+def initial_state(predict_fn: checks.PredictFn, rng: Array, shape: tuple[int, ...],
+                  vocab_size: int, schedule: schedule_lib.Schedule, top_p: float | None,
+                  prefix: Array | None, infill: tuple[Array, Array] | None,
+                  reuse_outputs: bool) -> tuple[tuple[int, ...], Array, Array]:
+  """(shape as ints, given bool `shape`, z int32 `shape`: the given values, else the mask id
+  V) after checking the arguments, and that predict_fn ignores t if reusing outputs."""
+  check_args(rng, shape, vocab_size, schedule, top_p)
+  shape = tuple(int(d) for d in shape)
+  given, template = given_positions(shape, vocab_size, prefix, infill)
+  z_init = jnp.where(given, template, vocab_size).astype(jnp.int32)
+  if reuse_outputs:
+    check_ignores_time(predict_fn, z_init)
+  return shape, given, z_init
 
 
 def _draw(rng: Array, log_probs: Array, reveal_prob: Array, mask_id: int) -> Array:
@@ -659,13 +670,9 @@ def remdm(predict_fn: checks.PredictFn,
   `ancestral`. eta = 0 is the ancestral sampler. Other arguments as in
   `ancestral`.
   """
-  check_args(rng, shape, vocab_size, schedule, top_p)
-  shape = tuple(int(d) for d in shape)
+  shape, given, z_init = initial_state(predict_fn, rng, shape, vocab_size, schedule, top_p,
+                                       prefix, infill, reuse_outputs)
   mask_id = vocab_size
-  given, template = given_positions(shape, vocab_size, prefix, infill)
-  z_init = jnp.where(given, template, mask_id).astype(jnp.int32)
-  if reuse_outputs:
-    check_ignores_time(predict_fn, z_init)
   alpha_t, alpha_s, sigma, network_times = remdm_schedule(schedule, steps, grid, strategy, eta,
                                                           t_on, t_off, alpha_on)
   reveal_prob = jnp.asarray(np.clip((alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t),
@@ -714,13 +721,9 @@ def sample_ordered(predict_fn: checks.PredictFn,
   Returns z, or (z, nfe) with return_nfe (nfe <= steps; fewer with a
   threshold or reuse). Other arguments as in `ancestral`.
   """
-  check_args(rng, shape, vocab_size, schedule, top_p)
-  shape = tuple(int(d) for d in shape)
+  shape, _, z_init = initial_state(predict_fn, rng, shape, vocab_size, schedule, top_p, prefix,
+                                   infill, reuse_outputs)
   mask_id = vocab_size
-  given, template = given_positions(shape, vocab_size, prefix, infill)
-  z_init = jnp.where(given, template, mask_id).astype(jnp.int32)
-  if reuse_outputs:
-    check_ignores_time(predict_fn, z_init)
   final = ordered_unmasking(
       _network_caller(predict_fn, shape, vocab_size), rng, z_init,
       masked=lambda z: z == mask_id,
@@ -746,10 +749,8 @@ def first_hitting(predict_fn: checks.PredictFn,
   nfe is the number of positions the most masked row generates. Other
   arguments as in `ancestral`.
   """
-  check_args(rng, shape, vocab_size, schedule, top_p)
-  shape = tuple(int(d) for d in shape)
-  given, template = given_positions(shape, vocab_size, prefix, infill)
-  z_init = jnp.where(given, template, vocab_size).astype(jnp.int32)
+  shape, _, z_init = initial_state(predict_fn, rng, shape, vocab_size, schedule, top_p, prefix,
+                                   infill, False)
   final = first_hitting_loop(_network_caller(predict_fn, shape, vocab_size), rng, z_init,
                              mask_id=vocab_size, entries=lambda values: values,
                              logits_shape=shape + (vocab_size,), schedule=schedule,
