@@ -1,9 +1,9 @@
 """Sample quality against the truth for every sampler, as JSON and a Markdown table.
 
-python benchmarks/sampling_quality.py --workdir=/tmp/md4_quickstart --steps=16,64,256
+python benchmarks/sampling_quality.py --steps=16,64,256 --workdir=/tmp/md4_quickstart
 
-Trains configs/quickstart.py in --workdir unless a checkpoint is there (then
-loads it), then draws --num_samples unconditional samples with each sampler
+Trains --config (configs/quickstart.py) in --workdir (default: a new
+temporary folder) unless a checkpoint is there, which it then loads, then draws --num_samples unconditional samples with each sampler
 at each step count and scores them against the synthetic source's true law
 (`md4.sample_quality`): log-likelihood, entropy rate and transition KL in
 bits per token with standard errors, the sample entropy in nats, the
@@ -13,6 +13,7 @@ perfect sampler of a perfect model scores that (the KL 0 up to its error).
 """
 
 import json
+import tempfile
 import time
 
 from absl import app
@@ -27,7 +28,7 @@ from md4 import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py",
                                           "Config to train when --workdir has no checkpoint.")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/md4_quickstart", "Training workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir; default: a new temporary one.")
 _STEPS = flags.DEFINE_list("steps", ["16", "64", "256"], "Step counts of the step samplers.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 512, "Samples per row.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -106,9 +107,10 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
-  checkpoint = checkpoint_from(_WORKDIR.value)
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="md4_sampling_quality_")
+  checkpoint = checkpoint_from(workdir)
   if checkpoint.dataset.known_source is None:
-    raise app.UsageError(f"{_WORKDIR.value} holds a model of {checkpoint.config.dataset!r}, "
+    raise app.UsageError(f"{workdir} holds a model of {checkpoint.config.dataset!r}, "
                          "whose law is unknown: train on the synthetic source")
   rows = [source_row(checkpoint)]
   for label, name, options in SAMPLERS:

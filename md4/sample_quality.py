@@ -164,5 +164,5 @@ def describe(result: dict[str, Any]) -> str:
                  f"({result['judge_tokens']} judge tokens)")
   line = "; ".join(parts)
   if "num_samples" in result:
-    line = f"{result['num_samples']} samples vs the true source, bits per token: {line}"
+    line = f"{int(result['num_samples'])} samples vs the true source, bits per token: {line}"
   return line

@@ -185,11 +185,11 @@ def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: A
 
 def sample_scores(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
                   dataset: data_lib.Dataset, rng: Array) -> dict[str, float]:
-  """md4.sample_quality's scores of config.num_quality_samples samples, keys prefixed "sample_"."""
+  """md4.sample_quality's scores of config.num_quality_samples samples, keys prefixed "samples/"."""
   drawn = trainer.sample(params, rng, config.num_quality_samples, 0)
   tokens = np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
   scores = sample_quality.scores(tokens, dataset, config.seed)
-  return {f"sample_{name}": float(value) for name, value in scores.items()}
+  return {f"samples/{name}": float(value) for name, value in scores.items()}
 
 
 def summary_line(eval_metrics: dict[str, float]) -> str:
@@ -199,8 +199,8 @@ def summary_line(eval_metrics: dict[str, float]) -> str:
   if entropy is not None:
     line += (f"; source entropy: {entropy:.4f} bits per token "
              f"(gap {eval_metrics['eval_bits_per_token'] - entropy:+.4f})")
-  scores = {name[len("sample_"):]: value for name, value in eval_metrics.items()
-            if name.startswith("sample_")}
+  scores = {name.removeprefix("samples/"): value for name, value in eval_metrics.items()
+            if name.startswith("samples/")}
   if scores:
     line += "\n" + sample_quality.describe(scores)
   return line
