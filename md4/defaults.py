@@ -90,6 +90,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample_steps = 256
   config.sample_grid = "cosine"
   config.sample_top_p = 1.0
+  # One of sampler.SAMPLERS; its options are sampler_options.<name> (threshold 0: none).
+  config.sampler = "ancestral"
+  config.sampler_options = ml_collections.ConfigDict(dict(
+      maskgit=dict(temperature=1.0, choice_temperature=4.5, threshold=0.0),
+      llada=dict(temperature=1.0, threshold=0.0),
+      blocks=dict(block_size=16, order="confidence", temperature=1.0, choice_temperature=4.5,
+                  threshold=0.0),
+      remdm=dict(strategy="cap", eta=0.04, t_on=0.55, t_off=0.05, alpha_on=0.9)))
+  # Samples drawn at the end of training to score against a known source (0: none).
+  config.num_quality_samples = 256
   config.num_montage_frames = 8
   config.check_nans = True
   # Persistent compilation cache (md4.compilation_cache): a folder or gs:// path; "" is off.
@@ -128,8 +138,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks keys and types against the defaults and a few values; returns config."""
   from md4 import models  # pylint: disable=g-import-not-at-top  # Flax: only when validating.
   _check(config, get_config(), "")
-  models.get(config.model_type)
+  model_class = models.get(config.model_type)
   data.get(config.dataset)
+  models.configured_sampler(config)
+  if config.sampler not in model_class.supports:
+    raise ValueError(f"config.sampler={config.sampler!r}: model_type {config.model_type!r} "
+                     f"supports {sorted(set(model_class.supports) & set(models.SAMPLERS))}")
   if config.model.attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl={config.model.attention_impl!r}; valid: "
                      f"{ATTENTION_IMPLS} ('' picks cuDNN on GPU in half precision, else XLA)")

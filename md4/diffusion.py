@@ -5,10 +5,14 @@ q(z_t | x) = alpha_t delta(x) + (1 - alpha_t) delta(m). The continuous-time
 NELBO (Shi et al., 2024) is
 
     NELBO(x) = int_0^1 -w(t) E_q[ sum_{i: z_t^i = m} -log mu(z_t, t)_i[x^i] ] dt
-               + L (1 - alpha_0) log V,
+               + L (1 - alpha_0) log V + L alpha_1 log V,
 
-with w = alpha' / (1 - alpha). With T steps, t = i/T (i uniform in 1..T),
-s = t - 1/T and -w(t) is replaced by T (alpha_s - alpha_t) / (1 - alpha_t).
+with w = alpha' / (1 - alpha). The last two terms code uniformly the tokens
+still masked at t = 0 (recon) and the alpha_1 share still unmasked at t = 1
+(prior: the KL from q(z_1 | x) to p(z_1) = (1 - alpha_1) delta(m) +
+alpha_1 Uniform(V)); without the prior the bound falls below the entropy
+wherever that exceeds L log V / 2. With T steps, t = i/T (i uniform in
+1..T), s = t - 1/T and -w(t) is replaced by T (alpha_s - alpha_t) / (1 - alpha_t).
 """
 
 import math
@@ -17,23 +21,34 @@ import jax
 import jax.numpy as jnp
 
 from md4 import checks
+from md4 import draws
 from md4 import schedule as schedule_lib
 
 Array = jnp.ndarray
 
 
 def sample_times(rng: Array, batch_size: int, antithetic: bool) -> Array:
-  """t in [0, 1) [B]; antithetic draws t_b = (u + b / B) mod 1."""
-  if antithetic:
-    u = jax.random.uniform(rng, ())
-    return jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
-  return jax.random.uniform(rng, (batch_size,))
+  """t uniform on (0, 1) [B]; antithetic draws t_b = (u + b / B) mod 1 for one u.
+
+  Never 0 (1 only by rounding), where poly<k> with k < 1 has an infinite
+  weight, and with float32's relative precision down to 2^-64 / B
+  (`draws.uniform`), so that the mass of a schedule near t = 0 is not lost
+  to a grid (poly0.5 on jax.random.uniform's 2^-23 grid: 2.5e-4 of the bound).
+  """
+  if not antithetic:
+    return draws.uniform(rng, (batch_size,))
+  rng_stratum, rng_offset = jax.random.split(rng)
+  # u = (stratum + offset) / B: the stratum that lands at 0 keeps offset's precision.
+  stratum = jax.random.randint(rng_stratum, (), 0, batch_size)
+  offset = draws.uniform(rng_offset, ())
+  strata = jnp.mod(jnp.arange(batch_size) + stratum, batch_size)
+  return (strata + offset) / batch_size
 
 
 def mask_tokens(rng: Array, x: Array, alpha: Array, mask_id: int) -> Array:
   """Forward process: keeps each x with probability alpha [B], else mask_id."""
   alpha = jnp.reshape(alpha, alpha.shape + (1,) * (x.ndim - alpha.ndim))
-  keep = jax.random.uniform(rng, x.shape) < alpha
+  keep = draws.bernoulli(rng, alpha, x.shape)
   return jnp.where(keep, x, mask_id).astype(jnp.int32)
 
 
@@ -69,19 +84,29 @@ def time_weight(sch: schedule_lib.Schedule, t: Array, cont_time: bool,
   """-w(t) >= 0 in continuous time, T (alpha_s - alpha_t)/(1 - alpha_t) in discrete."""
   if cont_time:
     return -sch.weight(t)
-  s = t - 1.0 / timesteps
-  return timesteps * (sch.alpha(s) - sch.alpha(t)) / (1.0 - sch.alpha(t))
+  # t and s from the step's index by the same arithmetic, so that the s of step
+  # i is exactly the t of step i - 1 and the weights telescope.
+  step = jnp.round(t * timesteps)
+  t, s = step / timesteps, (step - 1.0) / timesteps
+  # As in Schedule.weight: with eps = 0 both can underflow where nothing is masked.
+  mask_prob = jnp.maximum(sch.mask_prob(t), jnp.finfo(jnp.float32).tiny)
+  return timesteps * sch.alpha_drop(s, t) / mask_prob
 
 
 def discretise(t: Array, timesteps: int) -> Array:
-  """Maps t in [0, 1) to the grid i / T, i in {1..T}."""
-  return (jnp.floor(t * timesteps) + 1.0) / timesteps
+  """Maps t in (0, 1] to the grid i / T, i in {1..T}."""
+  return jnp.clip(jnp.ceil(t * timesteps), 1.0, timesteps) / timesteps
 
 
 def reconstruction(sch: schedule_lib.Schedule, num_tokens: int,
                    vocab_size: int) -> Array:
   """L (1 - alpha_0) log V: the tokens masked at t = 0, coded uniformly."""
-  return num_tokens * (1.0 - sch.alpha(jnp.float32(0.0))) * math.log(vocab_size)
+  return num_tokens * sch.mask_prob(jnp.float32(0.0)) * math.log(vocab_size)
+
+
+def prior(sch: schedule_lib.Schedule, num_tokens: int, vocab_size: int) -> Array:
+  """L alpha_1 log V: the tokens still unmasked at t = 1, coded uniformly."""
+  return num_tokens * sch.alpha(jnp.float32(1.0)) * math.log(vocab_size)
 
 
 def loss(predict_fn: checks.PredictFn,
@@ -95,28 +120,51 @@ def loss(predict_fn: checks.PredictFn,
          antithetic: bool = True) -> tuple[Array, dict[str, Array]]:
   """Monte-Carlo NELBO of x [B, L, ...] in nats per sequence.
 
+  Draws t (`sample_times`, on the grid i / T in discrete time) and z_t
+  (`mask_tokens`), then returns `loss_given_state`.
+  """
+  rng_t, rng_mask = jax.random.split(rng)
+  t = sample_times(rng_t, x.shape[0], antithetic)
+  if not cont_time:
+    t = discretise(t, timesteps)
+  z = mask_tokens(rng_mask, x, schedule.alpha(t), vocab_size)
+  return loss_given_state(predict_fn, x, z, t, schedule=schedule, vocab_size=vocab_size,
+                          cont_time=cont_time, timesteps=timesteps)
+
+
+def loss_given_state(predict_fn: checks.PredictFn,
+                     x: Array,
+                     z: Array,
+                     t: Array,
+                     *,
+                     schedule: schedule_lib.Schedule,
+                     vocab_size: int,
+                     cont_time: bool = True,
+                     timesteps: int = 1000) -> tuple[Array, dict[str, Array]]:
+  """The NELBO estimate of x [B, L, ...] at times t [B] and masked states z [B, L, ...].
+
+  `loss` is this at a draw of (t, z); its expectation over them is the NELBO.
+  In discrete time t must lie on the grid i / T.
+
   Returns (nelbo [B], aux) with aux scalars: loss_diffusion, loss_recon,
-  bits_per_token and masked_fraction (batch means).
+  loss_prior, bits_per_token and masked_fraction (batch means).
   """
   checks.tokens(x, vocab_size)
   checks.timesteps(cont_time, timesteps)
   batch_size = x.shape[0]
   num_tokens = math.prod(x.shape[1:])
-  rng_t, rng_mask = jax.random.split(rng)
-  t = sample_times(rng_t, batch_size, antithetic)
-  if not cont_time:
-    t = discretise(t, timesteps)
-  z = mask_tokens(rng_mask, x, schedule.alpha(t), vocab_size)
   logits = checks.logits(predict_fn(z, t), x.shape + (vocab_size,))
   is_masked = (z == vocab_size)
   masked_nll = -jnp.where(is_masked, token_log_prob(logits, x), 0.0)
   masked_nll = masked_nll.reshape(batch_size, -1).sum(axis=-1)
   loss_diffusion = time_weight(schedule, t, cont_time, timesteps) * masked_nll
   loss_recon = reconstruction(schedule, num_tokens, vocab_size)
-  nelbo = loss_diffusion + loss_recon
+  loss_prior = prior(schedule, num_tokens, vocab_size)
+  nelbo = loss_diffusion + loss_recon + loss_prior
   aux = {
       "loss_diffusion": loss_diffusion.mean(),
       "loss_recon": loss_recon,
+      "loss_prior": loss_prior,
       "bits_per_token": nelbo.mean() / (num_tokens * math.log(2)),
       "masked_fraction": is_masked.mean(),
   }

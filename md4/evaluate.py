@@ -5,6 +5,8 @@
     python -m md4.evaluate --workdir=DIR --zero_shot=lambada:FILE,wikitext2:FILE,...
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --prefix="the cat"
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --infill="the ____ sat on the ___"
+    python -m md4.evaluate --workdir=DIR --nonelbo --sample --num_samples=1024 \
+        --sampler=blocks --sampler_options='{"block_size": 16}'
 
 The model, data and mesh are rebuilt from the config the checkpoint was
 trained with (stored in it; DIR/config.json may have changed since); the EMA
@@ -16,6 +18,12 @@ reads any text for a text model, mapped to the vocabulary as the training
 text was (`Dataset.read_text`; a word-piece model also takes a corpus folder
 prepared with its tokenizer). --zero_shot evaluates the MD4 paper's zero-shot
 sets (`md4.data.zero_shot`) and prints them as a Markdown table.
+
+With --sample, unconditional samples are scored (`md4.sample_quality`): their
+sample entropy for text, and against the true law of a known source their
+log-likelihood, entropy rate and transition KL next to the source's own.
+--sampler picks the sampler (`sampler.SAMPLERS`), --sampler_options its
+options as JSON.
 
 Results go to OUT/results_step_<N>.json (OUT = DIR/eval or --output_dir),
 merged with what earlier runs at that step wrote, samples to
@@ -42,9 +50,11 @@ from md4 import compilation_cache
 from md4 import data as data_lib
 from md4 import defaults
 from md4 import errors
+from md4 import judge as judge_lib
 from md4 import likelihood
 from md4 import models
 from md4 import preemption as preemption_lib
+from md4 import sample_quality
 from md4 import samples as samples_lib
 from md4 import sampler as sampler_lib
 from md4 import sharding as sharding_lib
@@ -83,6 +93,9 @@ class Options:
   steps: int | None = None           # Sampler steps; None: config.sample_steps.
   grid: str | None = None            # Sampler time grid; None: config.sample_grid.
   top_p: float | None = None         # Nucleus mass; None: config.sample_top_p.
+  sampler: str | None = None         # One of sampler.SAMPLERS; None: config.sampler.
+  sampler_options: str | None = None  # JSON object over config.sampler_options.<sampler>.
+  judge: str | None = None           # GPT-2-family checkpoint dir: generative perplexity.
   prefix: str | None = None          # Leading text every sample keeps.
   infill: str | None = None          # Template: "_" marks a position to generate.
   output_dir: str | None = None      # None: WORKDIR/eval.
@@ -239,8 +252,9 @@ def infill_template(checkpoint: Checkpoint, template: str) -> tuple[np.ndarray, 
 
 def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int, steps: int,
              grid: str, top_p: float, prefix: str | None = None,
-             infill: str | None = None) -> models.Samples:
-  """Samples with the EMA parameters; prefix and infill as in `Options`."""
+             infill: str | None = None, sampler: str | None = None,
+             sampler_options: dict[str, Any] | None = None) -> models.Samples:
+  """Samples with the EMA parameters; prefix, infill and the sampler as in `Options`."""
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   sampler_lib.time_grid(steps, grid)  # Raises ValueError naming a bad steps or grid.
@@ -258,16 +272,32 @@ def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int, steps:
     conditions["infill"] = (jnp.asarray(np.tile(template, (num_samples, 1))),
                             jnp.asarray(np.tile(given, (num_samples, 1))))
   model, config = checkpoint.model, checkpoint.config
+  name, options = models.configured_sampler(config, sampler, sampler_options)
 
   def draw(params: Any, rng: jax.Array) -> models.Samples:
     return model.sample(params, rng, num_samples, steps=steps, grid=grid,
                         top_p=None if top_p >= 1.0 else top_p,
-                        guidance_scale=config.guidance_scale, **conditions)
+                        guidance_scale=config.guidance_scale, sampler=name, **conditions,
+                        **options)
 
   replicated = sharding_lib.replicated(checkpoint.mesh)
   draw = jax.jit(draw, in_shardings=(checkpoint.params_sharding, replicated),
                  out_shardings=replicated)
   return jax.device_get(draw(checkpoint.params, rng))
+
+
+def parse_sampler_options(text: str | None) -> dict[str, Any]:
+  """The JSON object of --sampler_options, e.g. '{"block_size": 8}'; {} for None."""
+  if text is None:
+    return {}
+  try:
+    parsed = json.loads(text)
+  except ValueError as error:
+    raise ValueError(f"sampler_options={text!r} is not JSON: {error}") from error
+  if not isinstance(parsed, dict):
+    raise ValueError(f"sampler_options must be a JSON object like '{{\"eta\": 0.02}}', "
+                     f"got {text!r}")
+  return parsed
 
 
 def zero_shot_sections(checkpoint: Checkpoint, spec: str, *, num_t: int = 8,
@@ -367,12 +397,27 @@ def run(options: Options) -> dict[str, Any]:
     settings = {key: configured[key] if value is None else value
                 for key, value in given.items()}
     rng = jax.random.fold_in(jax.random.PRNGKey(options.seed), checkpoint.step)
-    drawn = generate(checkpoint, rng, prefix=options.prefix, infill=options.infill, **settings)
+    sampler_name, sampler_options = models.configured_sampler(
+        config, options.sampler, parse_sampler_options(options.sampler_options))
+    drawn = generate(checkpoint, rng, prefix=options.prefix, infill=options.infill,
+                     sampler=sampler_name, sampler_options=sampler_options, **settings)
     files = []
     if jax.process_index() == 0:
       files = samples_lib.write(out_dir, f"samples_step_{checkpoint.step}",
                                 np.asarray(drawn.tokens), dataset)
-    results["samples"] = {**settings, "seed": options.seed, "prefix": options.prefix,
+    quality = {}
+    if options.prefix is None and options.infill is None:  # Conditioned samples follow another law.
+      quality = sample_quality.scores(np.asarray(drawn.tokens), dataset, options.seed)
+    if options.judge:
+      if dataset.decode is None:
+        raise ValueError(f"judge: generative perplexity needs a text model; this one was "
+                         f"trained on {config.dataset!r} ({dataset.modality})")
+      texts = [dataset.decode(tokens) for tokens in np.asarray(drawn.tokens)]
+      quality.update(judge_lib.generative_perplexity(judge_lib.load(options.judge), texts),
+                     judge=os.path.abspath(os.path.expanduser(options.judge)))
+    results["samples"] = {**settings, "sampler": sampler_name,
+                          "sampler_options": sampler_options, "quality": quality,
+                          "seed": options.seed, "prefix": options.prefix,
                           "infill": options.infill, "nfe": int(drawn.nfe), "files": files}
   if jax.process_index() == 0:
     results["results_file"] = str(_write_results(out_dir, results))
@@ -414,8 +459,10 @@ def summary(results: dict[str, Any]) -> str:
   if "samples" in results:
     drawn = results["samples"]
     where = drawn["files"][0] if drawn["files"] else "(written by process 0)"
-    lines.append(f"  {drawn['num_samples']} samples ({drawn['nfe']} network evaluations): "
-                 f"{where}")
+    lines.append(f"  {drawn['num_samples']} samples ({drawn['nfe']} network evaluations) "
+                 f"from the {drawn['sampler']} sampler: {where}")
+    if drawn.get("quality"):
+      lines.append("  " + sample_quality.describe(drawn["quality"]))
   if "results_file" in results:
     lines.append(f"  results: {results['results_file']}")
   table = zero_shot_table(results["nelbo"])
@@ -446,6 +493,12 @@ _HELP = {
     "grid": f"Sampler time grid ({', '.join(sampler_lib.GRIDS)}); default: "
             "config.sample_grid.",
     "top_p": "Nucleus mass; default: config.sample_top_p.",
+    "sampler": f"Sampler ({', '.join(sampler_lib.SAMPLERS)}); default: config.sampler.",
+    "sampler_options": "JSON object of sampler options over config.sampler_options.<sampler>, "
+                       "e.g. '{\"block_size\": 8}'.",
+    "judge": "Hugging Face GPT-2-family checkpoint directory (config.json, model.safetensors, "
+             "tokenizer.json; pip install 'md4[judge]'): report the samples' generative "
+             "perplexity under it.",
     "prefix": "Leading text every sample keeps.",
     "infill": "Template: '_' marks a position to generate, every other character is given.",
     "output_dir": "Default: WORKDIR/eval.",

@@ -56,6 +56,7 @@ import numpy as np
 
 from md4 import checks
 from md4 import diffusion
+from md4 import draws
 from md4 import sampler as sampler_lib
 
 Array = jnp.ndarray
@@ -70,7 +71,7 @@ def mask_prob(t: Array, power_x: Array, eps: float) -> Array:
 def mask_tokens(rng: Array, x: Array, t: Array, power: Array, eps: float,
                 vocab_size: int) -> Array:
   """Forward process: masks x [B, ...] at times t [B], position i w.p. 1 - alpha_t(x^i)."""
-  masked = jax.random.uniform(rng, x.shape) < mask_prob(t, power[x], eps)
+  masked = draws.bernoulli(rng, mask_prob(t, power[x], eps), x.shape)
   return jnp.where(masked, vocab_size, x).astype(jnp.int32)
 
 
@@ -229,13 +230,16 @@ def sample(predict_fn: checks.PredictFn,
            steps: int,
            grid: str = "uniform",
            prefix: Array | None = None,
-           infill: tuple[Array, Array] | None = None) -> Array:
+           infill: tuple[Array, Array] | None = None,
+           reuse_outputs: bool = False,
+           return_nfe: bool = False) -> Array | tuple[Array, Array]:
   """Samples z int32 [B, ...] = `shape` in {0..V-1} from a GenMD4 model.
 
   Step t -> s: each masked position draws x_hat ~ softmax(logits) and is
   revealed as x_hat with probability 1 - (s / t)^{w_{x_hat}} (module
-  docstring). One `lax.fori_loop` of T = steps network calls; jit the caller,
-  e.g. jax.jit(lambda rng, power: genmd4.sample(predict_fn, rng, shape=(B, L),
+  docstring). One `lax.fori_loop` of T = steps steps, each one network call
+  (or none, with reuse_outputs); jit the caller, e.g.
+  jax.jit(lambda rng, power: genmd4.sample(predict_fn, rng, shape=(B, L),
   vocab_size=V, power=power, steps=T)).
 
   Args:
@@ -249,6 +253,12 @@ def sample(predict_fn: checks.PredictFn,
     grid: "uniform" or "cosine" time grid 1 = t_0 > ... > t_T = 0
       (`sampler.time_grid`).
     prefix, infill: positions given from the start, as in `sampler.ancestral`.
+    reuse_outputs: skip the network after a step that revealed nothing, as
+      in `sampler.ancestral` (a network that reads t is refused).
+    return_nfe: also return the network evaluations spent.
+
+  Returns:
+    z, or (z, nfe int32 []) with return_nfe.
   """
   checks.rng(rng)
   checks.shape(shape)
@@ -259,20 +269,28 @@ def sample(predict_fn: checks.PredictFn,
   power = jnp.asarray(power, jnp.float32)
   mask_id = vocab_size
   given, template = sampler_lib.given_positions(shape, vocab_size, prefix, infill)
-
-  def step(i: Array, z: Array) -> Array:
-    t, s = times[i], times[i + 1]
-    logits = checks.logits(predict_fn(z, jnp.full((shape[0],), t, jnp.float32)),
-                           shape + (vocab_size,))
-    rng_value, rng_reveal = jax.random.split(jax.random.fold_in(rng, i))
-    values = jax.random.categorical(rng_value, logits.astype(jnp.float32), axis=-1)
-    # s = 0 gives (s / t)^w = 0: every masked position is revealed.
-    reveal_prob = 1.0 - (s / t)**power[values]
-    reveal = jax.random.uniform(rng_reveal, shape) < reveal_prob
-    return jnp.where((z == mask_id) & reveal, values, z).astype(jnp.int32)
-
   z_init = jnp.where(given, template, mask_id).astype(jnp.int32)
-  return jax.lax.fori_loop(0, steps, step, z_init)
+  if reuse_outputs:
+    sampler_lib.check_ignores_time(predict_fn, z_init)
+
+  def call_network(z: Array, t: Array) -> Array:
+    logits = predict_fn(z, jnp.full((shape[0],), t, jnp.float32))
+    return checks.logits(logits, shape + (vocab_size,)).astype(jnp.float32)
+
+  def step(i: Array, carry: sampler_lib.Carry) -> sampler_lib.Carry:
+    t, s = times[i], times[i + 1]
+    z = carry.state
+    logits, nfe = sampler_lib.network_output(carry, lambda z: call_network(z, t), reuse_outputs)
+    rng_value, rng_reveal = jax.random.split(jax.random.fold_in(rng, i))
+    values = draws.categorical(rng_value, logits)
+    # s = 0 gives (s / t)^w = 0: every masked position is revealed.
+    reveal = draws.bernoulli(rng_reveal, 1.0 - (s / t)**power[values], shape)
+    z_next = jnp.where((z == mask_id) & reveal, values, z)
+    return sampler_lib.advance(z, z_next, logits, nfe, mask_id, reuse_outputs)
+
+  init = sampler_lib.initial_carry(z_init, shape + (vocab_size,), mask_id, reuse_outputs)
+  final = jax.lax.fori_loop(0, steps, step, init)
+  return (final.state, final.nfe) if return_nfe else final.state
 
 
 def _check_power(power: Array, vocab_size: int) -> None:

@@ -19,7 +19,7 @@ import ml_collections
 from md4 import diffusion
 from md4 import genmd4
 from md4 import prime
-from md4 import sampler
+from md4 import sampler as sampler_lib
 from md4 import schedule as schedule_lib
 from md4.networks import dit
 from md4.networks import layers
@@ -32,8 +32,10 @@ Array = jnp.ndarray
 Params = Any
 Metrics = dict[str, Array]
 
-# What a model's sampler can do beyond unconditional draws.
-FEATURES = ("prefix", "infill", "frames", "guidance")
+# What a model's sampler can do beyond unconditional draws ("frames": ancestral only), and
+# the samplers (`sampler_lib.SAMPLERS`) it has.
+SAMPLERS = sampler_lib.SAMPLERS
+FEATURES = ("prefix", "infill", "frames", "guidance") + SAMPLERS
 
 
 @flax.struct.dataclass
@@ -86,8 +88,12 @@ class Model(Protocol):
   def sample(self, params: Params, rng: Array, num_samples: int, *, steps: int, grid: str,
              top_p: float | None = None, prefix: Array | None = None,
              infill: tuple[Array, Array] | None = None, num_frames: int = 0,
-             guidance_scale: float = 1.0) -> Samples:
-    """num_samples draws; prefix [N, P], infill (template, given) [N, ...] as in sampler.ancestral."""
+             guidance_scale: float = 1.0, sampler: str = "ancestral", **options) -> Samples:
+    """num_samples draws; prefix [N, P], infill (template, given) [N, ...] as in sampler.ancestral.
+
+    sampler names one of `sampler_lib.SAMPLERS` in `supports`; options are its
+    own (`sampler.SAMPLER_OPTIONS`).
+    """
 
 
 def build_network(config: ml_collections.ConfigDict, num_outputs: int, num_classes: int,
@@ -158,7 +164,8 @@ class MaskedDiffusion:
     self.num_classes = num_classes
     self.schedule = schedule_lib.get(config.noise_schedule)
     self.network = build_network(config, vocab_size, num_classes, embed)
-    # A network that ignores t gives the same output for the same input at any t.
+    # A network that ignores t gives the same output for the same input at any t: the
+    # samplers reuse it exactly then (they refuse a predict_fn that reads t).
     self.network_reads_time = not (config.model.backbone == "transformer"
                                    and config.model.time_conditioning == "none")
     if num_classes:
@@ -225,34 +232,47 @@ class MaskedDiffusion:
   def sample(self, params: Params, rng: Array, num_samples: int, *, steps: int, grid: str,
              top_p: float | None = None, prefix: Array | None = None,
              infill: tuple[Array, Array] | None = None, num_frames: int = 0,
-             guidance_scale: float = 1.0) -> Samples:
+             guidance_scale: float = 1.0, sampler: str = "ancestral", **options) -> Samples:
     """num_samples draws with the EMA (or any) parameters; see Model.sample.
 
     Class-conditional models draw classes 0, 1, 2, ... in turn.
     """
+    options = sampler_lib.sampler_options(sampler, options)
     asked = {"prefix": prefix is not None, "infill": infill is not None,
-             "frames": num_frames > 0, "guidance": guidance_scale != 1.0}
+             "frames": num_frames > 0, "guidance": guidance_scale != 1.0, sampler: True}
     for feature, wanted in asked.items():
       if wanted and feature not in self.supports:
         raise ValueError(f"{feature}: the {type(self).__name__} sampler of this model does "
                          f"not support it (supports: {sorted(self.supports) or 'none'})")
+    if num_frames and sampler != "ancestral":
+      raise ValueError(f"frames: only the ancestral sampler records them, not {sampler!r}")
     labels = (jnp.arange(num_samples, dtype=jnp.int32) % self.num_classes
               if self.num_classes else None)
     predict = self.predict_fn(params, labels, guidance_scale=guidance_scale)
-    return self._draw(params, predict, rng, (num_samples, *self.example_shape), steps=steps,
-                      grid=grid, top_p=top_p, prefix=prefix, infill=infill,
-                      num_frames=num_frames)
+    kwargs = dict(steps=steps, grid=grid, top_p=top_p, prefix=prefix, infill=infill)
+    shape = (num_samples, *self.example_shape)
+    if sampler == "ancestral":
+      return self._draw(params, predict, rng, shape, num_frames=num_frames, **kwargs)
+    return self._draw_with(sampler, params, predict, rng, shape, options, **kwargs)
 
   def _draw(self, params: Params, predict, rng: Array, shape: tuple[int, ...], *,
             steps: int, grid: str, top_p: float | None, prefix: Array | None,
             infill: tuple[Array, Array] | None, num_frames: int) -> Samples:
+    """The ancestral sampler."""
+    raise NotImplementedError
+
+  def _draw_with(self, name: str, params: Params, predict, rng: Array,
+                 shape: tuple[int, ...], options: dict, *, steps: int, grid: str,
+                 top_p: float | None, prefix: Array | None,
+                 infill: tuple[Array, Array] | None) -> Samples:
+    """Sampler `name` (in supports, not ancestral) with its keyword options."""
     raise NotImplementedError
 
 
 class MD4(MaskedDiffusion):
   """MD4: a fixed schedule, the continuous- or discrete-time NELBO, ancestral sampling."""
 
-  supports = frozenset({"prefix", "infill", "frames"})
+  supports = frozenset({"prefix", "infill", "frames", *sampler_lib.SAMPLERS})
 
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
            train: bool) -> LossOutput:
@@ -266,18 +286,35 @@ class MD4(MaskedDiffusion):
   def _draw(self, params, predict, rng, shape, *, steps, grid, top_p, prefix, infill,
             num_frames) -> Samples:
     del params
-    outputs = sampler.ancestral(
+    outputs = sampler_lib.ancestral(
         predict, rng, shape=shape, vocab_size=self.vocab_size, schedule=self.schedule,
         steps=steps, grid=grid, top_p=top_p, prefix=prefix, infill=infill,
         reuse_outputs=not self.network_reads_time, return_nfe=True, num_frames=num_frames)
     tokens, nfe = outputs[:2]
     return Samples(tokens=tokens, frames=outputs[2] if num_frames else None, nfe=nfe)
 
+  def _draw_with(self, name, params, predict, rng, shape, options, *, steps, grid, top_p,
+                 prefix, infill) -> Samples:
+    del params
+    common = dict(shape=shape, vocab_size=self.vocab_size, schedule=self.schedule,
+                  top_p=top_p, prefix=prefix, infill=infill, return_nfe=True)
+    reuse = not self.network_reads_time
+    if name == "first_hitting":
+      tokens, nfe = sampler_lib.first_hitting(predict, rng, **common)
+    elif name == "remdm":
+      tokens, nfe = sampler_lib.remdm(predict, rng, steps=steps, grid=grid,
+                                      reuse_outputs=reuse, **common, **options)
+    else:
+      tokens, nfe = sampler_lib.sample_ordered(predict, rng, steps=steps, grid=grid,
+                                               reuse_outputs=reuse, **common, **options)
+    return Samples(tokens=tokens, frames=None, nfe=nfe)
+
 
 class GenMD4(MaskedDiffusion):
   """GenMD4: a learned per-value polynomial schedule, trained with REINFORCE-LOO."""
 
-  supports = frozenset({"prefix", "infill"})
+  # Ordered unmasking needs no schedule; ReMDM and first-hitting would need one per value.
+  supports = frozenset({"prefix", "infill", "ancestral", "maskgit", "llada", "blocks"})
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
                example_shape: tuple[int, ...], num_classes: int = 0):
@@ -311,16 +348,29 @@ class GenMD4(MaskedDiffusion):
     del num_frames
     if top_p is not None:
       raise ValueError("top_p: the GenMD4 sampler (genmd4.sample) has no top-p sampling")
-    tokens = genmd4.sample(predict, rng, shape=shape, vocab_size=self.vocab_size,
-                           power=self.power(params), steps=steps, grid=grid, prefix=prefix,
-                           infill=infill)
-    return Samples(tokens=tokens, frames=None, nfe=jnp.int32(steps))
+    tokens, nfe = genmd4.sample(
+        predict, rng, shape=shape, vocab_size=self.vocab_size, power=self.power(params),
+        steps=steps, grid=grid, prefix=prefix, infill=infill,
+        reuse_outputs=not self.network_reads_time, return_nfe=True)
+    return Samples(tokens=tokens, frames=None, nfe=nfe)
+
+  def _draw_with(self, name, params, predict, rng, shape, options, *, steps, grid, top_p,
+                 prefix, infill) -> Samples:
+    """Ordered unmasking; its counts and network times follow config.noise_schedule."""
+    del params, name
+    tokens, nfe = sampler_lib.sample_ordered(
+        predict, rng, shape=shape, vocab_size=self.vocab_size, schedule=self.schedule,
+        steps=steps, grid=grid, top_p=top_p, prefix=prefix, infill=infill,
+        reuse_outputs=not self.network_reads_time, return_nfe=True, **options)
+    return Samples(tokens=tokens, frames=None, nfe=nfe)
 
 
 class Prime(MaskedDiffusion):
   """MDM-Prime: tokens as l sub-tokens masked independently; reports the valid NELBO."""
 
-  supports = frozenset({"prefix", "infill"})
+  # ReMDM would remask sub-tokens against carry-over; not derived for partial masking.
+  supports = frozenset({"prefix", "infill", "ancestral", "maskgit", "llada", "blocks",
+                        "first_hitting"})
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
                example_shape: tuple[int, ...], num_classes: int = 0):
@@ -355,10 +405,37 @@ class Prime(MaskedDiffusion):
   def _draw(self, params, predict, rng, shape, *, steps, grid, top_p, prefix, infill,
             num_frames) -> Samples:
     del params, num_frames
-    tokens = prime.sample(predict, rng, shape=shape, codec=self.codec,
-                          schedule=self.schedule, steps=steps, grid=grid, top_p=top_p,
-                          prefix=prefix, infill=infill)
-    return Samples(tokens=tokens, frames=None, nfe=jnp.int32(steps))
+    tokens, nfe = prime.sample(
+        predict, rng, shape=shape, codec=self.codec, schedule=self.schedule, steps=steps,
+        grid=grid, top_p=top_p, prefix=prefix, infill=infill,
+        reuse_outputs=not self.network_reads_time, return_nfe=True)
+    return Samples(tokens=tokens, frames=None, nfe=nfe)
+
+  def _draw_with(self, name, params, predict, rng, shape, options, *, steps, grid, top_p,
+                 prefix, infill) -> Samples:
+    del params
+    common = dict(shape=shape, codec=self.codec, schedule=self.schedule, top_p=top_p,
+                  prefix=prefix, infill=infill)
+    if name == "first_hitting":
+      tokens, nfe = prime.sample_first_hitting(predict, rng, **common)
+    else:
+      tokens, nfe = prime.sample_ordered(predict, rng, steps=steps, grid=grid,
+                                         reuse_outputs=not self.network_reads_time,
+                                         **common, **options)
+    return Samples(tokens=tokens, frames=None, nfe=nfe)
+
+
+def configured_sampler(config: ml_collections.ConfigDict, name: str | None = None,
+                       overrides: dict | None = None) -> tuple[str, dict[str, Any]]:
+  """(sampler name, its options): config.sampler (or name) with config.sampler_options.<name>
+  updated by overrides; a threshold of 0 means none."""
+  name = config.sampler if name is None else name
+  options = dict(config.sampler_options.get(name, {}))
+  options.update(overrides or {})
+  if options.get("threshold") == 0.0:
+    options["threshold"] = None
+  sampler_lib.sampler_options(name, options)
+  return name, options
 
 
 MODEL_TYPES: dict[str, type[MaskedDiffusion]] = {"md4": MD4, "genmd4": GenMD4, "prime": Prime}

@@ -16,13 +16,14 @@ The valid bound, reported and by default trained, is MD4's NELBO over the
 sub-tokens:
 
     NELBO(x) = int_0^1 -w(t) E_q[ sum_i sum_{j: y_t^{ij} = m} -log mu^{ij}(y_0^{ij}) ] dt
-               + L l (1 - alpha_0) log b.
+               + L l (1 - alpha_0) log b + L l alpha_1 log b.
 
-The reconstruction term codes each sub-token still masked at t = 0 uniformly
-over its b digits. That is a proper (sub-)distribution over digit strings:
+The reconstruction and prior terms code uniformly over its b digits each
+sub-token still masked at t = 0 and each still unmasked at t = 1 (as in
+`diffusion.loss`). That is a proper (sub-)distribution over digit strings:
 the mass it puts on strings that encode no class only loosens the bound, and
-l log b >= log C, so it is never below MD4's L (1 - alpha_0) log C; with
-alpha_0 = 1 - eps the two differ by O(eps) nats. For l = 1 and no shuffling
+l log b >= log C, so neither term is below MD4's; with alpha_0 = 1 - eps and
+alpha_1 = eps the two bounds' end terms differ by O(eps) nats. For l = 1 and no shuffling
 the whole loss is MD4's (`diffusion.loss`), draw for draw.
 
 The per-token surrogate int -w(t) E_q[ sum_i -log p(x^i | y_t) ] dt
@@ -33,7 +34,12 @@ It may be trained, never reported as a likelihood.
 Sampler, t -> s: draw x_hat^i ~ p(. | y_t) per position; each masked sub-token
 is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) as
 f(x_hat^i)_j. Carry-over keeps every state consistent with some class, so the
-final decode always succeeds. (The NELBO above is that of a reverse process
+final decode always succeeds. A step that reveals nothing leaves the
+network's input as it was: for a network that ignores t its output is
+reused (`reuse_outputs`). Beyond it: `sample_ordered` (MaskGIT, LLaDA,
+blocks) ranks positions by p(x_hat^i | y_t) and reveals all sub-tokens of
+the chosen ones; `sample_first_hitting` reveals one uniformly chosen masked
+sub-token per network call, exact for a network that ignores t. (The NELBO above is that of a reverse process
 revealing sub-tokens independently from mu; in continuous time at most one
 sub-token is revealed at once and the two processes coincide.)
 """
@@ -46,6 +52,7 @@ import numpy as np
 
 from md4 import checks
 from md4 import diffusion
+from md4 import draws
 from md4 import sampler as sampler_lib
 from md4 import schedule as schedule_lib
 
@@ -181,6 +188,11 @@ class Codec:
                          f"class of {self!r}")
     value = self._value(y).clip(0, self.num_classes - 1)
     return _array_module(y).take(self._class_of_value, value, axis=0)
+
+
+def _check_codec(codec: Codec) -> None:
+  if not isinstance(codec, Codec):
+    raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
 
 
 def _array_module(a) -> object:
@@ -343,43 +355,68 @@ def loss(predict_fn: checks.PredictFn,
     schedule: the masking schedule of every sub-token.
     cont_time, timesteps, antithetic: as in `diffusion.loss`.
     objective: "nelbo" returns the valid bound; "joint" returns the per-token
-      surrogate -w(t) sum_i -log p(x^i | y_t) + recon, a training objective
-      that is not a bound (module docstring).
+      surrogate -w(t) sum_i -log p(x^i | y_t) + recon + prior, a training
+      objective that is not a bound (module docstring).
+
+  Returns:
+    `loss_given_state` at a draw of t and of the sub-token states y_t.
+  """
+  _check_codec(codec)
+  rng_t, rng_mask = jax.random.split(rng)
+  t = diffusion.sample_times(rng_t, x.shape[0], antithetic)
+  if not cont_time:
+    t = diffusion.discretise(t, timesteps)
+  y_t = diffusion.mask_tokens(rng_mask, codec.encode(x), schedule.alpha(t), codec.mask_id)
+  return loss_given_state(predict_fn, x, y_t, t, codec=codec, schedule=schedule,
+                          cont_time=cont_time, timesteps=timesteps, objective=objective)
+
+
+def loss_given_state(predict_fn: checks.PredictFn,
+                     x: Array,
+                     y_t: Array,
+                     t: Array,
+                     *,
+                     codec: Codec,
+                     schedule: schedule_lib.Schedule,
+                     cont_time: bool = True,
+                     timesteps: int = 1000,
+                     objective: str = "nelbo") -> tuple[Array, dict[str, Array]]:
+  """The loss of x [B, L, ...] at times t [B] and sub-token states y_t [B, L, ..., l].
+
+  `loss` is this at a draw of (t, y_t); its expectation over them is the
+  NELBO (or the surrogate's mean). In discrete time t must lie on the grid i / T.
 
   Returns:
     (loss [B], aux): aux["nelbo"] is the valid bound per sequence [B] whatever
     the objective (equal to loss for "nelbo"); its other entries are scalars
-    (batch means): loss_diffusion, loss_recon and bits_per_token (NELBO /
-    (L ln 2), per original token) of the valid bound, masked_fraction (of
-    sub-tokens), and loss_surrogate with objective "joint".
+    (batch means): loss_diffusion, loss_recon, loss_prior and bits_per_token
+    (NELBO / (L ln 2), per original token) of the valid bound,
+    masked_fraction (of sub-tokens), and loss_surrogate with objective "joint".
   """
   if objective not in OBJECTIVES:
     raise ValueError(
         f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVES)}")
-  if not isinstance(codec, Codec):
-    raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
+  _check_codec(codec)
   checks.tokens(x, codec.num_classes)
   checks.timesteps(cont_time, timesteps)
   batch_size = x.shape[0]
   num_tokens = math.prod(x.shape[1:])
-  rng_t, rng_mask = jax.random.split(rng)
-  t = diffusion.sample_times(rng_t, batch_size, antithetic)
-  if not cont_time:
-    t = diffusion.discretise(t, timesteps)
   y_0 = codec.encode(x)
-  y_t = diffusion.mask_tokens(rng_mask, y_0, schedule.alpha(t), codec.mask_id)
   logits = checks.logits(predict_fn(y_t, t), x.shape + (codec.num_classes,))
   is_masked = y_t == codec.mask_id
   log_mu = sub_token_log_prob(logits, y_t, y_0, codec)
   masked_nll = -jnp.where(is_masked, log_mu, 0.0).reshape(batch_size, -1).sum(axis=-1)
   weight = diffusion.time_weight(schedule, t, cont_time, timesteps)
   loss_diffusion = weight * masked_nll
-  loss_recon = diffusion.reconstruction(schedule, num_tokens * codec.length, codec.base)
-  nelbo = loss_diffusion + loss_recon
+  num_sub_tokens = num_tokens * codec.length
+  loss_recon = diffusion.reconstruction(schedule, num_sub_tokens, codec.base)
+  loss_prior = diffusion.prior(schedule, num_sub_tokens, codec.base)
+  nelbo = loss_diffusion + loss_recon + loss_prior
   aux = {
       "nelbo": nelbo,
       "loss_diffusion": loss_diffusion.mean(),
       "loss_recon": loss_recon,
+      "loss_prior": loss_prior,
       "bits_per_token": nelbo.mean() / (num_tokens * math.log(2)),
       "masked_fraction": is_masked.mean(),
   }
@@ -388,7 +425,8 @@ def loss(predict_fn: checks.PredictFn,
   token_log_prob = diffusion.token_log_prob(carry_over(logits, y_t, codec), x)
   # Tokens with a masked sub-token; a fully revealed one has log p = 0 anyway.
   token_nll = -jnp.where(is_masked.any(axis=-1), token_log_prob, 0.0)
-  surrogate = weight * token_nll.reshape(batch_size, -1).sum(axis=-1) + loss_recon
+  surrogate = (weight * token_nll.reshape(batch_size, -1).sum(axis=-1)
+               + loss_recon + loss_prior)
   aux["loss_surrogate"] = surrogate.mean()
   return surrogate, aux
 
@@ -403,31 +441,27 @@ def sample_sub_tokens(predict_fn: checks.PredictFn,
                       grid: str = "cosine",
                       top_p: float | None = None,
                       prefix: Array | None = None,
-                      infill: tuple[Array, Array] | None = None) -> Array:
-  """Prime sampler (module docstring): final sub-token states int32 [*shape, l].
+                      infill: tuple[Array, Array] | None = None,
+                      reuse_outputs: bool = False) -> tuple[Array, Array]:
+  """Prime sampler (module docstring): (final sub-token states int32 [*shape, l], nfe int32 []).
 
   Every state is a valid code (`codec.is_valid` holds everywhere). Arguments
   as in `sample`.
   """
-  if not isinstance(codec, Codec):
-    raise ValueError(f"codec must be a prime.Codec, got {type(codec).__name__}")
-  sampler_lib.check_args(rng, shape, codec.num_classes, schedule, top_p)
-  shape = tuple(int(d) for d in shape)
+  shape, y_init, allowed_logits = _sampler_setup(predict_fn, rng, shape, codec, schedule,
+                                                 top_p, prefix, infill, reuse_outputs)
   batch_size = shape[0]
   times = jnp.asarray(sampler_lib.time_grid(steps, grid))
   reveal_probs = sampler_lib.reveal_probs(schedule, times)
   table = jnp.asarray(codec.digit_table)
-  given, template = sampler_lib.given_positions(shape, codec.num_classes, prefix, infill)
-  # Given positions start with every sub-token revealed; the rest fully masked.
-  y_init = jnp.where(given[..., None], table[template], codec.mask_id).astype(jnp.int32)
 
-  def step(i: Array, y: Array) -> Array:
-    logits = predict_fn(y, jnp.full((batch_size,), times[i], jnp.float32))
-    logits = carry_over(checks.logits(logits, shape + (codec.num_classes,)), y, codec)
+  def step(i: Array, carry: sampler_lib.Carry) -> sampler_lib.Carry:
+    y = carry.state
+    logits, nfe = sampler_lib.network_output(
+        carry, lambda y: allowed_logits(y, jnp.full((batch_size,), times[i])), reuse_outputs)
     rng_draw, rng_reveal = jax.random.split(jax.random.fold_in(rng, i))
-    x_hat = jax.random.categorical(
-        rng_draw, sampler_lib.top_p_log_probs(logits, top_p), axis=-1)
-    reveal = jax.random.uniform(rng_reveal, y.shape) < reveal_probs[i]
+    x_hat = draws.categorical(rng_draw, sampler_lib.top_p_log_probs(logits, top_p))
+    reveal = draws.bernoulli(rng_reveal, reveal_probs[i], y.shape)
     y_next = jnp.where((y == codec.mask_id) & reveal, table[x_hat], y)
 
     def fill(y: Array) -> Array:
@@ -435,9 +469,89 @@ def sample_sub_tokens(predict_fn: checks.PredictFn,
       best = jnp.argmax(carry_over(logits, y, codec), axis=-1)
       return jnp.where(y == codec.mask_id, table[best], y)
 
-    return jax.lax.cond(i == steps - 1, fill, lambda y: y, y_next)
+    y_next = jax.lax.cond(i == steps - 1, fill, lambda y: y, y_next)
+    return sampler_lib.advance(y, y_next, logits, nfe, codec.mask_id, reuse_outputs)
 
-  return jax.lax.fori_loop(0, steps, step, y_init)
+  init = sampler_lib.initial_carry(y_init, shape + (codec.num_classes,), codec.mask_id,
+                                   reuse_outputs)
+  final = jax.lax.fori_loop(0, steps, step, init)
+  return final.state, final.nfe
+
+
+def _sampler_setup(predict_fn, rng, shape, codec, schedule, top_p, prefix, infill,
+                   reuse_outputs):
+  """(shape, the initial sub-token state [*shape, l], (y, t [B]) -> carried-over logits)."""
+  _check_codec(codec)
+  sampler_lib.check_args(rng, shape, codec.num_classes, schedule, top_p)
+  shape = tuple(int(d) for d in shape)
+  table = jnp.asarray(codec.digit_table)
+  given, template = sampler_lib.given_positions(shape, codec.num_classes, prefix, infill)
+  # Given positions start with every sub-token revealed; the rest fully masked.
+  y_init = jnp.where(given[..., None], table[template], codec.mask_id).astype(jnp.int32)
+  if reuse_outputs:
+    sampler_lib.check_ignores_time(predict_fn, y_init)
+
+  def allowed_logits(y: Array, t: Array) -> Array:
+    logits = predict_fn(y, t.astype(jnp.float32))
+    return carry_over(checks.logits(logits, shape + (codec.num_classes,)), y, codec)
+
+  return shape, y_init, allowed_logits
+
+
+def sample_ordered(predict_fn: checks.PredictFn,
+                   rng: Array,
+                   *,
+                   shape: tuple[int, ...],
+                   codec: Codec,
+                   schedule: schedule_lib.Schedule,
+                   steps: int,
+                   grid: str = "cosine",
+                   top_p: float | None = None,
+                   prefix: Array | None = None,
+                   infill: tuple[Array, Array] | None = None,
+                   reuse_outputs: bool = False,
+                   **options) -> tuple[Array, Array]:
+  """(tokens [*shape], nfe) by `sampler.ordered_unmasking` over positions.
+
+  A position counts as masked while any of its sub-tokens is; a chosen one
+  gets every sub-token of f(x_hat), x_hat drawn under carry-over, so it
+  agrees with what was revealed. options: order, temperature,
+  choice_temperature, threshold, block_size of `sampler.ordered_unmasking`.
+  """
+  shape, y_init, allowed_logits = _sampler_setup(predict_fn, rng, shape, codec, schedule,
+                                                 top_p, prefix, infill, reuse_outputs)
+  table = jnp.asarray(codec.digit_table)
+  final = sampler_lib.ordered_unmasking(
+      allowed_logits, rng, y_init,
+      masked=lambda y: jnp.any(y == codec.mask_id, axis=-1),
+      reveal=lambda y, chosen, values: jnp.where(chosen[..., None], table[values], y),
+      mask_id=codec.mask_id, logits_shape=shape + (codec.num_classes,), schedule=schedule,
+      steps=steps, grid=grid, top_p=top_p, reuse_outputs=reuse_outputs, **options)
+  return codec.decode(final.state), final.nfe
+
+
+def sample_first_hitting(predict_fn: checks.PredictFn,
+                         rng: Array,
+                         *,
+                         shape: tuple[int, ...],
+                         codec: Codec,
+                         schedule: schedule_lib.Schedule,
+                         top_p: float | None = None,
+                         prefix: Array | None = None,
+                         infill: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+  """(tokens [*shape], nfe) by `sampler.first_hitting_loop` over the l L sub-tokens.
+
+  The chosen sub-token j of position i gets f(x_hat^i)_j, x_hat^i drawn
+  under carry-over: a draw from its marginal mu^{ij}. nfe = l times the
+  generated positions.
+  """
+  shape, y_init, allowed_logits = _sampler_setup(predict_fn, rng, shape, codec, schedule,
+                                                 top_p, prefix, infill, False)
+  table = jnp.asarray(codec.digit_table)
+  final = sampler_lib.first_hitting_loop(
+      allowed_logits, rng, y_init, mask_id=codec.mask_id, entries=lambda values: table[values],
+      logits_shape=shape + (codec.num_classes,), schedule=schedule, top_p=top_p)
+  return codec.decode(final.state), final.nfe
 
 
 def sample(predict_fn: checks.PredictFn,
@@ -450,11 +564,13 @@ def sample(predict_fn: checks.PredictFn,
            grid: str = "cosine",
            top_p: float | None = None,
            prefix: Array | None = None,
-           infill: tuple[Array, Array] | None = None) -> Array:
+           infill: tuple[Array, Array] | None = None,
+           reuse_outputs: bool = False,
+           return_nfe: bool = False) -> Array | tuple[Array, Array]:
   """Samples tokens int32 [B, L, ...] = `shape` in {0..C-1} with the Prime sampler.
 
-  A `lax.fori_loop` of exactly `steps` network calls; callers jit it with the
-  Python arguments static, e.g.
+  A `lax.fori_loop` of `steps` steps, each one network call (or none, with
+  reuse_outputs); callers jit it with the Python arguments static, e.g.
   jax.jit(lambda rng: prime.sample(fn, rng, shape=(B, L), codec=codec,
   schedule=sch, steps=T)). Called eagerly, the final decode also checks every
   code.
@@ -472,8 +588,17 @@ def sample(predict_fn: checks.PredictFn,
       None or 1.0 draws from all of it.
     prefix, infill: positions given from the start, fully unmasked, as in
       `sampler.ancestral`.
+    reuse_outputs: skip the network in a step that follows one where no
+      sub-token was revealed, as in `sampler.ancestral` (a network that
+      reads t is refused).
+    return_nfe: also return the network evaluations spent (steps without
+      reuse_outputs).
+
+  Returns:
+    tokens, or (tokens, nfe int32 []) with return_nfe.
   """
-  codes = sample_sub_tokens(predict_fn, rng, shape=shape, codec=codec,
-                            schedule=schedule, steps=steps, grid=grid, top_p=top_p,
-                            prefix=prefix, infill=infill)
-  return codec.decode(codes)
+  codes, nfe = sample_sub_tokens(predict_fn, rng, shape=shape, codec=codec,
+                                 schedule=schedule, steps=steps, grid=grid, top_p=top_p,
+                                 prefix=prefix, infill=infill, reuse_outputs=reuse_outputs)
+  tokens = codec.decode(codes)
+  return (tokens, nfe) if return_nfe else tokens

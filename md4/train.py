@@ -34,6 +34,7 @@ from md4 import lock
 from md4 import metric_writers
 from md4 import models
 from md4 import preemption as preemption_lib
+from md4 import sample_quality
 from md4 import samples as samples_lib
 from md4 import sharding as sharding_lib
 from md4 import storage
@@ -143,9 +144,11 @@ def sample_from_config(model: models.Model, config: ml_collections.ConfigDict, p
                        rng: Array, num_samples: int, num_frames: int) -> models.Samples:
   """model.sample with the config's sampler settings."""
   top_p = config.sample_top_p
+  name, options = models.configured_sampler(config)
   return model.sample(params, rng, num_samples, steps=config.sample_steps,
                       grid=config.sample_grid, top_p=None if top_p >= 1.0 else top_p,
-                      num_frames=num_frames, guidance_scale=config.guidance_scale)
+                      num_frames=num_frames if name == "ancestral" else 0,
+                      guidance_scale=config.guidance_scale, sampler=name, **options)
 
 
 def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
@@ -180,13 +183,26 @@ def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: A
     writer.write_sample_files(step, written)
 
 
+def sample_scores(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
+                  dataset: data_lib.Dataset, rng: Array) -> dict[str, float]:
+  """md4.sample_quality's scores of config.num_quality_samples samples, keys prefixed "samples/"."""
+  drawn = trainer.sample(params, rng, config.num_quality_samples, 0)
+  tokens = np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
+  scores = sample_quality.scores(tokens, dataset, config.seed)
+  return {f"samples/{name}": float(value) for name, value in scores.items()}
+
+
 def summary_line(eval_metrics: dict[str, float]) -> str:
-  """One line for the end of a run: the held-out bound, and the true entropy when known."""
+  """The end of a run: the held-out bound, the true entropy and the samples' scores when known."""
   line = f"held-out NELBO: {eval_metrics['eval_bits_per_token']:.4f} bits per token"
   entropy = eval_metrics.get("data_entropy_bits_per_token")
   if entropy is not None:
     line += (f"; source entropy: {entropy:.4f} bits per token "
              f"(gap {eval_metrics['eval_bits_per_token'] - entropy:+.4f})")
+  scores = {name.removeprefix("samples/"): value for name, value in eval_metrics.items()
+            if name.startswith("samples/")}
+  if scores:
+    line += "\n" + sample_quality.describe(scores)
   return line
 
 
@@ -394,6 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         start = time.perf_counter()
         with preemption.exits_at_once("evaluating"), progress.apart():
           eval_metrics = evaluate(config, trainer, state.ema_params, dataset, config.seed)
+          if last and config.num_quality_samples and dataset.known_source is not None:
+            eval_metrics.update(sample_scores(config, trainer, state.ema_params, dataset,
+                                              jax.random.split(rng_sample)[0]))
         writer.write_scalars(step, {**eval_metrics, "eval_seconds": time.perf_counter() - start})
       if sampling:
         start = time.perf_counter()

@@ -1,5 +1,6 @@
 """MD4 NELBO: exact answers with oracle networks, invariances, bad input."""
 
+import itertools
 import math
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from md4 import diffusion, schedule
+from tests import exact
 
 VOCAB_SIZE, LENGTH = 5, 8
 NUM_BATCHES, BATCH_SIZE = 32, 4096
@@ -38,13 +40,89 @@ def test_oracle_nelbo_matches_the_exact_value(name, cont_time):
   oracle = lambda z, t: jnp.broadcast_to(log_p, z.shape + (VOCAB_SIZE,))
   sch = schedule.get(name)
   means = _batch_means(oracle, x, sch, cont_time=cont_time, timesteps=100)
-  exact = ((sch.alpha(0.0) - sch.alpha(1.0)) * entropy
-           + diffusion.reconstruction(sch, LENGTH, VOCAB_SIZE))
+  closed_form = ((sch.alpha(0.0) - sch.alpha(1.0)) * entropy
+                 + diffusion.reconstruction(sch, LENGTH, VOCAB_SIZE)
+                 + diffusion.prior(sch, LENGTH, VOCAB_SIZE))
   estimate = means.mean()
   standard_error = means.std(ddof=1) / math.sqrt(len(means))
-  ratio = float(estimate / exact)
+  ratio = float(estimate / closed_form)
   assert abs(ratio - 1) < 0.015, (name, cont_time, ratio)
-  assert abs(estimate - exact) < 4 * standard_error + 1e-3 * exact, (estimate, exact)
+  assert abs(estimate - closed_form) < 4 * standard_error + 1e-3 * closed_form, (
+      estimate, closed_form)
+
+
+# Exact expectations over every (t, z): L = 2 tokens of V = 3, position 0
+# uniform (where the bound meets the entropy exactly), position 1 skewed.
+EXACT_MARGINALS = np.array([[1 / 3, 1 / 3, 1 / 3], [0.7, 0.2, 0.1]])
+EXACT_SCHEDULES = ["linear", "cosine", "poly0.5", "poly3", "geometric"]
+
+
+def _exact_source():
+  """(sequences [9, 2], p(x) [9], entropy, oracle predict_fn) of EXACT_MARGINALS."""
+  sequences = np.array(list(itertools.product(range(3), repeat=2)))
+  probs = EXACT_MARGINALS[0][sequences[:, 0]] * EXACT_MARGINALS[1][sequences[:, 1]]
+  entropy = float(-(EXACT_MARGINALS * np.log(EXACT_MARGINALS)).sum())
+  log_p = jnp.log(jnp.asarray(EXACT_MARGINALS, jnp.float32))
+  oracle = lambda z, t: jnp.broadcast_to(log_p, z.shape + (3,))
+  return sequences, probs, entropy, oracle
+
+
+def _exact_nelbo(predict_fn, sch, cont_time, timesteps):
+  sequences, probs, _, _ = _exact_source()
+  loss_fn = lambda x, z, t: diffusion.loss_given_state(
+      predict_fn, x, z, t, schedule=sch, vocab_size=3, cont_time=cont_time,
+      timesteps=timesteps)[0]
+  times = exact.time_quadrature() if cont_time else exact.discrete_times(timesteps)
+  return exact.expected_loss(loss_fn, sequences, probs, sequences, 3, sch, *times)
+
+
+@pytest.mark.parametrize("cont_time, timesteps", [(True, 1), (False, 1), (False, 8),
+                                                  (False, 1000)])
+def test_exact_oracle_nelbo_is_the_closed_form_and_never_below_the_entropy(cont_time,
+                                                                           timesteps):
+  """E[NELBO] over every t and z, with the exact posterior as network, is
+  (alpha_0 - alpha_1) H + L (1 - alpha_0) log V + L alpha_1 log V: above the
+  entropy H by 2 eps (L log V - H) >= 0, at every eps. Without the prior
+  term it is eps (L log V - 2 H) below H here (0.13 nats at eps = 0.1)."""
+  _, _, entropy, oracle = _exact_source()
+  for name, eps in itertools.product(EXACT_SCHEDULES, [1e-4, 0.1, 0.3]):
+    sch = schedule.get(name, eps=eps)
+    nelbo = _exact_nelbo(oracle, sch, cont_time, timesteps)
+    alpha_0, alpha_1 = float(sch.alpha(0.0)), float(sch.alpha(1.0))
+    closed_form = (alpha_0 - alpha_1) * entropy + 2 * (1 - alpha_0 + alpha_1) * math.log(3)
+    assert nelbo >= entropy * (1 - 1e-6), (name, eps, nelbo, entropy)
+    np.testing.assert_allclose(nelbo, closed_form, rtol=2e-6, err_msg=f"{name} eps={eps}")
+    # The check has power: the bound without its prior term fails it.
+    assert nelbo - float(diffusion.prior(sch, 2, 3)) < entropy * (1 - 1e-6)
+
+
+def test_exact_nelbo_of_a_uniform_network_is_l_log_v_at_any_eps():
+  uniform = lambda z, t: jnp.zeros(z.shape + (3,))
+  for cont_time, name, eps in itertools.product([True, False], ["cosine", "poly0.5"],
+                                                [1e-4, 0.3]):
+    nelbo = _exact_nelbo(uniform, schedule.get(name, eps=eps), cont_time, 8)
+    np.testing.assert_allclose(nelbo, 2 * math.log(3), rtol=2e-6)
+
+
+def test_loss_is_loss_given_state_at_its_own_draw():
+  """loss draws t and z and adds nothing: its value is loss_given_state's
+  at that draw, recovered here from the masked fraction of the same keys."""
+  _, _, x = _independent_source()
+  table = jax.random.normal(jax.random.PRNGKey(5), (VOCAB_SIZE + 1, VOCAB_SIZE))
+  network = lambda z, t: table[z] * (1 + t[:, None, None])
+  sch = schedule.get("cosine")
+  key = jax.random.PRNGKey(6)
+  nelbo, aux = diffusion.loss(network, x[0, :64], key, schedule=sch, vocab_size=VOCAB_SIZE)
+  rng_t, rng_mask = jax.random.split(key)
+  t = diffusion.sample_times(rng_t, 64, antithetic=True)
+  z = diffusion.mask_tokens(rng_mask, x[0, :64], sch.alpha(t), VOCAB_SIZE)
+  expected, expected_aux = diffusion.loss_given_state(network, x[0, :64], z, t, schedule=sch,
+                                                      vocab_size=VOCAB_SIZE)
+  np.testing.assert_allclose(nelbo, expected, rtol=1e-6)
+  for key in expected_aux:
+    np.testing.assert_allclose(aux[key], expected_aux[key], rtol=1e-6)
+  np.testing.assert_allclose(aux["loss_prior"], LENGTH * 1e-4 * math.log(VOCAB_SIZE),
+                             rtol=1e-5)
 
 
 def test_time_independent_network_gives_the_same_nelbo_for_every_schedule():

@@ -73,6 +73,10 @@ OVERRIDES = {
     "md4.evaluate": ("--num_t=1", "--num_eval_batches=2", "--steps=4", "--num_samples=2"),
     "benchmarks/train_step.py": TINY_MODEL + ("--steps=2", "--rounds=1"),
     "benchmarks/sampling.py": TINY_MODEL + ("--steps=4", "--num_samples=2"),
+    "benchmarks/sampling_quality.py": TINY_MODEL + (
+        "--config.num_train_steps=2", "--config.eval_every_steps=2",
+        "--config.checkpoint_every_steps=2", "--config.sample_every_steps=2",
+        "--config.num_quality_samples=8", "--steps=4", "--num_samples=8"),
     "launch/tpu_pod.sh": (),
     "launch/gpu_slurm.sh": (),
 }

@@ -271,7 +271,8 @@ def test_a_feature_the_model_lacks_is_a_clear_error(checkpoint):
   draw = lambda **kwargs: model.sample(params, jax.random.PRNGKey(0), 2, steps=4,
                                        grid="cosine", **kwargs)
   with pytest.raises(ValueError, match=r"frames: the GenMD4 sampler .* \(supports: "
-                                       r"\['infill', 'prefix'\]\)"):
+                                       r"\['ancestral', 'blocks', 'infill', 'llada', 'maskgit', "
+                                       r"'prefix'\]\)"):
     draw(num_frames=3)
   with pytest.raises(ValueError, match="guidance: the GenMD4 sampler"):
     draw(guidance_scale=2.0)

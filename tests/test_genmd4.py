@@ -211,6 +211,23 @@ def test_sampler_reproduces_a_factorised_distribution():
   assert ((blind - expected)**2 / expected).sum() > 3 * limit
 
 
+def test_sampler_reuse_outputs_gives_identical_samples():
+  """A network that reads z, not t: reusing its output after steps that
+  revealed nothing changes no sample and saves calls; one that reads t is refused."""
+  table = jax.random.normal(jax.random.PRNGKey(12), (VOCAB_SIZE + 1, VOCAB_SIZE))
+  network = lambda z, t: 2.0 * table[jnp.roll(z, 1, axis=1)]
+  power = jnp.array([0.5, 1.0, 2.0, 3.0, 0.7])
+  outputs = [jax.jit(lambda rng: genmd4.sample(
+      network, rng, shape=(8, LENGTH), vocab_size=VOCAB_SIZE, power=power, steps=100,
+      reuse_outputs=reuse, return_nfe=True))(jax.random.PRNGKey(13)) for reuse in (False, True)]
+  np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+  assert int(outputs[0][1]) == 100 and int(outputs[1][1]) <= 8 * LENGTH + 1
+  with pytest.raises(ValueError, match="reads t"):
+    genmd4.sample(lambda z, t: network(z, t) * t[:, None, None], jax.random.PRNGKey(13),
+                  shape=(8, LENGTH), vocab_size=VOCAB_SIZE, power=power, steps=4,
+                  reuse_outputs=True)
+
+
 def _table_network(params, vocab_size):
   """A small network with parameters: position i reads the state at i - 1."""
   def predict_fn(z, t):

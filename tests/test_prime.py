@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 from md4 import diffusion, prime, schedule
+from tests import exact
 
 # Edge cases: 1, 2, powers of many bases (b**l exactly), their neighbours,
 # text8's 27, GPT-2's 50257, and the top of the range.
@@ -237,7 +238,7 @@ def test_carry_over_never_materialises_logits_times_length():
           jax.random.PRNGKey(0))
   sample_jaxpr = jax.make_jaxpr(lambda key: prime.sample_sub_tokens(
       network, key, shape=(batch, length), codec=codec, schedule=sch, steps=2,
-      top_p=0.9))(jax.random.PRNGKey(0))
+      top_p=0.9, reuse_outputs=True))(jax.random.PRNGKey(0))
   assert _largest_output(loss_jaxpr.jaxpr) <= limit
   assert _largest_output(sample_jaxpr.jaxpr) <= limit
 
@@ -341,7 +342,8 @@ def test_length_one_is_md4_draw_for_draw(cont_time, antithetic):
       lambda y, t: network(y[..., 0], t), x, key, codec=codec, **kwargs))(
           jax.random.PRNGKey(2))
   np.testing.assert_allclose(nelbo, md4_nelbo, rtol=1e-6)
-  for key in ("loss_diffusion", "loss_recon", "bits_per_token", "masked_fraction"):
+  for key in ("loss_diffusion", "loss_recon", "loss_prior", "bits_per_token",
+              "masked_fraction"):
     np.testing.assert_allclose(aux[key], md4_aux[key], rtol=1e-6)
 
 
@@ -378,13 +380,13 @@ def _exact_expectations(codec, probs, sch, cont_time, timesteps):
     discrete:   sum_{i=1}^T (alpha_s - alpha_t)/(1 - alpha_t) sum_M P_alpha_t(M) H_M
                 + recon,
 
-  with t = i/T, s = t - 1/T, recon = l (1 - alpha_0) log b, and S_M for H_M in
-  the surrogate. Over the full range alpha in [0, 1] the continuous integral
-  weights every H_M so that the sum telescopes to the entropy H(p) for any
-  codec (random-order chain rule); the clamped ends eps = 1e-4 move it by
-  O(eps). On the toy, H_{00} = 2 ln 2 and H_M = 0 otherwise, so the NELBO is
-  2 ln 2 (1 - 2 eps) / 2 + 2 eps ln 2 = ln 2 exactly, and the surrogate
-  (ln 2 / 2) (1 - 2 eps) + 2 eps ln 2, half the entropy.
+  with t = i/T, s = t - 1/T, recon + prior = l (1 - alpha_0 + alpha_1) log b,
+  and S_M for H_M in the surrogate. Over the full range alpha in [0, 1] the
+  continuous integral weights every H_M so that the sum telescopes to the
+  entropy H(p) for any codec (random-order chain rule); the clamped ends
+  move it by O(eps). On the toy, H_{00} = 2 ln 2 and H_M = 0 otherwise, so
+  the NELBO is 2 ln 2 (1 - 2 eps) / 2 + 4 eps ln 2 = (1 + 2 eps) ln 2, and the
+  surrogate (ln 2 / 2) (1 - 2 eps) + 4 eps ln 2, about half the entropy.
   """
   codes = codec.digit_table
   probs = np.asarray(probs, np.float64)
@@ -395,7 +397,7 @@ def _exact_expectations(codec, probs, sch, cont_time, timesteps):
     alpha_t = np.asarray(sch.alpha(jnp.asarray(t, jnp.float32)), np.float64)
     alpha_s = np.asarray(sch.alpha(jnp.asarray(t - 1 / timesteps, jnp.float32)),
                          np.float64)
-  nelbo = surrogate = length * (1 - alpha_0) * math.log(codec.base)
+  nelbo = surrogate = length * (1 - alpha_0 + alpha_1) * math.log(codec.base)
   for masked in itertools.product([False, True], repeat=length):
     num_masked = sum(masked)
     if num_masked == 0:
@@ -451,13 +453,42 @@ def test_oracle_nelbo_is_the_entropy(name, schedule_name, cont_time):
   if cont_time:  # Only the clamped ends separate the bound from the entropy.
     assert abs(exact - entropy) < 1e-3 * entropy, (exact, entropy)
   if name == "toy" and cont_time:
-    assert abs(exact - math.log(2)) < 1e-6
+    assert abs(exact - (1 + 2 * sch.eps) * math.log(2)) < 1e-6
   means, _ = _batch_means(probs, codec, sch, cont_time=cont_time, timesteps=8)
   estimate = float(means.mean()) / LENGTH
   standard_error = float(means.std(ddof=1)) / math.sqrt(NUM_BATCHES) / LENGTH
   assert standard_error < 0.02 * entropy  # The check has power.
   assert abs(estimate - exact) < 4 * standard_error + 1e-5, (estimate, exact,
                                                              standard_error)
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_exact_oracle_nelbo_is_the_enumeration_and_never_below_the_entropy(name):
+  """The estimator's mean over every t and sub-token mask (`tests.exact`, one
+  position), with the exact posterior as network, equals the enumeration
+  above and is never below the entropy, at every eps: without the prior term
+  it is on base3 and binary (on the toy it is then the entropy exactly)."""
+  make_codec, probs = SOURCES[name]
+  codec = make_codec()
+  probs = np.asarray(probs)
+  support = np.flatnonzero(probs)
+  entropy = float(stats.entropy(probs))
+  oracle = _oracle(probs)
+  for (schedule_name, cont_time), eps in itertools.product(
+      [("linear", True), ("poly0.5", True), ("cosine", False)], [1e-4, 0.1, 0.3]):
+    sch = schedule.get(schedule_name, eps=eps)
+    loss_fn = lambda x, y, t: prime.loss_given_state(
+        oracle, x, y, t, codec=codec, schedule=sch, cont_time=cont_time, timesteps=8)[0]
+    times = exact.time_quadrature() if cont_time else exact.discrete_times(8)
+    nelbo = exact.expected_loss(loss_fn, support[:, None], probs[support],
+                                codec.encode(support[:, None]), codec.mask_id, sch, *times)
+    enumerated, _ = _exact_expectations(codec, probs, sch, cont_time, timesteps=8)
+    np.testing.assert_allclose(nelbo, enumerated, rtol=2e-6,
+                               err_msg=f"{schedule_name} eps={eps}")
+    assert nelbo >= entropy * (1 - 1e-6), (schedule_name, eps, nelbo, entropy)
+    prior = float(diffusion.prior(sch, codec.length, codec.base))
+    if cont_time and name != "toy":  # The check has power: without its prior the bound fails.
+      assert nelbo - prior < entropy * (1 - 1e-6), (schedule_name, eps, nelbo - prior)
 
 
 @pytest.mark.parametrize("name", list(SOURCES))
@@ -497,6 +528,7 @@ def test_aux_reports_bits_per_original_token():
                              rtol=1e-6)
   np.testing.assert_allclose(aux["nelbo"], nelbo, rtol=1e-6)
   np.testing.assert_allclose(aux["loss_recon"], 16 * 5 * 1e-4 * math.log(2), rtol=1e-3)
+  np.testing.assert_allclose(aux["loss_prior"], 16 * 5 * 1e-4 * math.log(2), rtol=1e-3)
   # A uniform network codes each token with log C nats whatever the order.
   np.testing.assert_allclose(aux["bits_per_token"], math.log2(27), rtol=0.03)
 
@@ -539,7 +571,7 @@ def test_bad_loss_input_is_named(kwargs, match):
 def _sample_codes(predict_fn, codec, shape, steps, seed=0, **kwargs):
   sample_fn = jax.jit(lambda key: prime.sample_sub_tokens(
       predict_fn, key, shape=shape, codec=codec, schedule=schedule.get("cosine"),
-      steps=steps, **kwargs))
+      steps=steps, **kwargs)[0])
   return np.asarray(sample_fn(jax.random.PRNGKey(seed)))
 
 
@@ -616,6 +648,45 @@ def test_prefix_is_kept_and_conditions_the_rest(prefix_length):
   tokens = codec.decode(codes)
   # Copies of the first token: the prefix fixes every position.
   np.testing.assert_array_equal(tokens, np.broadcast_to(first, tokens.shape))
+
+
+def test_reuse_outputs_gives_identical_samples_with_fewer_network_calls():
+  """For a network that reads y but not t, reusing its output after a step
+  that revealed no sub-token changes no sample; the reported NFE counts the
+  calls that ran. A network that reads t is refused."""
+  codec = prime.Codec(27, 2, shuffle_seed=0)
+  tables = jnp.asarray(np.random.default_rng(5).normal(
+      size=(codec.length, codec.base + 1, 27)), jnp.float32)
+  calls = []
+
+  def network(y, t):
+    del t
+    jax.debug.callback(lambda: calls.append(1))
+    neighbour = jnp.roll(y, 1, axis=1)
+    return sum(tables[j][y[..., j]] + tables[j][neighbour[..., j]]
+               for j in range(codec.length))
+
+  outputs = {}
+  for reuse in (False, True):
+    calls.clear()
+    codes, nfe = jax.jit(lambda key: prime.sample_sub_tokens(
+        network, key, shape=(4, 6), codec=codec, schedule=schedule.get("cosine"),
+        steps=200, top_p=0.95, reuse_outputs=reuse))(jax.random.PRNGKey(6))
+    outputs[reuse] = np.asarray(codes), int(nfe)
+    assert len(calls) == int(nfe)
+  np.testing.assert_array_equal(outputs[False][0], outputs[True][0])
+  assert outputs[False][1] == 200
+  # 48 sub-tokens: at most 48 steps reveal one, so at most 49 calls.
+  assert outputs[True][1] <= 4 * 6 * codec.length + 1
+  tokens, nfe = prime.sample(network, jax.random.PRNGKey(6), shape=(4, 6), codec=codec,
+                             schedule=schedule.get("cosine"), steps=200, top_p=0.95,
+                             reuse_outputs=True, return_nfe=True)
+  np.testing.assert_array_equal(tokens, codec.decode(outputs[True][0]))
+  assert int(nfe) == outputs[True][1]
+  with pytest.raises(ValueError, match="reads t"):
+    prime.sample(lambda y, t: network(y, t) * t[:, None, None], jax.random.PRNGKey(6),
+                 shape=(4, 6), codec=codec, schedule=schedule.get("cosine"), steps=4,
+                 reuse_outputs=True)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -8,14 +8,17 @@ same samples reject a wrong distribution, so it cannot pass vacuously.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
+from md4 import models
 from md4 import sampler
 from md4 import schedule
+from tests.test_train import tiny_config
 
 ALPHA = 1e-3
 EPS = 1e-4  # the schedules' clamp
@@ -341,6 +344,63 @@ def test_reuse_outputs_gives_identical_samples():
   np.testing.assert_array_equal(outputs[False][0], outputs[True][0])
   assert int(outputs[False][1]) == 100
   assert int(outputs[True][1]) < 100
+
+
+def test_reuse_outputs_refuses_a_network_that_reads_t():
+  """Reusing a t-reading network's output would feed it stale times (1.3% of
+  positions differed in a test before this was refused); a network that
+  computes something from t and drops it is not reading it."""
+  vocab_size = 4
+  reads_t = lambda z, t: jnp.zeros(z.shape + (vocab_size,)) + t[:, None, None]
+
+  def drops_t(z, t):
+    del t
+    return jnp.zeros(z.shape + (vocab_size,))
+
+  def reads_and_drops_t(z, t):
+    jnp.sin(t)
+    return jnp.zeros(z.shape + (vocab_size,)) * jnp.float32(z.shape[0])
+
+  kwargs = dict(shape=(2, 5), vocab_size=vocab_size, schedule=schedule.get("linear"),
+                steps=4, reuse_outputs=True)
+  with pytest.raises(ValueError, match="reuse_outputs: predict_fn reads t"):
+    jax.jit(lambda rng: sampler.ancestral(reads_t, rng, **kwargs))(jax.random.key(0))
+  for network in (drops_t, reads_and_drops_t):
+    jax.jit(lambda rng: sampler.ancestral(network, rng, **kwargs))(jax.random.key(0))
+
+
+def test_the_time_check_follows_nested_calls():
+  """t through a jitted inner call counts only where it reaches the output."""
+  inner = jax.jit(lambda a, t: (a * 2.0, t + 1.0))
+
+  def through_jit(z, t):
+    logits, _ = inner(jnp.zeros(z.shape + (3,)), t)
+    return logits
+
+  def reads_through_jit(z, t):
+    logits, shifted = inner(jnp.zeros(z.shape + (3,)), t)
+    return logits + shifted[:, None, None]
+
+  z = jnp.zeros((2, 4), jnp.int32)
+  sampler.check_ignores_time(through_jit, z)
+  with pytest.raises(ValueError, match="reads t"):
+    sampler.check_ignores_time(reads_through_jit, z)
+
+
+@pytest.mark.parametrize("model_type", ["md4", "genmd4", "prime"])
+def test_models_reuse_outputs_exactly_when_the_network_ignores_t(model_type):
+  """Every model type reuses its network's output when time_conditioning is
+  "none" (fewer NFE than steps, for 2 sequences of 16 tokens over 64 steps)
+  and never otherwise."""
+  nfe = {}
+  for time_conditioning in ("none", "adaln"):
+    config = tiny_config(model_type=model_type)
+    config.model.time_conditioning = time_conditioning
+    model = models.create(config, 27, (config.seq_len,))
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0)))
+    draw = jax.jit(lambda params, rng: model.sample(params, rng, 2, steps=64, grid="cosine"))
+    nfe[time_conditioning] = int(draw(params, jax.random.PRNGKey(1)).nfe)
+  assert nfe["adaln"] == 64 and nfe["none"] < 64, nfe
 
 
 def call_with(**overrides):

@@ -25,6 +25,31 @@ Batch = dict[str, np.ndarray]
 MODALITIES = ("text", "image")
 
 
+@dataclasses.dataclass(frozen=True)
+class KnownSource:
+  """The true law of a source, for scoring samples against it (`md4.sample_quality`).
+
+  A sequence is read as events (context, symbol): given its context the
+  source draws the symbol from table[context]. Order-k Markov: the last k
+  symbols and the next one; factorised: the position and its symbol; pairs:
+  one context and the pair's two symbols as one.
+
+  Attributes:
+    log_prob: x int [N, L] -> float64 [N], log-probability in nats.
+    events: x int [N, L] -> (contexts int [N, E], symbols int [N, E]).
+    table: float64 [S, A], the law of a symbol given its context.
+    context_probs: float64 [S], each context's share of the events of the
+      source's own sequences.
+    tokens_per_event: tokens an event's symbol stands for.
+  """
+
+  log_prob: Callable[[np.ndarray], np.ndarray]
+  events: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+  table: np.ndarray
+  context_probs: np.ndarray
+  tokens_per_event: int = 1
+
+
 @dataclasses.dataclass
 class Dataset:
   """One data source, ready for training and evaluation.
@@ -45,6 +70,7 @@ class Dataset:
     word_pieces: whether ids are word pieces (evaluation adds a perplexity).
     entropy_bits_per_token: exact entropy of the held-out data per token, when known.
     num_classes: number of class labels (0 when unlabelled).
+    known_source: the true law of the data, when known (synthetic sources).
   """
 
   train: grain.DatasetIterator
@@ -58,6 +84,7 @@ class Dataset:
   word_pieces: bool = False
   entropy_bits_per_token: float | None = None
   num_classes: int = 0
+  known_source: KnownSource | None = None
 
 
 @dataclasses.dataclass(frozen=True)

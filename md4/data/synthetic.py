@@ -110,6 +110,33 @@ class MarkovChain:
     states = np.searchsorted(self._stationary_cumulative, u, side="right")
     return np.minimum(states, len(self.stationary) - 1)
 
+  def states(self, x: np.ndarray) -> np.ndarray:
+    """The state before each of positions k..L-1 int64 [N, L - k] of x [N, L]."""
+    x = np.asarray(x, np.int64)
+    length = x.shape[1]
+    states = np.zeros((x.shape[0], length - self.order + 1), np.int64)
+    for j in range(self.order):
+      states = states * self.vocab_size + x[:, j:length - self.order + 1 + j]
+    return states[:, :-1]
+
+  def known_source(self) -> data_lib.KnownSource:
+    """Events: (the last k symbols, the next one) at positions k..L-1."""
+
+    def events(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+      return self.states(x), np.asarray(x, np.int64)[:, self.order:]
+
+    def log_prob(x: np.ndarray) -> np.ndarray:
+      x = np.asarray(x, np.int64)
+      start = np.zeros(x.shape[0], np.int64)
+      for j in range(self.order):
+        start = start * self.vocab_size + x[:, j]
+      contexts, symbols = events(x)
+      with np.errstate(divide="ignore"):
+        return (np.log(self.stationary[start])
+                + np.log(self.transitions[contexts, symbols]).sum(axis=1))
+
+    return data_lib.KnownSource(log_prob, events, self.transitions, self.stationary)
+
   def sample(self, rng: np.random.Generator, length: int) -> np.ndarray:
     """One sequence int32 [L]."""
     state = int(self._start_states(rng.random()))
@@ -156,6 +183,20 @@ class Factorised:
       raise ValueError(f"this source has {len(self.marginals)} positions, not {length}")
     return float(entropy_nats(self.marginals).sum())
 
+  def known_source(self) -> data_lib.KnownSource:
+    """Events: (position, its symbol)."""
+    length = len(self.marginals)
+
+    def events(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+      x = np.asarray(x, np.int64)
+      return np.broadcast_to(np.arange(length), x.shape), x
+
+    def log_prob(x: np.ndarray) -> np.ndarray:
+      with np.errstate(divide="ignore"):
+        return np.log(self.marginals[np.arange(length), np.asarray(x, np.int64)]).sum(axis=1)
+
+    return data_lib.KnownSource(log_prob, events, self.marginals, np.full(length, 1.0 / length))
+
   def sample(self, rng: np.random.Generator, length: int) -> np.ndarray:
     u = rng.random((length, 1))
     symbols = (u > self.cumulative).sum(axis=-1)
@@ -176,6 +217,20 @@ class Pairs:
     if length % 2:
       raise ValueError(f"the pairs source needs an even seq_len, got {length}")
     return length // 2 * float(entropy_nats(self.joint))
+
+  def known_source(self) -> data_lib.KnownSource:
+    """Events: (one context, the pair (x_2j, x_2j+1) as x_2j V + x_2j+1)."""
+
+    def events(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+      x = np.asarray(x, np.int64)
+      pairs = x[:, 0::2] * self.vocab_size + x[:, 1::2]
+      return np.zeros_like(pairs), pairs
+
+    def log_prob(x: np.ndarray) -> np.ndarray:
+      with np.errstate(divide="ignore"):
+        return np.log(self.joint[events(x)[1]]).sum(axis=1)
+
+    return data_lib.KnownSource(log_prob, events, self.joint[None], np.ones(1), 2)
 
   def sample(self, rng: np.random.Generator, length: int) -> np.ndarray:
     pair = np.searchsorted(self.cumulative, rng.random(length // 2), side="right")
@@ -250,6 +305,7 @@ def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
       encode=alphabet.encode_prompt,
       read_text=chars.read_ids,
       entropy_bits_per_token=process.sequence_entropy(length) / (length * math.log(2)),
+      known_source=process.known_source(),
   )
 
 
