@@ -17,6 +17,7 @@ import contextlib
 import json
 import re
 import secrets
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -162,12 +163,42 @@ def _reason(error: BaseException) -> str:
   return f"{type(cause).__name__}: {line[:300]}"
 
 
+def _is_abandoned_read(error: BaseException | None, source: Any = None) -> bool:
+  """Whether an error comes from an Orbax array read that a failed restore left behind.
+
+  Reads still in flight when Orbax gives up raise again when they finish
+  (tensorstore calls back into a closed event loop) or when their coroutines
+  are collected; neither says anything the restore's own error did not.
+  """
+  return (getattr(source, "__qualname__", "") == "_read_array_index_and_device_put"
+          or (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"))
+
+
+def _silence_abandoned_reads() -> None:
+  """Wraps sys.unraisablehook and sys.excepthook (tensorstore reports through both) once."""
+  if getattr(sys.excepthook, "md4_silences_abandoned_reads", False):
+    return
+  unraisablehook, excepthook = sys.unraisablehook, sys.excepthook
+
+  def filtered_unraisablehook(unraisable: Any) -> None:
+    if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
+      unraisablehook(unraisable)
+
+  def filtered_excepthook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    if not _is_abandoned_read(error):
+      excepthook(kind, error, trace)
+
+  filtered_excepthook.md4_silences_abandoned_reads = True
+  sys.unraisablehook, sys.excepthook = filtered_unraisablehook, filtered_excepthook
+
+
 @contextlib.contextmanager
 def _orbax_quiet():
   """Orbax logs each failed read at length (thousands of lines); md4 logs one line instead."""
   orbax_logger = logging.get_absl_logger()
   level = orbax_logger.level
   orbax_logger.setLevel(logging.FATAL + 1)
+  _silence_abandoned_reads()
   try:
     yield
   finally:

@@ -80,11 +80,11 @@ def _reporting(main: Callable[[list[str]], None], started: list[bool]
   return wrapped
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """app.run(main), ending as the module docstring says."""
+def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+  """app.run(main, argv), ending as the module docstring says."""
   started = []
   try:
-    app.run(_reporting(main, started))
+    app.run(_reporting(main, started), argv=argv)
   except Exception as error:  # pylint: disable=broad-except
     if started:  # Not md4's: its traceback.
       raise

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from md4 import models
 from md4 import sharding as sharding_lib
@@ -62,15 +63,24 @@ def nelbo_per_sequence(step: Callable[[Any, dict[str, Array], Array], Array], pa
   """Stratified NELBO estimates float64 [N], nats per sequence, by a `compile_eval_step` step.
 
   batches yields this process's rows of each global batch (as
-  `Dataset.eval_batches` does); num_batches > 0 stops after that many.
+  `Dataset.eval_batches` does); num_batches > 0 stops after that many. A
+  progress bar with an ETA goes to a terminal's stderr (none when it is not a
+  terminal, or on other processes than 0).
   """
   rng = jax.random.PRNGKey(seed)
   estimates = []
+  total = len(batches) if hasattr(batches, "__len__") else None
+  if num_batches > 0:
+    total = num_batches if total is None else min(total, num_batches)
+  progress = tqdm.tqdm(total=total, desc="held-out NELBO", unit="batch", leave=False,
+                       disable=None if jax.process_index() == 0 else True)
   for index, batch in enumerate(batches):
     if 0 < num_batches <= index:
       break
     estimates.append(np.asarray(step(params, sharding_lib.global_batch(batch, batch_sharding),
                                      jax.random.fold_in(rng, index))))
+    progress.update()
+  progress.close()
   if not estimates:
     raise ValueError("no batch to evaluate: the source is empty or num_batches is 0")
   return np.concatenate(estimates).astype(np.float64)

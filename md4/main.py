@@ -6,6 +6,7 @@ with 1 on an error, printed as `md4: error: ...` (md4.errors).
 """
 
 import logging as python_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -13,6 +14,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from md4 import errors
+from md4 import startup
 
 
 class _QuietOrbax(python_logging.Filter):
@@ -25,6 +27,7 @@ class _QuietOrbax(python_logging.Filter):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  startup.keep_host_buffers()
   # JAX and the training code load here, not on import: --help stays fast.
   import jax  # pylint: disable=g-import-not-at-top
   from md4 import sharding  # pylint: disable=g-import-not-at-top
@@ -60,9 +63,9 @@ def define_flags() -> None:
 
 
 def cli() -> None:
-  """`python -m md4.main`."""
+  """`python -m md4.main` and `md4-train`."""
   define_flags()
-  errors.run(main)
+  errors.run(main, argv=startup.find_config(sys.argv))
 
 
 if __name__ == "__main__":

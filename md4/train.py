@@ -168,15 +168,16 @@ def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
 
 def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
                   dataset: data_lib.Dataset, workdir: epath.Path, step: int,
-                  rng: Array) -> None:
-  """Samples from params to workdir/samples/step_<N>.* (md4.samples)."""
+                  rng: Array, writer: metric_writers.MetricWriter) -> None:
+  """Samples from params to workdir/samples/step_<N>.* (md4.samples) and TensorBoard."""
   with_frames = dataset.modality == "image" and "frames" in trainer.model.supports
   num_frames = config.num_montage_frames if with_frames else 0
   drawn = trainer.sample(params, rng, config.num_samples, num_frames)
   tokens = np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
   if jax.process_index() == 0:
     frames = None if drawn.frames is None else np.asarray(drawn.frames)
-    samples_lib.write(workdir / "samples", f"step_{step}", tokens, dataset, frames)
+    written = samples_lib.write(workdir / "samples", f"step_{step}", tokens, dataset, frames)
+    writer.write_sample_files(step, written)
 
 
 def summary_line(eval_metrics: dict[str, float]) -> str:
@@ -398,8 +399,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         start = time.perf_counter()
         with preemption.exits_at_once("sampling"), progress.apart():
           write_samples(config, trainer, state.ema_params, dataset, workdir, step,
-                        jax.random.fold_in(rng_sample, step))
+                        jax.random.fold_in(rng_sample, step), writer)
         logging.info("step %d: sampled in %.2f s", step, time.perf_counter() - start)
+    if is_main:
+      writer.write_curves(step, f"{config.model_type} on {config.dataset}")
     with preemption.exits_at_once("finishing the last save"):
       wait_for_saves()
   return eval_metrics

@@ -1,4 +1,8 @@
-"""Configs for tests: the defaults with one data source's options set."""
+"""Configs for tests: the defaults with one data source's options set; benchmark scripts."""
+
+import importlib.util
+import pathlib
+import types
 
 import ml_collections
 
@@ -16,3 +20,12 @@ def data_config(dataset: str, *, data_dir: str = "", seq_len: int = 16, batch_si
                 seed=seed)
   config[dataset].update(options)
   return defaults.validate(config)
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+  """benchmarks/<name>.py as a module (the folder is not a package)."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -13,6 +13,7 @@ import functools
 
 import flax.linen as nn
 import jax
+from jax import export  # A submodule JAX 0.7 does not import with jax.
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -217,9 +218,9 @@ def test_swiglu_kernel_lowers_to_triton_for_cuda():
   h = jax.ShapeDtypeStruct((1024, 2, 3072), jnp.bfloat16)
   g = jax.ShapeDtypeStruct((1024, 3072), jnp.bfloat16)
   triton = "__gpu$xla.gpu.triton"
-  exported = jax.export.export(
+  exported = export.export(
       jax.jit(kernels.swiglu_grad_pallas), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(h, g)
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(h, g)
   assert triton in exported.mlir_module()
 
 

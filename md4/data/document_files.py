@@ -29,8 +29,13 @@ def _table_column(schema, column: str, path: pathlib.Path) -> None:
 
 def _table_batches(path: pathlib.Path, column: str) -> Iterator[tuple[list, float]]:
   """(a batch of a column's values, share of the file read with it), a parquet or Arrow file's."""
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  try:
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as error:
+    raise ModuleNotFoundError(
+        f"{path}: parquet and Arrow files need pyarrow, which md4 installs only with its arrow "
+        f"extra: pip install 'md4[arrow]' (or -e '.[arrow]' in a checkout) ({error})") from error
   if path.suffix == ".parquet":
     try:
       table = pq.ParquetFile(path)

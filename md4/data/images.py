@@ -48,7 +48,13 @@ def _options(tfds_name: str, eval_split: str, **extra) -> dict[str, object]:
 
 def load_split(name: str, split: str, data_dir: str | None, *, download: bool = False):
   """tfds.data_source for one split; a clear FileNotFoundError when it is not prepared."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as error:
+    raise ModuleNotFoundError(
+        f"image datasets need tensorflow-datasets, which md4 installs only with its images "
+        f"extra: pip install 'md4[images]' (or -e '.[images]' in a checkout) ({error})"
+    ) from error
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
   except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as error:

@@ -200,4 +200,21 @@ def eval_iterator_fn(source: RandomAccessSource, batch_size: int,
     return _read_batch(source, positions, positions, 0, transform, None)
 
   batches = grain.MapDataset.range(num_batches).map(read).to_iter_dataset(_read_options())
-  return lambda: iter(batches)
+  return lambda: SizedIterator(iter(batches), num_batches)
+
+
+class SizedIterator:
+  """An iterator that knows how many items it yields in all (for progress bars)."""
+
+  def __init__(self, iterator: Iterator[Batch], length: int):
+    self._iterator = iterator
+    self._length = length
+
+  def __iter__(self) -> "SizedIterator":
+    return self
+
+  def __next__(self) -> Batch:
+    return next(self._iterator)
+
+  def __len__(self) -> int:
+    return self._length

@@ -7,6 +7,7 @@ JSON line describing what is ready; an error is one line, `md4: error: ...`
 """
 
 import json
+import sys
 
 from absl import app
 from absl import flags
@@ -14,6 +15,7 @@ from ml_collections import config_flags
 
 from md4 import data as data_lib
 from md4 import errors
+from md4 import startup
 
 
 def main(argv: list[str]) -> None:
@@ -23,10 +25,13 @@ def main(argv: list[str]) -> None:
 
 
 def cli() -> None:
-  """The command line: flags are defined here, not on import, so md4.main can import md4.data."""
+  """`python -m md4.data.prepare` and `md4-prepare`.
+
+  Flags are defined here, not on import, so md4.main can import md4.data.
+  """
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.mark_flags_as_required(["config"])
-  errors.run(main)
+  errors.run(main, argv=startup.find_config(sys.argv))
 
 
 if __name__ == "__main__":

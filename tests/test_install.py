@@ -1,0 +1,83 @@
+"""The README's two commands, as written, in a fresh copy of the repository and a fresh venv.
+
+The Quick start command (install and train) runs once per test session,
+shortened by appended `--config.*` overrides, and the Tests command then
+reuses its virtual environment, shortened by a selection of one test file.
+pip installs from the package index (or its cache); nothing else is fetched.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+from tests import helpers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHORT_QUICK_START = ("--config.num_train_steps=30", "--config.log_every_steps=10",
+                     "--config.eval_every_steps=30", "--config.checkpoint_every_steps=30",
+                     "--config.sample_every_steps=30", "--config.sample_steps=8",
+                     "--config.synthetic.num_eval_examples=64")
+TEST_SELECTION = "tests/test_schedule.py"
+
+pytestmark = pytest.mark.slow
+
+
+def _bash(command: str, cwd: pathlib.Path, timeout: int) -> subprocess.CompletedProcess:
+  """Runs a README command as a user's shell would: no venv, no pytest state inherited."""
+  env = {key: value for key, value in os.environ.items()
+         if not key.startswith(("PYTEST_", "VIRTUAL_ENV", "PYTHONPATH"))}
+  return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def quick_start(tmp_path_factory) -> dict[str, object]:
+  """The shortened Quick start command's run, shared by every xdist worker of the session."""
+  run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  root = (tmp_path_factory.getbasetemp().parent / f"install-{run_id}" if run_id
+          else tmp_path_factory.getbasetemp() / "install")
+  root.mkdir(parents=True, exist_ok=True)
+  with open(root / "lock", "w") as lock, contextlib.ExitStack() as stack:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+    record = root / "quick_start.json"
+    if not record.exists():
+      benchmark = helpers.load_benchmark("quickstart")
+      checkout = root / "md4"
+      benchmark.copy_repository(checkout)
+      readme = (REPO / "README.md").read_text()
+      command = " ".join([benchmark.readme_command(readme, "Quick start"), *SHORT_QUICK_START,
+                          f"--workdir={root / 'workdir'}"])
+      result = _bash(command, checkout, timeout=1200)
+      record.write_text(json.dumps({
+          "checkout": str(checkout), "workdir": str(root / "workdir"), "command": command,
+          "returncode": result.returncode, "stdout": result.stdout,
+          "stderr": result.stderr[-5000:]}))
+    return json.loads(record.read_text())
+
+
+def test_readme_quick_start_installs_and_trains(quick_start):
+  assert quick_start["returncode"] == 0, quick_start["stderr"]
+  assert "source entropy" in quick_start["stdout"]
+  workdir = pathlib.Path(quick_start["workdir"])
+  final = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  assert final["step"] == 30
+  assert final["eval_bits_per_token"] >= final["data_entropy_bits_per_token"]
+  assert (workdir / "curves.png").is_file() and (workdir / "checkpoints" / "30").is_dir()
+  venv = pathlib.Path(quick_start["checkout"]) / ".venv"
+  assert (venv / "bin" / "md4-train").is_file()
+
+
+def test_readme_test_command_installs_and_tests(quick_start):
+  assert quick_start["returncode"] == 0, quick_start["stderr"]
+  readme = (REPO / "README.md").read_text()
+  tests_command = helpers.load_benchmark("quickstart").readme_command(readme, "Tests")
+  result = _bash(f"{tests_command} {TEST_SELECTION}", pathlib.Path(quick_start["checkout"]),
+                 timeout=1200)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert " passed" in result.stdout and "failed" not in result.stdout
