@@ -15,6 +15,7 @@ is deleted). When checkpoints exist and none restores, the run stops.
 
 import contextlib
 import json
+import logging as python_logging
 import re
 import secrets
 import sys
@@ -171,11 +172,19 @@ def _is_abandoned_read(error: BaseException | None, source: Any = None) -> bool:
   are collected; neither says anything the restore's own error did not.
   """
   return (getattr(source, "__qualname__", "") == "_read_array_index_and_device_put"
+          or str(error).startswith("Encountered error while reading array index")
           or (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"))
 
 
+class _AbandonedReadsFilter(python_logging.Filter):
+  """asyncio logs a failed restore's other reads as "exception was never retrieved"."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    return not (record.exc_info and _is_abandoned_read(record.exc_info[1]))
+
+
 def _silence_abandoned_reads() -> None:
-  """Wraps sys.unraisablehook and sys.excepthook (tensorstore reports through both) once."""
+  """Filters sys.unraisablehook, sys.excepthook and asyncio's logger (each reports them) once."""
   if getattr(sys.excepthook, "md4_silences_abandoned_reads", False):
     return
   unraisablehook, excepthook = sys.unraisablehook, sys.excepthook
@@ -190,6 +199,7 @@ def _silence_abandoned_reads() -> None:
 
   filtered_excepthook.md4_silences_abandoned_reads = True
   sys.unraisablehook, sys.excepthook = filtered_unraisablehook, filtered_excepthook
+  python_logging.getLogger("asyncio").addFilter(_AbandonedReadsFilter())
 
 
 @contextlib.contextmanager
