@@ -53,6 +53,7 @@ from md4 import errors
 from md4 import judge as judge_lib
 from md4 import likelihood
 from md4 import models
+from md4 import progress
 from md4 import preemption as preemption_lib
 from md4 import sample_quality
 from md4 import samples as samples_lib
@@ -283,7 +284,8 @@ def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int, steps:
   replicated = sharding_lib.replicated(checkpoint.mesh)
   draw = jax.jit(draw, in_shardings=(checkpoint.params_sharding, replicated),
                  out_shardings=replicated)
-  return jax.device_get(draw(checkpoint.params, rng))
+  with progress.bar(model.network_calls(name, steps), f"sampling {num_samples}", "call"):
+    return jax.device_get(draw(checkpoint.params, rng))
 
 
 def parse_sampler_options(text: str | None) -> dict[str, Any]:

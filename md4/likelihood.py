@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from md4 import models
+from md4 import progress
 from md4 import sharding as sharding_lib
 
 Array = jnp.ndarray
@@ -72,15 +72,13 @@ def nelbo_per_sequence(step: Callable[[Any, dict[str, Array], Array], Array], pa
   total = len(batches) if hasattr(batches, "__len__") else None
   if num_batches > 0:
     total = num_batches if total is None else min(total, num_batches)
-  progress = tqdm.tqdm(total=total, desc="held-out NELBO", unit="batch", leave=False,
-                       disable=None if jax.process_index() == 0 else True)
-  for index, batch in enumerate(batches):
-    if 0 < num_batches <= index:
-      break
-    estimates.append(np.asarray(step(params, sharding_lib.global_batch(batch, batch_sharding),
-                                     jax.random.fold_in(rng, index))))
-    progress.update()
-  progress.close()
+  with progress.bar(total, "held-out NELBO", "batch") as bar:
+    for index, batch in enumerate(batches):
+      if 0 < num_batches <= index:
+        break
+      estimates.append(np.asarray(step(params, sharding_lib.global_batch(batch, batch_sharding),
+                                       jax.random.fold_in(rng, index))))
+      bar.update()
   if not estimates:
     raise ValueError("no batch to evaluate: the source is empty or num_batches is 0")
   return np.concatenate(estimates).astype(np.float64)

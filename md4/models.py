@@ -19,6 +19,7 @@ import ml_collections
 from md4 import diffusion
 from md4 import genmd4
 from md4 import prime
+from md4 import progress
 from md4 import sampler as sampler_lib
 from md4 import schedule as schedule_lib
 from md4.networks import dit
@@ -92,8 +93,12 @@ class Model(Protocol):
     """num_samples draws; prefix [N, P], infill (template, given) [N, ...] as in sampler.ancestral.
 
     sampler names one of `sampler_lib.SAMPLERS` in `supports`; options are its
-    own (`sampler.SAMPLER_OPTIONS`).
+    own (`sampler.SAMPLER_OPTIONS`). Every network call advances the open
+    `progress.bar`.
     """
+
+  def network_calls(self, sampler: str, steps: int) -> int:
+    """The most network calls one `sample` makes (its nfe is at most this)."""
 
 
 def build_network(config: ml_collections.ConfigDict, num_outputs: int, num_classes: int,
@@ -176,6 +181,10 @@ class MaskedDiffusion:
     """Tokens per example: L for text, H * W * 3 for images."""
     return math.prod(self.example_shape)
 
+  def network_calls(self, sampler: str, steps: int) -> int:
+    """steps; first-hitting: one call per token."""
+    return self.num_tokens if sampler == "first_hitting" else steps
+
   def network_input(self, batch_size: int) -> Array:
     return jnp.zeros((batch_size, *self.example_shape), jnp.int32)
 
@@ -248,7 +257,7 @@ class MaskedDiffusion:
       raise ValueError(f"frames: only the ancestral sampler records them, not {sampler!r}")
     labels = (jnp.arange(num_samples, dtype=jnp.int32) % self.num_classes
               if self.num_classes else None)
-    predict = self.predict_fn(params, labels, guidance_scale=guidance_scale)
+    predict = progress.counted(self.predict_fn(params, labels, guidance_scale=guidance_scale))
     kwargs = dict(steps=steps, grid=grid, top_p=top_p, prefix=prefix, infill=infill)
     shape = (num_samples, *self.example_shape)
     if sampler == "ancestral":
@@ -389,6 +398,10 @@ class Prime(MaskedDiffusion):
 
   def network_input(self, batch_size: int) -> Array:
     return jnp.zeros((batch_size, *self.example_shape, self.codec.length), jnp.int32)
+
+  def network_calls(self, sampler: str, steps: int) -> int:
+    """steps; first-hitting: one call per sub-token."""
+    return self.num_tokens * self.codec.length if sampler == "first_hitting" else steps
 
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
            train: bool) -> LossOutput:

@@ -34,6 +34,7 @@ from md4 import lock
 from md4 import metric_writers
 from md4 import models
 from md4 import preemption as preemption_lib
+from md4 import progress as progress_lib
 from md4 import sample_quality
 from md4 import samples as samples_lib
 from md4 import sharding as sharding_lib
@@ -169,14 +170,23 @@ def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
   return result
 
 
+def draw_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: Any, rng: Array,
+                 num_samples: int, num_frames: int) -> tuple[models.Samples, np.ndarray]:
+  """(trainer.sample's output, its tokens [N, ...] gathered from every process), with a progress bar."""
+  sampler, _ = models.configured_sampler(config)
+  with progress_lib.bar(trainer.model.network_calls(sampler, config.sample_steps),
+                    f"sampling {num_samples}", "call"):
+    drawn = trainer.sample(params, rng, num_samples, num_frames)
+    return drawn, np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
+
+
 def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
                   dataset: data_lib.Dataset, workdir: epath.Path, step: int,
                   rng: Array, writer: metric_writers.MetricWriter) -> None:
   """Samples from params to workdir/samples/step_<N>.* (md4.samples) and TensorBoard."""
   with_frames = dataset.modality == "image" and "frames" in trainer.model.supports
   num_frames = config.num_montage_frames if with_frames else 0
-  drawn = trainer.sample(params, rng, config.num_samples, num_frames)
-  tokens = np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
+  drawn, tokens = draw_samples(config, trainer, params, rng, config.num_samples, num_frames)
   if jax.process_index() == 0:
     frames = None if drawn.frames is None else np.asarray(drawn.frames)
     written = samples_lib.write(workdir / "samples", f"step_{step}", tokens, dataset, frames)
@@ -186,8 +196,7 @@ def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: A
 def sample_scores(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
                   dataset: data_lib.Dataset, rng: Array) -> dict[str, float]:
   """md4.sample_quality's scores of config.num_quality_samples samples, keys prefixed "samples/"."""
-  drawn = trainer.sample(params, rng, config.num_quality_samples, 0)
-  tokens = np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
+  _, tokens = draw_samples(config, trainer, params, rng, config.num_quality_samples, 0)
   scores = sample_quality.scores(tokens, dataset, config.seed)
   return {f"samples/{name}": float(value) for name, value in scores.items()}
 

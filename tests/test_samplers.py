@@ -5,6 +5,7 @@ per test function, with fixed seeds; each also shows that the same samples
 reject a wrong law, so that it cannot pass vacuously.
 """
 
+import io
 import itertools
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ from scipy import stats
 
 from md4 import models
 from md4 import prime
+from md4 import progress
 from md4 import sampler
 from md4 import schedule
 from tests.test_sampler import assert_marginals
@@ -25,6 +27,13 @@ from tests.test_train import tiny_config
 
 ALPHA = 1e-3
 LINEAR = schedule.get("linear")
+
+
+class Terminal(io.StringIO):
+  """A file that says it is a terminal, so that progress bars on it are shown."""
+
+  def isatty(self) -> bool:
+    return True
 
 
 def md4_sampler(name: str, **options):
@@ -298,11 +307,17 @@ def test_models_sample_with_every_supported_sampler(model_type):
         model.sample(params, jax.random.PRNGKey(1), 2, steps=4, grid="cosine", sampler=name,
                      **kwargs)
       continue
-    drawn = jax.jit(lambda params, rng, name=name, kwargs=kwargs: model.sample(
-        params, rng, 2, steps=4, grid="cosine", prefix=prefix, sampler=name, **kwargs))(
-            params, jax.random.PRNGKey(1))
-    tokens = np.asarray(drawn.tokens)
+    with progress.bar(model.network_calls(name, 4), name, "call", file=Terminal()) as bar:
+      drawn = jax.jit(lambda params, rng, name=name, kwargs=kwargs: model.sample(
+          params, rng, 2, steps=4, grid="cosine", prefix=prefix, sampler=name, **kwargs))(
+              params, jax.random.PRNGKey(1))
+      tokens = np.asarray(drawn.tokens)
+      counted = bar.n
     assert tokens.shape == (2, 16) and tokens.min() >= 0 and tokens.max() < 27, name
     assert np.all(tokens[:, :3] == 5), name
-    expected = {"first_hitting": 13 * (model.codec.length if model_type == "prime" else 1)}
+    length = model.codec.length if model_type == "prime" else 1
+    expected = {"first_hitting": 13 * length}
     assert int(drawn.nfe) == expected.get(name, 4), name
+    # The progress bar counts each network call, out of at most network_calls.
+    assert counted == int(drawn.nfe) <= model.network_calls(name, 4), name
+    assert model.network_calls(name, 4) == {"first_hitting": 16 * length}.get(name, 4)

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from md4 import data as data_lib
+from md4 import progress as progress_lib
 from md4.data import chars
 from md4.data import document_files
 from md4.data import pipeline
@@ -155,9 +156,7 @@ def iter_documents(paths: Sequence[pathlib.Path], documents: str
 
 
 def _progress(total: int, description: str, enabled: bool):
-  import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(total=total, desc=description, unit="B", unit_scale=True,
-                   disable=not enabled)
+  return progress_lib.bar(total, description, "B", enabled=enabled, unit_scale=True)
 
 
 def train_tokenizer(paths: Sequence[pathlib.Path], documents: str, model_path: pathlib.Path,
