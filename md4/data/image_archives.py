@@ -41,6 +41,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from md4 import progress as progress_lib
 from md4.data import text8
 from md4.data import tokenizer as tokenizer_lib
 
@@ -236,7 +237,8 @@ def _write_split(batches: Iterator[tuple[np.ndarray, np.ndarray]], size: int, ex
                  where: str) -> None:
   """Writes a split's images as uint8 [N, H, W, 3] and labels as int16 [N]."""
   written = 0
-  with open(images_path, "wb") as images, open(labels_path, "wb") as labels:
+  with (open(images_path, "wb") as images, open(labels_path, "wb") as labels,
+        progress_lib.bar(examples, where, "image", unit_scale=True) as bar):
     for pixels, classes in batches:
       if pixels.ndim != 2 or pixels.shape[1] != 3 * size * size or len(classes) != len(pixels):
         raise ValueError(f"{where}: a batch of shape {pixels.shape} with {len(classes)} labels, "
@@ -248,6 +250,7 @@ def _write_split(batches: Iterator[tuple[np.ndarray, np.ndarray]], size: int, ex
         np.ascontiguousarray(rows.transpose(0, 2, 3, 1)).tofile(images)
       classes.astype(np.int16).tofile(labels)
       written += len(pixels)
+      bar.update(len(pixels))
   if written != examples:
     raise ValueError(f"{where} holds {written} images, the official split {examples}")
 

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from md4 import data as data_lib
+from md4 import progress as progress_lib
 from md4.data import alphabet
 from md4.data import chars
 from md4.data import pipeline
@@ -81,11 +82,13 @@ def download(url: str, path: str | os.PathLike, *, size: int | None = ZIP_SIZE,
                                    suffix=".part", delete=False) as part:
     part_path = pathlib.Path(part.name)
     try:
-      with _open_url(url, timeout) as response:
+      with (_open_url(url, timeout) as response,
+            progress_lib.bar(size, f"downloading {path.name}", "B", unit_scale=True) as bar):
         while chunk := response.read(1 << 20):
           part.write(chunk)
           digest.update(chunk)
           received += len(chunk)
+          bar.update(len(chunk))
       if size is not None and received != size:
         raise ValueError(f"{url} gave {received} bytes, expected {size}")
       if sha256 is not None and digest.hexdigest() != sha256:
