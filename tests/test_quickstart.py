@@ -176,3 +176,22 @@ def test_readme_quotes_the_committed_benchmark_results():
   assert results["command"] == benchmark.readme_command(readme, "Quick start")
   # The bound holds whatever the machine's load; the times are what that run measured.
   assert all(0 < run["gap"] < 0.35 for run in results["runs"])
+
+
+def test_text_quick_start_trains_on_word_pieces_of_the_bundled_text(tmp_path):
+  """configs/quickstart_text.py as shipped (its own tokenizer, the bundled text), for 10 steps."""
+  workdir, data_dir = tmp_path / "workdir", tmp_path / "data"
+  result = subprocess.run(
+      [str(BIN / "md4-train"), "--config=configs/quickstart_text.py", f"--workdir={workdir}",
+       f"--config.data_dir={data_dir}", "--config.num_train_steps=10",
+       "--config.eval_every_steps=10", "--config.num_eval_steps=2", "--config.sample_steps=8"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "held-out NELBO" in result.stdout
+  manifest = json.loads((data_dir / "tokens" / "tinyshakespeare_bpe1024" /
+                         "manifest.json").read_text())
+  assert manifest["vocab_size"] == 1024
+  samples = (workdir / "samples" / "step_10.txt").read_text().splitlines()
+  assert len(samples) == 8 and all(sample.strip() for sample in samples)
+  corpus = set((REPO / "md4" / "data" / "assets" / "tinyshakespeare.txt").read_text())
+  assert set("".join(samples).replace("\\n", "\n")) <= corpus | {" "}

@@ -208,19 +208,16 @@ def test_outputs_land_in_the_workdir(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_bound_is_above_the_entropy_and_close_to_it(tmp_path):
-  """A shortened quick start (1000 of its 1500 steps) through the real command."""
+  """The whole quick start through the real command ends within the README's 0.35 bits."""
   result = subprocess.run(
       [sys.executable, "-m", "md4.main", "--config=configs/quickstart.py",
-       f"--workdir={tmp_path}", "--config.num_train_steps=1000",
-       "--config.eval_every_steps=1000", "--config.checkpoint_every_steps=1000",
-       "--config.sample_every_steps=1000"],
-      cwd=REPO, capture_output=True, text=True, timeout=900)
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "held-out NELBO" in result.stdout and "source entropy" in result.stdout
   final = [record for record in map(json.loads, (tmp_path / "metrics.jsonl").open())
            if "eval_bits_per_token" in record][-1]
   bound, entropy = final["eval_bits_per_token"], final["data_entropy_bits_per_token"]
-  assert entropy <= bound < entropy + 0.6, (bound, entropy)
+  assert entropy <= bound < entropy + 0.35, (bound, entropy)
   assert (tmp_path / "samples" / "step_1000.txt").exists()
   assert (tmp_path / "checkpoints" / "1000").is_dir()
 
