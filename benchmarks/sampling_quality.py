@@ -3,8 +3,9 @@
 python benchmarks/sampling_quality.py --steps=16,64,256 --workdir=/tmp/md4_quickstart
 
 Trains --config (configs/quickstart.py) in --workdir (default: a new
-temporary folder) unless a checkpoint is there, which it then loads, then draws --num_samples unconditional samples with each sampler
-at each step count and scores them against the synthetic source's true law
+temporary folder) unless a checkpoint is there, which it then loads, then
+draws --num_samples unconditional samples with each sampler at each step
+count and scores them against the synthetic source's true law
 (`md4.sample_quality`): log-likelihood, entropy rate and transition KL in
 bits per token with standard errors, the sample entropy in nats, the
 network evaluations (NFE) and the wall time of a second, compiled, call.
@@ -13,6 +14,8 @@ perfect sampler of a perfect model scores that (the KL 0 up to its error).
 """
 
 import json
+import pathlib
+import sys
 import tempfile
 import time
 
@@ -32,6 +35,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir; default: a ne
 _STEPS = flags.DEFINE_list("steps", ["16", "64", "256"], "Step counts of the step samplers.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 512, "Samples per row.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_OUTPUT = flags.DEFINE_string("output", None, "Also writes the JSON there (with the command), "
+                              "e.g. benchmarks/results/sampling_quality.json, which the "
+                              "README's table quotes.")
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "sampling_quality.json"
 
 # (label, sampler, options); first-hitting takes no steps (one call per token).
 SAMPLERS = (
@@ -128,6 +136,9 @@ def main(argv: list[str]) -> None:
             "device": jax.devices()[0].device_kind}
   print(json.dumps(result, indent=1))
   print(markdown(rows))
+  if _OUTPUT.value:
+    result["command"] = " ".join(["python", *sys.argv])
+    pathlib.Path(_OUTPUT.value).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

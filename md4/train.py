@@ -172,7 +172,7 @@ def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
 
 def draw_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: Any, rng: Array,
                  num_samples: int, num_frames: int) -> tuple[models.Samples, np.ndarray]:
-  """(trainer.sample's output, its tokens [N, ...] gathered from every process), with a progress bar."""
+  """(trainer.sample's output, its tokens [N, ...] from every process), under a progress bar."""
   sampler, _ = models.configured_sampler(config)
   with progress_lib.bar(trainer.model.network_calls(sampler, config.sample_steps),
                     f"sampling {num_samples}", "call"):

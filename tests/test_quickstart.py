@@ -124,8 +124,9 @@ def test_end_of_run_png_shows_the_curves_of_metrics_jsonl(short_run):
               for r in records if "eval_bits_per_token" in r]
   assert shown["train"] == train and [r[0] for r in train] == [5, 10, 15, 20]
   assert shown["held_out"] == held_out and [r[0] for r in held_out] == [10, 20]
-  entropy = [r["data_entropy_bits_per_token"] for r in records if "data_entropy_bits_per_token" in r]
-  assert shown["entropy"] == entropy[-1]
+  entropy = [r["data_entropy_bits_per_token"] for r in records
+             if "data_entropy_bits_per_token" in r][-1]
+  assert shown["entropy"] == entropy
 
   # Each point is drawn where the stored mapping puts it, in its series' colour.
   pixels = np.asarray(image.convert("RGB")).astype(int)
@@ -195,3 +196,11 @@ def test_text_quick_start_trains_on_word_pieces_of_the_bundled_text(tmp_path):
   assert len(samples) == 8 and all(sample.strip() for sample in samples)
   corpus = set((REPO / "md4" / "data" / "assets" / "tinyshakespeare.txt").read_text())
   assert set("".join(samples).replace("\\n", "\n")) <= corpus | {" "}
+
+
+def test_readme_sampling_table_is_the_committed_benchmark_output():
+  benchmark = helpers.load_benchmark("sampling_quality")
+  results = json.loads(benchmark.RESULTS.read_text())
+  table = benchmark.markdown([results["source"], *results["rows"]])
+  assert table in (REPO / "README.md").read_text()
+  assert results["num_samples"] == 256 and results["step"] == 1000
