@@ -208,7 +208,12 @@ def test_outputs_land_in_the_workdir(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_bound_is_above_the_entropy_and_close_to_it(tmp_path):
-  """The whole quick start through the real command ends within the README's 0.35 bits."""
+  """The whole quick start through the real command: a bound, near the entropy.
+
+  On the README's machine it ends 0.135 bits above; its seeds range from 0.13
+  to 0.47 (configs/quickstart.py), and another CPU's rounding acts like
+  another seed, hence the margin.
+  """
   result = subprocess.run(
       [sys.executable, "-m", "md4.main", "--config=configs/quickstart.py",
        f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -217,7 +222,7 @@ def test_quickstart_bound_is_above_the_entropy_and_close_to_it(tmp_path):
   final = [record for record in map(json.loads, (tmp_path / "metrics.jsonl").open())
            if "eval_bits_per_token" in record][-1]
   bound, entropy = final["eval_bits_per_token"], final["data_entropy_bits_per_token"]
-  assert entropy <= bound < entropy + 0.35, (bound, entropy)
+  assert entropy <= bound < entropy + 0.6, (bound, entropy)
   assert (tmp_path / "samples" / "step_1000.txt").exists()
   assert (tmp_path / "checkpoints" / "1000").is_dir()
 
