@@ -19,8 +19,10 @@ _open_bars: list[tqdm.tqdm] = []
 def bar(total: int | None, description: str, unit: str, *, enabled: bool = True,
         unit_scale: bool = False, file=None) -> Iterator[tqdm.tqdm]:
   """A tqdm bar, cleared when done; enabled=False (or another process than 0) hides it."""
-  # disable=None: tqdm shows the bar only when its file is a terminal.
-  disable = None if enabled and jax.process_index() == 0 else True
+  # disable=None: tqdm shows the bar only when its file is a terminal. Without
+  # jax.distributed this is the only process: asking would start JAX's backend.
+  first_process = not jax.distributed.is_initialized() or jax.process_index() == 0
+  disable = None if enabled and first_process else True
   with tqdm.tqdm(total=total, desc=description, unit=unit, unit_scale=unit_scale,
                  leave=False, disable=disable, file=file) as progress:
     _open_bars.append(progress)

@@ -175,7 +175,7 @@ def draw_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: An
   """(trainer.sample's output, its tokens [N, ...] from every process), under a progress bar."""
   sampler, _ = models.configured_sampler(config)
   with progress_lib.bar(trainer.model.network_calls(sampler, config.sample_steps),
-                    f"sampling {num_samples}", "call"):
+                        f"sampling {num_samples}", "call"):
     drawn = trainer.sample(params, rng, num_samples, num_frames)
     return drawn, np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
 

@@ -155,10 +155,6 @@ def iter_documents(paths: Sequence[pathlib.Path], documents: str
       yield "\n".join(pending), consumed
 
 
-def _progress(total: int, description: str, enabled: bool):
-  return progress_lib.bar(total, description, "B", enabled=enabled, unit_scale=True)
-
-
 def train_tokenizer(paths: Sequence[pathlib.Path], documents: str, model_path: pathlib.Path,
                     *, vocab_size: int, tokenizer_type: str, max_sentences: int,
                     progress: bool = False) -> None:
@@ -174,7 +170,8 @@ def train_tokenizer(paths: Sequence[pathlib.Path], documents: str, model_path: p
   total = sum(path.stat().st_size for path in paths)
 
   def sentences() -> Iterator[str]:
-    with _progress(total, "training tokenizer", progress) as bar:
+    with progress_lib.bar(total, "training tokenizer", "B", enabled=progress,
+                          unit_scale=True) as bar:
       for document, consumed in iter_documents(paths, documents):
         bar.update(consumed)
         yield from (line for line in document.split("\n") if line.strip())
@@ -214,7 +211,7 @@ def tokenise(paths: Sequence[pathlib.Path], documents: str,
   total = sum(path.stat().st_size for path in paths)
   num_tokens = num_documents = 0
   with (open(out_path, "wb") as out, open(ends_path, "wb") as ends,
-        _progress(total, "tokenising", progress) as bar):
+        progress_lib.bar(total, "tokenising", "B", enabled=progress, unit_scale=True) as bar):
     batch, batch_bytes, batch_consumed = [], 0, 0
 
     def flush():
