@@ -1,6 +1,6 @@
 """Quick start on real text: the quick-start MD4 on the bundled Tiny Shakespeare.
 
-python -m md4.main --config=configs/quickstart_text.py --workdir=DIR
+`python -m md4.main --config=configs/quickstart_text.py --workdir=DIR`
 
 The same model, schedule and budget as quickstart.py, on word pieces: the
 first run trains a 1024-piece BPE SentencePiece model on the text (a few
