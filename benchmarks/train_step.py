@@ -31,7 +31,7 @@ from md4 import compilation_cache
 from md4 import data as data_lib
 from md4 import models
 from md4 import sharding
-from md4 import train
+from md4 import trainer as trainer_lib
 from md4.networks import kernels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
@@ -94,7 +94,7 @@ def main(argv):
     vocab_size, example_shape, num_classes = (dataset.vocab_size, dataset.example_shape,
                                               dataset.num_classes)
   model = models.create(config, vocab_size, example_shape, num_classes)
-  trainer = train.build_trainer(config, model, mesh)
+  trainer = trainer_lib.compile_steps(config, model, mesh)
   state = trainer.init(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   batch = sharding.global_batch(

@@ -1,7 +1,7 @@
 """Orbax checkpoints of the train state and the data position, for training and evaluation.
 
 A checkpoint at step N is `workdir/checkpoints/N/` with four items:
-"state" (a `TrainState`: step, parameters, optimizer state, EMA parameters),
+"state" (an `md4.trainer.TrainState`: step, parameters, optimizer state, EMA parameters),
 "data" (the training iterator's position, the same on every process, so a
 checkpoint written by N processes restores on M), "checksums" (one per array
 of the state, to catch contents that changed after the save) and "config"
@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterator
 
 from absl import logging
 from etils import epath
-import flax
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -43,12 +42,8 @@ _DAMAGE_CODES = re.compile(r"^(DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|NOT_FO
                            r"INVALID_ARGUMENT):")
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
+# The train state (`md4.trainer.TrainState`): a pytree with step, params, opt_state, ema_params.
+TrainState = Any
 
 
 class CheckpointMismatchError(ValueError):

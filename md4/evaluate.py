@@ -60,7 +60,7 @@ from md4 import samples as samples_lib
 from md4 import sampler as sampler_lib
 from md4 import sharding as sharding_lib
 from md4 import storage
-from md4 import train
+from md4 import trainer as trainer_lib
 from md4.data import pipeline
 from md4.data import tokens
 from md4.data import zero_shot
@@ -164,15 +164,10 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
   # Training's antithetic times over the tiled batch are what stratify the times.
   config.antithetic_time_sampling = True
   config.grad_accum_steps = 1  # Evaluation has no micro-batches.
-  mesh = sharding_lib.make_mesh(config)
-  sharding_lib.check_batch(config, mesh)
-  dataset = data_lib.create(config)
-  model = models.create(config, dataset.vocab_size, dataset.example_shape,
-                        dataset.num_classes)
-  trainer = train.build_trainer(config, model, mesh)
+  dataset, trainer = trainer_lib.build(config)
   step, params = checkpointing.restore_ema_params(workdir, step, trainer.init,
                                                   trainer.state_sharding)
-  return Checkpoint(workdir, step, config, dataset, model, mesh,
+  return Checkpoint(workdir, step, config, dataset, trainer.model, trainer.mesh,
                     trainer.state_sharding.ema_params, params)
 
 

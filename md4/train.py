@@ -1,14 +1,11 @@
 """train_and_evaluate: the training loop, which only glues.
 
-`models` turns parameters into losses and samples, `data` yields batches,
-`sharding` lays them and the state over the devices, `checkpointing` keeps
-the train state and the data position, `likelihood` estimates the held-out
-bound.
+`trainer` assembles mesh, data, model and the compiled steps, `sharding`
+lays batches over the devices, `checkpointing` keeps the train state and the
+data position, `likelihood` estimates the held-out bound.
 """
 
 import contextlib
-import dataclasses
-import functools
 import json
 import time
 from typing import Any
@@ -16,13 +13,11 @@ from typing import Any
 from absl import logging
 from clu import parameter_overview
 from etils import epath
-import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from md4 import checkpointing
 from md4 import compilation_cache
@@ -39,120 +34,13 @@ from md4 import sample_quality
 from md4 import samples as samples_lib
 from md4 import sharding as sharding_lib
 from md4 import storage
+from md4 import trainer as trainer_lib
 
 Array = jnp.ndarray
 Metrics = dict[str, Array]
-TrainState = checkpointing.TrainState
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up, then cosine decay to min_lr_ratio of the peak."""
-  opt = config.optimizer
-  warmup = min(opt.warmup_steps, config.num_train_steps)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=warmup,
-      decay_steps=max(config.num_train_steps, warmup + 1),
-      end_value=opt.learning_rate * opt.min_lr_ratio)
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  opt = config.optimizer
-  return optax.chain(
-      optax.clip_by_global_norm(opt.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2,
-                  weight_decay=opt.weight_decay))
-
-
-def tree_norm(tree: Any) -> Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def train_step(model: models.Model, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict, state: TrainState,
-               batch: dict[str, Array], rng: Array) -> tuple[TrainState, Metrics]:
-  """One optimizer step over config.grad_accum_steps micro-batches."""
-  rng = jax.random.fold_in(rng, state.step)
-  num_micro = config.grad_accum_steps
-  micro_batches = jax.tree.map(
-      lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
-
-  def objective(params, micro_batch, micro_rng):
-    output = model.loss(params, micro_batch, micro_rng, True)
-    return output.objective.mean() / model.num_tokens, output
-
-  def micro_step(grads_sum, inputs):
-    micro_batch, micro_rng = inputs
-    (loss, output), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params, micro_batch, micro_rng)
-    metrics = {"loss": loss, **output.metrics}
-    return jax.tree.map(jnp.add, grads_sum, grads), metrics
-
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  grads, metrics = jax.lax.scan(micro_step, zeros,
-                                (micro_batches, jax.random.split(rng, num_micro)))
-  grads = jax.tree.map(lambda g: g / num_micro, grads)
-  metrics = jax.tree.map(jnp.mean, metrics)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = optax.incremental_update(params, state.ema_params, 1.0 - config.ema_rate)
-  metrics.update(grad_norm=optax.tree.norm(grads), param_norm=tree_norm(params),
-                 learning_rate=learning_rate_schedule(config)(state.step))
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema_params)
-  return new_state, metrics
-
-
-@dataclasses.dataclass
-class Trainer:
-  """Compiled steps and the shardings they use."""
-
-  model: models.Model
-  mesh: jax.sharding.Mesh
-  state_sharding: Any
-  batch_sharding: jax.sharding.NamedSharding
-  init: Any
-  train_step: Any
-  eval_step: Any
-  sample: Any
-
-
-def build_trainer(config: ml_collections.ConfigDict, model: models.Model,
-                  mesh: jax.sharding.Mesh) -> Trainer:
-  tx = create_optimizer(config)
-
-  def init_state(rng: Array) -> TrainState:
-    params = model.init(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), ema_params=params)
-
-  state_sharding = sharding_lib.tree_sharding(config, mesh,
-                                              jax.eval_shape(init_state, jax.random.PRNGKey(0)))
-  data_sharding = sharding_lib.batch_sharding(mesh)
-  replicated = sharding_lib.replicated(mesh)
-  init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_sharding)
-  step = jax.jit(functools.partial(train_step, model, tx, config),
-                 in_shardings=(state_sharding, data_sharding, replicated),
-                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  evaluate_step = likelihood.compile_eval_step(model, mesh, state_sharding.ema_params,
-                                               config.eval_num_t)
-  sample = jax.jit(functools.partial(sample_from_config, model, config),
-                   static_argnums=(2, 3), in_shardings=(state_sharding.ema_params, replicated),
-                   out_shardings=replicated)
-  return Trainer(model, mesh, state_sharding, data_sharding, init, step, evaluate_step, sample)
-
-
-def sample_from_config(model: models.Model, config: ml_collections.ConfigDict, params: Any,
-                       rng: Array, num_samples: int, num_frames: int) -> models.Samples:
-  """model.sample with the config's sampler settings."""
-  top_p = config.sample_top_p
-  name, options = models.configured_sampler(config)
-  return model.sample(params, rng, num_samples, steps=config.sample_steps,
-                      grid=config.sample_grid, top_p=None if top_p >= 1.0 else top_p,
-                      num_frames=num_frames if name == "ancestral" else 0,
-                      guidance_scale=config.guidance_scale, sampler=name, **options)
-
-
-def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
+def evaluate(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer, params: Any,
              dataset: data_lib.Dataset, rng_seed: int) -> dict[str, float]:
   """Mean held-out NELBO in bits per token over the split (or num_eval_steps batches).
 
@@ -170,7 +58,7 @@ def evaluate(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
   return result
 
 
-def draw_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: Any, rng: Array,
+def draw_samples(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer, params: Any, rng: Array,
                  num_samples: int, num_frames: int) -> tuple[models.Samples, np.ndarray]:
   """(trainer.sample's output, its tokens [N, ...] from every process), under a progress bar."""
   sampler, _ = models.configured_sampler(config)
@@ -180,7 +68,7 @@ def draw_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: An
     return drawn, np.asarray(multihost_utils.process_allgather(drawn.tokens, tiled=True))
 
 
-def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
+def write_samples(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer, params: Any,
                   dataset: data_lib.Dataset, workdir: epath.Path, step: int,
                   rng: Array, writer: metric_writers.MetricWriter) -> None:
   """Samples from params to workdir/samples/step_<N>.* (md4.samples) and TensorBoard."""
@@ -193,7 +81,7 @@ def write_samples(config: ml_collections.ConfigDict, trainer: Trainer, params: A
     writer.write_sample_files(step, written)
 
 
-def sample_scores(config: ml_collections.ConfigDict, trainer: Trainer, params: Any,
+def sample_scores(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer, params: Any,
                   dataset: data_lib.Dataset, rng: Array) -> dict[str, float]:
   """md4.sample_quality's scores of config.num_quality_samples samples, keys prefixed "samples/"."""
   _, tokens = draw_samples(config, trainer, params, rng, config.num_quality_samples, 0)
@@ -338,12 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if workdir_lock is not None:
         cleanup.callback(workdir_lock.release)
         preemption.on_exit(workdir_lock.release)
-      mesh = sharding_lib.make_mesh(config)
-      sharding_lib.check_batch(config, mesh)
-      dataset = data_lib.create(config)
-      model = models.create(config, dataset.vocab_size, dataset.example_shape,
-                            dataset.num_classes)
-      trainer = build_trainer(config, model, mesh)
+      dataset, trainer = trainer_lib.build(config)
       rng_init, rng_train, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed), 3)
       checkpoints = checkpointing.manager(config, workdir)
       cleanup.callback(checkpoints.close)
@@ -365,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     cleanup.callback(wait_for_saves)
     preemption.on_exit(wait_for_saves)
     logging.info("Training %s on %s from step %d to %d on mesh %s", config.model_type,
-                 config.dataset, step, config.num_train_steps, dict(mesh.shape))
+                 config.dataset, step, config.num_train_steps, dict(trainer.mesh.shape))
 
     progress = Progress(step)
     history: list[tuple[int, Metrics]] = []

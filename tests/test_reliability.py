@@ -119,7 +119,7 @@ def test_resume_across_process_counts_equals_one_uninterrupted_run(tmp_path):
 
 FSDP_MEMORY = """
 import json, jax
-from md4 import data, models, sharding, train
+from md4 import sharding, trainer as trainer_lib
 from tests.test_train import tiny_config
 out = {}
 for name, shape, axes in [("data", (8,), ("data",)), ("fsdp2", (4, 2), ("data", "fsdp")),
@@ -127,9 +127,7 @@ for name, shape, axes in [("data", (8,), ("data",)), ("fsdp2", (4, 2), ("data", 
                           ("fsdp4_tensor2", (1, 4, 2), ("data", "fsdp", "tensor"))]:
   config = tiny_config(mesh_shape=shape, mesh_axes=axes, batch_size=8)
   config.model.width, config.model.num_heads = 256, 4
-  dataset = data.create(config)
-  model = models.create(config, dataset.vocab_size, dataset.example_shape)
-  trainer = train.build_trainer(config, model, sharding.make_mesh(config))
+  dataset, trainer = trainer_lib.build(config)
   state = trainer.init(jax.random.PRNGKey(0))
   batch = sharding.global_batch(next(dataset.train), trainer.batch_sharding)
   compiled = trainer.train_step.lower(state, batch, jax.random.PRNGKey(1)).compile()
@@ -423,13 +421,11 @@ def test_bad_input_is_one_line_naming_what_to_change(tmp_path):
 
 def test_transient_read_errors_are_retried_then_raised_leaving_the_checkpoint(tmp_path,
                                                                               monkeypatch):
-  from md4 import checkpointing, data, models, sharding, train  # pylint: disable=g-import-not-at-top
+  from md4 import checkpointing, train, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(num_train_steps=2, checkpoint_every_steps=2)
   train.train_and_evaluate(config, tmp_path)
-  dataset = data.create(config)
-  model = models.create(config, dataset.vocab_size, dataset.example_shape)
-  trainer = train.build_trainer(config, model, sharding.make_mesh(config))
+  dataset, trainer = trainer_lib.build(config)
   monkeypatch.setattr(checkpointing.time, "sleep", lambda seconds: None)
   original = ocp.CheckpointManager.restore
   failures = []

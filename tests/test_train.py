@@ -100,15 +100,12 @@ def test_wrong_config_flag_fails_before_compilation(tmp_path):
 
 MESH_STEP = """
 import json, jax, numpy as np
-from md4 import data, models, sharding, train
+from md4 import sharding, trainer as trainer_lib
 from tests.test_train import tiny_config
 results = {}
 for shape in [(1, 1), (8, 1), (2, 4)]:
   config = tiny_config(mesh_shape=shape, mesh_axes=("data", "fsdp"))
-  mesh = sharding.make_mesh(config, jax.devices()[:int(np.prod(shape))])
-  dataset = data.create(config)
-  model = models.create(config, dataset.vocab_size, dataset.example_shape)
-  trainer = train.build_trainer(config, model, mesh)
+  dataset, trainer = trainer_lib.build(config, jax.devices()[:int(np.prod(shape))])
   state = trainer.init(jax.random.PRNGKey(0))
   batch = sharding.global_batch(next(dataset.train), trainer.batch_sharding)
   state, metrics = trainer.train_step(state, batch, jax.random.PRNGKey(1))
@@ -142,10 +139,10 @@ def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path):
   # Stop after step 3 by pretending a preemption arrives there.
   code = f"""
   import signal, os
-  from md4 import train
+  from md4 import train, trainer
   from tests.test_train import tiny_config
   config = tiny_config(num_train_steps=6, checkpoint_every_steps=3)
-  original = train.Trainer.__init__
+  original = trainer.Trainer.__init__
   def patched_init(self, *args, **kwargs):
     original(self, *args, **kwargs)
     inner = self.train_step
@@ -156,7 +153,7 @@ def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
       return inner(*a)
     self.train_step = train_step
-  train.Trainer.__init__ = patched_init
+  trainer.Trainer.__init__ = patched_init
   try:
     train.train_and_evaluate(config, {str(tmp_path / 'split')!r})
   except SystemExit as e:
