@@ -3,10 +3,10 @@
 python benchmarks/sampling.py --config=configs/quickstart.py --steps=64,256,1024
 
 "speed": for each number of steps, sequences/s of MD4's ancestral sampler
-(`sampler.ancestral`) with the config's network, the best of --repeats timed
+(`md4.samplers.ancestral`) with the config's network, the best of --repeats timed
 runs after a compiling one.
 
-"reuse": for MD4 and MDM-Prime (`prime.sample`, config.prime's codec) with
+"reuse": for MD4 and MDM-Prime (config.prime's codec, `prime.SubTokens`) with
 the same network ignoring t (time_conditioning="none", where reuse is
 valid), the network evaluations (NFE) spent with output reuse, over
 --nfe_seeds seeds, for the whole batch (whose skip is decided jointly) and
@@ -29,8 +29,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from md4 import models
-from md4 import prime
-from md4 import sampler
+from md4 import samplers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
 _STEPS = flags.DEFINE_list("steps", ["64", "256", "1024"], "Sampling steps to time.")
@@ -59,14 +58,9 @@ def sampling_fn(model, steps: int, reuse: bool, num_samples: int):
   grid = model.config.sample_grid
 
   def draw(params, rng):
-    predict_fn = model.predict_fn(params)
-    if isinstance(model, models.Prime):
-      return prime.sample(predict_fn, rng, shape=shape, codec=model.codec,
-                          schedule=model.schedule, steps=steps, grid=grid,
-                          reuse_outputs=reuse, return_nfe=True)
-    return sampler.ancestral(predict_fn, rng, shape=shape, vocab_size=model.vocab_size,
-                             schedule=model.schedule, steps=steps, grid=grid,
-                             reuse_outputs=reuse, return_nfe=True)
+    drawn = samplers.sample("ancestral", model.predict_fn(params), rng, model.space(params),
+                            shape=shape, steps=steps, grid=grid, reuse_outputs=reuse)
+    return drawn.tokens, drawn.nfe
 
   return jax.jit(draw)
 

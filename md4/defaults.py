@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from md4 import data
+from md4 import samplers
 
 ATTENTION_IMPLS = ("", "xla", "cudnn")
 
@@ -90,14 +91,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample_steps = 256
   config.sample_grid = "cosine"
   config.sample_top_p = 1.0
-  # One of sampler.SAMPLERS; its options are sampler_options.<name> (threshold 0: none).
+  # A registered sampler (md4.samplers); sampler_options.<name> holds the options of each,
+  # with the defaults its registration gives.
   config.sampler = "ancestral"
-  config.sampler_options = ml_collections.ConfigDict(dict(
-      maskgit=dict(temperature=1.0, choice_temperature=4.5, threshold=0.0),
-      llada=dict(temperature=1.0, threshold=0.0),
-      blocks=dict(block_size=16, order="confidence", temperature=1.0, choice_temperature=4.5,
-                  threshold=0.0),
-      remdm=dict(strategy="cap", eta=0.04, t_on=0.55, t_off=0.05, alpha_on=0.9)))
+  config.sampler_options = ml_collections.ConfigDict(
+      {name: dict(entry.options) for name, entry in samplers.registry().items()
+       if entry.options})
   # Samples drawn at the end of training to score against a known source (0: none).
   config.num_quality_samples = 256
   config.num_montage_frames = 8
@@ -141,9 +140,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   model_class = models.get(config.model_type)
   data.get(config.dataset)
   models.configured_sampler(config)
-  if config.sampler not in model_class.supports:
+  if config.sampler not in model_class.sampler_names():
     raise ValueError(f"config.sampler={config.sampler!r}: model_type {config.model_type!r} "
-                     f"supports {sorted(set(model_class.supports) & set(models.SAMPLERS))}")
+                     f"supports {', '.join(model_class.sampler_names())}")
   if config.model.attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl={config.model.attention_impl!r}; valid: "
                      f"{ATTENTION_IMPLS} ('' picks cuDNN on GPU in half precision, else XLA)")

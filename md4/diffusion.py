@@ -169,3 +169,35 @@ def loss_given_state(predict_fn: checks.PredictFn,
       "masked_fraction": is_masked.mean(),
   }
   return nelbo, aux
+
+
+class Tokens:
+  """MD4's sampling space (`md4.samplers.Space`): tokens [B, *P] with mask id V.
+
+  A masked token is revealed from t to s with probability
+  (alpha_s - alpha_t) / (1 - alpha_t), whatever its value.
+  """
+
+  entry_shape = ()
+  features = frozenset({"one_schedule", "remasking", "frames"})
+
+  def __init__(self, vocab_size: int, schedule: schedule_lib.Schedule):
+    self.num_values = vocab_size
+    self.mask_id = vocab_size
+    self.schedule = schedule
+
+  def entries(self, values: Array) -> Array:
+    return jnp.asarray(values, jnp.int32)
+
+  def decode(self, state: Array) -> Array:
+    return state
+
+  def allowed_logits(self, logits: Array, state: Array) -> Array:
+    del state
+    return logits
+
+  def reveal_prob(self, t: Array, s: Array, values: Array) -> Array:
+    del values
+    # eps = 0 makes 1 - alpha_t vanish only where everything is revealed anyway.
+    denominator = jnp.maximum(self.schedule.mask_prob(t), jnp.finfo(jnp.float32).tiny)
+    return jnp.clip(self.schedule.alpha_drop(s, t) / denominator, 0.0, 1.0)

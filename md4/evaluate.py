@@ -22,7 +22,7 @@ sets (`md4.data.zero_shot`) and prints them as a Markdown table.
 With --sample, unconditional samples are scored (`md4.sample_quality`): their
 sample entropy for text, and against the true law of a known source their
 log-likelihood, entropy rate and transition KL next to the source's own.
---sampler picks the sampler (`sampler.SAMPLERS`), --sampler_options its
+--sampler picks the sampler (`md4.samplers`), --sampler_options its
 options as JSON.
 
 Results go to OUT/results_step_<N>.json (OUT = DIR/eval or --output_dir),
@@ -57,7 +57,7 @@ from md4 import progress
 from md4 import preemption as preemption_lib
 from md4 import sample_quality
 from md4 import samples as samples_lib
-from md4 import sampler as sampler_lib
+from md4 import samplers
 from md4 import sharding as sharding_lib
 from md4 import storage
 from md4 import trainer as trainer_lib
@@ -94,7 +94,7 @@ class Options:
   steps: int | None = None           # Sampler steps; None: config.sample_steps.
   grid: str | None = None            # Sampler time grid; None: config.sample_grid.
   top_p: float | None = None         # Nucleus mass; None: config.sample_top_p.
-  sampler: str | None = None         # One of sampler.SAMPLERS; None: config.sampler.
+  sampler: str | None = None         # A registered sampler (md4.samplers); None: config.sampler.
   sampler_options: str | None = None  # JSON object over config.sampler_options.<sampler>.
   judge: str | None = None           # GPT-2-family checkpoint dir: generative perplexity.
   prefix: str | None = None          # Leading text every sample keeps.
@@ -253,7 +253,7 @@ def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int, steps:
   """Samples with the EMA parameters; prefix, infill and the sampler as in `Options`."""
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  sampler_lib.time_grid(steps, grid)  # Raises ValueError naming a bad steps or grid.
+  samplers.engine.time_grid(steps, grid)  # Raises ValueError naming a bad steps or grid.
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   conditions = {}
@@ -487,10 +487,10 @@ _HELP = {
     "sample": "Write samples.",
     "num_samples": "Default: config.num_samples.",
     "steps": "Sampler steps; default: config.sample_steps.",
-    "grid": f"Sampler time grid ({', '.join(sampler_lib.GRIDS)}); default: "
+    "grid": f"Sampler time grid ({', '.join(samplers.engine.GRIDS)}); default: "
             "config.sample_grid.",
     "top_p": "Nucleus mass; default: config.sample_top_p.",
-    "sampler": f"Sampler ({', '.join(sampler_lib.SAMPLERS)}); default: config.sampler.",
+    "sampler": f"Sampler ({', '.join(samplers.names())}); default: config.sampler.",
     "sampler_options": "JSON object of sampler options over config.sampler_options.<sampler>, "
                        "e.g. '{\"block_size\": 8}'.",
     "judge": "Hugging Face GPT-2-family checkpoint directory (config.json, model.safetensors, "

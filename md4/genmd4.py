@@ -57,7 +57,7 @@ import numpy as np
 from md4 import checks
 from md4 import diffusion
 from md4 import draws
-from md4 import sampler as sampler_lib
+from md4 import schedule as schedule_lib
 
 Array = jnp.ndarray
 
@@ -221,76 +221,25 @@ def loss(predict_fn: checks.PredictFn,
   return surrogate, nelbo, aux
 
 
-def sample(predict_fn: checks.PredictFn,
-           rng: Array,
-           *,
-           shape: tuple[int, ...],
-           vocab_size: int,
-           power: Array,
-           steps: int,
-           grid: str = "uniform",
-           prefix: Array | None = None,
-           infill: tuple[Array, Array] | None = None,
-           reuse_outputs: bool = False,
-           return_nfe: bool = False) -> Array | tuple[Array, Array]:
-  """Samples z int32 [B, ...] = `shape` in {0..V-1} from a GenMD4 model.
+class ValueTokens(diffusion.Tokens):
+  """GenMD4's sampling space (`md4.samplers.Space`): tokens [B, *P] with mask id V.
 
-  Step t -> s: each masked position draws x_hat ~ softmax(logits) and is
-  revealed as x_hat with probability 1 - (s / t)^{w_{x_hat}} (module
-  docstring). One `lax.fori_loop` of T = steps steps, each one network call
-  (or none, with reuse_outputs); jit the caller, e.g.
-  jax.jit(lambda rng, power: genmd4.sample(predict_fn, rng, shape=(B, L),
-  vocab_size=V, power=power, steps=T)).
-
-  Args:
-    predict_fn: (z [B, ...] int32 with mask id V, t [B] float32) -> logits
-      [B, ..., V].
-    rng: a PRNG key.
-    shape: (B, L) for text, (B, H, W, C) for images, ...
-    vocab_size: V; the mask id is V.
-    power: the exponents w [V] > 0 the model was trained with.
-    steps: T.
-    grid: "uniform" or "cosine" time grid 1 = t_0 > ... > t_T = 0
-      (`sampler.time_grid`).
-    prefix, infill: positions given from the start, as in `sampler.ancestral`.
-    reuse_outputs: skip the network after a step that revealed nothing, as
-      in `sampler.ancestral` (a network that reads t is refused).
-    return_nfe: also return the network evaluations spent.
-
-  Returns:
-    z, or (z, nfe int32 []) with return_nfe.
+  A masked position drawing x_hat is revealed from t to s with probability
+  1 - (s / t)^{w_x_hat} (module docstring); s = 0 reveals every one. The
+  schedule only paces the samplers that reveal by counts (ordered
+  unmasking); ReMDM and first-hitting, which need one schedule for every
+  value, are not offered.
   """
-  checks.rng(rng)
-  checks.shape(shape)
-  checks.vocab_size(vocab_size)
-  _check_power(power, vocab_size)
-  shape = tuple(int(d) for d in shape)
-  times = jnp.asarray(sampler_lib.time_grid(steps, grid))
-  power = jnp.asarray(power, jnp.float32)
-  mask_id = vocab_size
-  given, template = sampler_lib.given_positions(shape, vocab_size, prefix, infill)
-  z_init = jnp.where(given, template, mask_id).astype(jnp.int32)
-  if reuse_outputs:
-    sampler_lib.check_ignores_time(predict_fn, z_init)
 
-  def call_network(z: Array, t: Array) -> Array:
-    logits = predict_fn(z, jnp.full((shape[0],), t, jnp.float32))
-    return checks.logits(logits, shape + (vocab_size,)).astype(jnp.float32)
+  features = frozenset()
 
-  def step(i: Array, carry: sampler_lib.Carry) -> sampler_lib.Carry:
-    t, s = times[i], times[i + 1]
-    z = carry.state
-    logits, nfe = sampler_lib.network_output(carry, lambda z: call_network(z, t), reuse_outputs)
-    rng_value, rng_reveal = jax.random.split(jax.random.fold_in(rng, i))
-    values = draws.categorical(rng_value, logits)
-    # s = 0 gives (s / t)^w = 0: every masked position is revealed.
-    reveal = draws.bernoulli(rng_reveal, 1.0 - (s / t)**power[values], shape)
-    z_next = jnp.where((z == mask_id) & reveal, values, z)
-    return sampler_lib.advance(z, z_next, logits, nfe, mask_id, reuse_outputs)
+  def __init__(self, vocab_size: int, power: Array, schedule: schedule_lib.Schedule):
+    _check_power(power, vocab_size)
+    super().__init__(vocab_size, schedule)
+    self.power = jnp.asarray(power, jnp.float32)
 
-  init = sampler_lib.initial_carry(z_init, shape + (vocab_size,), mask_id, reuse_outputs)
-  final = jax.lax.fori_loop(0, steps, step, init)
-  return (final.state, final.nfe) if return_nfe else final.state
+  def reveal_prob(self, t: Array, s: Array, values: Array) -> Array:
+    return 1.0 - (s / t)**self.power[values]
 
 
 def _check_power(power: Array, vocab_size: int) -> None:

@@ -1,10 +1,11 @@
 """Models: a network and the diffusion math behind one interface, and their registry.
 
 A model owns its Flax network(s) and turns parameters into the `predict_fn`
-that the pure loss and sampler functions take. Parameters are a dict
-{"network": ...} (GenMD4 adds {"schedule": ...}). `MODEL_TYPES` is the one
-place that maps `config.model_type` to a class; everything else asks a model
-what it supports.
+that the pure loss and sampler functions take, and into the `Space` its
+samplers walk (`md4.samplers`). Parameters are a dict {"network": ...}
+(GenMD4 adds {"schedule": ...}). `MODEL_TYPES` is the one place that maps
+`config.model_type` to a class; everything else asks a model what it
+supports.
 """
 
 import math
@@ -20,7 +21,7 @@ from md4 import diffusion
 from md4 import genmd4
 from md4 import prime
 from md4 import progress
-from md4 import sampler as sampler_lib
+from md4 import samplers
 from md4 import schedule as schedule_lib
 from md4.networks import dit
 from md4.networks import layers
@@ -33,10 +34,9 @@ Array = jnp.ndarray
 Params = Any
 Metrics = dict[str, Array]
 
-# What a model's sampler can do beyond unconditional draws ("frames": ancestral only), and
-# the samplers (`sampler_lib.SAMPLERS`) it has.
-SAMPLERS = sampler_lib.SAMPLERS
-FEATURES = ("prefix", "infill", "frames", "guidance") + SAMPLERS
+# What a model's sampling can do beyond its samplers (`supports` holds both).
+CONDITIONS = ("prefix", "infill", "frames", "guidance")
+Samples = samplers.Samples
 
 
 @flax.struct.dataclass
@@ -55,29 +55,13 @@ class LossOutput:
   metrics: Metrics
 
 
-@flax.struct.dataclass
-class Samples:
-  """A sampler's output.
-
-  Attributes:
-    tokens: int32 [N, *example_shape], no mask id left.
-    frames: int32 [F, N, *example_shape] snapshots of the reverse process
-      (mask id included), or None.
-    nfe: int32 [], network evaluations spent.
-  """
-
-  tokens: Array
-  frames: Array | None
-  nfe: Array
-
-
 class Model(Protocol):
   """What training, evaluation and the benchmarks call."""
 
   vocab_size: int
   example_shape: tuple[int, ...]
   num_classes: int
-  supports: frozenset[str]  # A subset of FEATURES.
+  supports: frozenset[str]  # CONDITIONS and sampler names it can sample with.
 
   def init(self, rng: Array) -> Params:
     """Boxed (logically partitioned) parameters."""
@@ -92,8 +76,8 @@ class Model(Protocol):
              guidance_scale: float = 1.0, sampler: str = "ancestral", **options) -> Samples:
     """num_samples draws; prefix [N, P], infill (template, given) [N, ...] as in sampler.ancestral.
 
-    sampler names one of `sampler_lib.SAMPLERS` in `supports`; options are its
-    own (`sampler.SAMPLER_OPTIONS`). Every network call advances the open
+    sampler names a registered sampler (`md4.samplers`) in `supports`;
+    options update its defaults. Every network call advances the open
     `progress.bar`.
     """
 
@@ -155,10 +139,10 @@ def build_network(config: ml_collections.ConfigDict, num_outputs: int, num_class
 class MaskedDiffusion:
   """What every model type shares: the network, its conditioning, and the request checks.
 
-  Subclasses set `supports` and implement `loss` and `_draw`.
+  Subclasses set `space_type` and implement `loss` and `space`.
   """
 
-  supports: frozenset[str] = frozenset()
+  space_type: type  # Its `samplers.Space`; its features decide which samplers it has.
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
                example_shape: tuple[int, ...], num_classes: int = 0,
@@ -173,8 +157,26 @@ class MaskedDiffusion:
     # samplers reuse it exactly then (they refuse a predict_fn that reads t).
     self.network_reads_time = not (config.model.backbone == "transformer"
                                    and config.model.time_conditioning == "none")
-    if num_classes:
-      self.supports = self.supports | {"guidance"}
+
+  @classmethod
+  def sampler_names(cls) -> tuple[str, ...]:
+    """The registered samplers whose needs its space meets."""
+    return samplers.supported(cls.space_type.features)
+
+  @property
+  def supports(self) -> frozenset[str]:
+    """Its samplers, prefix and infill; frames if its space has them, guidance if labelled."""
+    features = {"prefix", "infill", *self.sampler_names()}
+    if "frames" in self.space_type.features:
+      features.add("frames")
+    if self.num_classes:
+      features.add("guidance")
+    return frozenset(features)
+
+  @property
+  def entries_per_example(self) -> int:
+    """Entries its samplers reveal one by one per example: num_tokens (Prime: l each)."""
+    return self.num_tokens
 
   @property
   def num_tokens(self) -> int:
@@ -182,8 +184,8 @@ class MaskedDiffusion:
     return math.prod(self.example_shape)
 
   def network_calls(self, sampler: str, steps: int) -> int:
-    """steps; first-hitting: one call per token."""
-    return self.num_tokens if sampler == "first_hitting" else steps
+    """The most network calls sampler makes (`samplers.Sampler.network_calls`)."""
+    return samplers.get(sampler).network_calls(steps, self.entries_per_example)
 
   def network_input(self, batch_size: int) -> Array:
     return jnp.zeros((batch_size, *self.example_shape), jnp.int32)
@@ -238,6 +240,10 @@ class MaskedDiffusion:
            train: bool) -> LossOutput:
     raise NotImplementedError
 
+  def space(self, params: Params) -> samplers.Space:
+    """The space its samplers walk."""
+    raise NotImplementedError
+
   def sample(self, params: Params, rng: Array, num_samples: int, *, steps: int, grid: str,
              top_p: float | None = None, prefix: Array | None = None,
              infill: tuple[Array, Array] | None = None, num_frames: int = 0,
@@ -246,42 +252,27 @@ class MaskedDiffusion:
 
     Class-conditional models draw classes 0, 1, 2, ... in turn.
     """
-    options = sampler_lib.sampler_options(sampler, options)
+    samplers.options(sampler, options)  # Raises ValueError naming a bad sampler or option.
     asked = {"prefix": prefix is not None, "infill": infill is not None,
              "frames": num_frames > 0, "guidance": guidance_scale != 1.0, sampler: True}
     for feature, wanted in asked.items():
       if wanted and feature not in self.supports:
         raise ValueError(f"{feature}: the {type(self).__name__} sampler of this model does "
                          f"not support it (supports: {sorted(self.supports) or 'none'})")
-    if num_frames and sampler != "ancestral":
-      raise ValueError(f"frames: only the ancestral sampler records them, not {sampler!r}")
     labels = (jnp.arange(num_samples, dtype=jnp.int32) % self.num_classes
               if self.num_classes else None)
     predict = progress.counted(self.predict_fn(params, labels, guidance_scale=guidance_scale))
-    kwargs = dict(steps=steps, grid=grid, top_p=top_p, prefix=prefix, infill=infill)
-    shape = (num_samples, *self.example_shape)
-    if sampler == "ancestral":
-      return self._draw(params, predict, rng, shape, num_frames=num_frames, **kwargs)
-    return self._draw_with(sampler, params, predict, rng, shape, options, **kwargs)
-
-  def _draw(self, params: Params, predict, rng: Array, shape: tuple[int, ...], *,
-            steps: int, grid: str, top_p: float | None, prefix: Array | None,
-            infill: tuple[Array, Array] | None, num_frames: int) -> Samples:
-    """The ancestral sampler."""
-    raise NotImplementedError
-
-  def _draw_with(self, name: str, params: Params, predict, rng: Array,
-                 shape: tuple[int, ...], options: dict, *, steps: int, grid: str,
-                 top_p: float | None, prefix: Array | None,
-                 infill: tuple[Array, Array] | None) -> Samples:
-    """Sampler `name` (in supports, not ancestral) with its keyword options."""
-    raise NotImplementedError
+    return samplers.sample(sampler, predict, rng, self.space(params),
+                           shape=(num_samples, *self.example_shape), steps=steps, grid=grid,
+                           top_p=top_p, prefix=prefix, infill=infill,
+                           reuse_outputs=not self.network_reads_time, num_frames=num_frames,
+                           **options)
 
 
 class MD4(MaskedDiffusion):
   """MD4: a fixed schedule, the continuous- or discrete-time NELBO, ancestral sampling."""
 
-  supports = frozenset({"prefix", "infill", "frames", *sampler_lib.SAMPLERS})
+  space_type = diffusion.Tokens
 
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
            train: bool) -> LossOutput:
@@ -292,38 +283,15 @@ class MD4(MaskedDiffusion):
         antithetic=self.config.antithetic_time_sampling)
     return LossOutput(objective=nelbo, nelbo=nelbo, metrics=metrics)
 
-  def _draw(self, params, predict, rng, shape, *, steps, grid, top_p, prefix, infill,
-            num_frames) -> Samples:
+  def space(self, params: Params) -> diffusion.Tokens:
     del params
-    outputs = sampler_lib.ancestral(
-        predict, rng, shape=shape, vocab_size=self.vocab_size, schedule=self.schedule,
-        steps=steps, grid=grid, top_p=top_p, prefix=prefix, infill=infill,
-        reuse_outputs=not self.network_reads_time, return_nfe=True, num_frames=num_frames)
-    tokens, nfe = outputs[:2]
-    return Samples(tokens=tokens, frames=outputs[2] if num_frames else None, nfe=nfe)
-
-  def _draw_with(self, name, params, predict, rng, shape, options, *, steps, grid, top_p,
-                 prefix, infill) -> Samples:
-    del params
-    common = dict(shape=shape, vocab_size=self.vocab_size, schedule=self.schedule,
-                  top_p=top_p, prefix=prefix, infill=infill, return_nfe=True)
-    reuse = not self.network_reads_time
-    if name == "first_hitting":
-      tokens, nfe = sampler_lib.first_hitting(predict, rng, **common)
-    elif name == "remdm":
-      tokens, nfe = sampler_lib.remdm(predict, rng, steps=steps, grid=grid,
-                                      reuse_outputs=reuse, **common, **options)
-    else:
-      tokens, nfe = sampler_lib.sample_ordered(predict, rng, steps=steps, grid=grid,
-                                               reuse_outputs=reuse, **common, **options)
-    return Samples(tokens=tokens, frames=None, nfe=nfe)
+    return diffusion.Tokens(self.vocab_size, self.schedule)
 
 
 class GenMD4(MaskedDiffusion):
   """GenMD4: a learned per-value polynomial schedule, trained with REINFORCE-LOO."""
 
-  # Ordered unmasking needs no schedule; ReMDM and first-hitting would need one per value.
-  supports = frozenset({"prefix", "infill", "ancestral", "maskgit", "llada", "blocks"})
+  space_type = genmd4.ValueTokens
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
                example_shape: tuple[int, ...], num_classes: int = 0):
@@ -352,34 +320,15 @@ class GenMD4(MaskedDiffusion):
         single_sample=self.config.genmd4.single_sample)
     return LossOutput(objective=surrogate, nelbo=nelbo, metrics=metrics)
 
-  def _draw(self, params, predict, rng, shape, *, steps, grid, top_p, prefix, infill,
-            num_frames) -> Samples:
-    del num_frames
-    if top_p is not None:
-      raise ValueError("top_p: the GenMD4 sampler (genmd4.sample) has no top-p sampling")
-    tokens, nfe = genmd4.sample(
-        predict, rng, shape=shape, vocab_size=self.vocab_size, power=self.power(params),
-        steps=steps, grid=grid, prefix=prefix, infill=infill,
-        reuse_outputs=not self.network_reads_time, return_nfe=True)
-    return Samples(tokens=tokens, frames=None, nfe=nfe)
-
-  def _draw_with(self, name, params, predict, rng, shape, options, *, steps, grid, top_p,
-                 prefix, infill) -> Samples:
-    """Ordered unmasking; its counts and network times follow config.noise_schedule."""
-    del params, name
-    tokens, nfe = sampler_lib.sample_ordered(
-        predict, rng, shape=shape, vocab_size=self.vocab_size, schedule=self.schedule,
-        steps=steps, grid=grid, top_p=top_p, prefix=prefix, infill=infill,
-        reuse_outputs=not self.network_reads_time, return_nfe=True, **options)
-    return Samples(tokens=tokens, frames=None, nfe=nfe)
+  def space(self, params: Params) -> genmd4.ValueTokens:
+    """Ordered unmasking's counts and network times follow config.noise_schedule."""
+    return genmd4.ValueTokens(self.vocab_size, self.power(params), self.schedule)
 
 
 class Prime(MaskedDiffusion):
   """MDM-Prime: tokens as l sub-tokens masked independently; reports the valid NELBO."""
 
-  # ReMDM would remask sub-tokens against carry-over; not derived for partial masking.
-  supports = frozenset({"prefix", "infill", "ancestral", "maskgit", "llada", "blocks",
-                        "first_hitting"})
+  space_type = prime.SubTokens
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int,
                example_shape: tuple[int, ...], num_classes: int = 0):
@@ -399,9 +348,9 @@ class Prime(MaskedDiffusion):
   def network_input(self, batch_size: int) -> Array:
     return jnp.zeros((batch_size, *self.example_shape, self.codec.length), jnp.int32)
 
-  def network_calls(self, sampler: str, steps: int) -> int:
-    """steps; first-hitting: one call per sub-token."""
-    return self.num_tokens * self.codec.length if sampler == "first_hitting" else steps
+  @property
+  def entries_per_example(self) -> int:
+    return self.num_tokens * self.codec.length
 
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
            train: bool) -> LossOutput:
@@ -415,40 +364,18 @@ class Prime(MaskedDiffusion):
     nelbo = metrics.pop("nelbo")
     return LossOutput(objective=objective, nelbo=nelbo, metrics=metrics)
 
-  def _draw(self, params, predict, rng, shape, *, steps, grid, top_p, prefix, infill,
-            num_frames) -> Samples:
-    del params, num_frames
-    tokens, nfe = prime.sample(
-        predict, rng, shape=shape, codec=self.codec, schedule=self.schedule, steps=steps,
-        grid=grid, top_p=top_p, prefix=prefix, infill=infill,
-        reuse_outputs=not self.network_reads_time, return_nfe=True)
-    return Samples(tokens=tokens, frames=None, nfe=nfe)
-
-  def _draw_with(self, name, params, predict, rng, shape, options, *, steps, grid, top_p,
-                 prefix, infill) -> Samples:
+  def space(self, params: Params) -> prime.SubTokens:
     del params
-    common = dict(shape=shape, codec=self.codec, schedule=self.schedule, top_p=top_p,
-                  prefix=prefix, infill=infill)
-    if name == "first_hitting":
-      tokens, nfe = prime.sample_first_hitting(predict, rng, **common)
-    else:
-      tokens, nfe = prime.sample_ordered(predict, rng, steps=steps, grid=grid,
-                                         reuse_outputs=not self.network_reads_time,
-                                         **common, **options)
-    return Samples(tokens=tokens, frames=None, nfe=nfe)
+    return prime.SubTokens(self.codec, self.schedule)
 
 
 def configured_sampler(config: ml_collections.ConfigDict, name: str | None = None,
                        overrides: dict | None = None) -> tuple[str, dict[str, Any]]:
-  """(sampler name, its options): config.sampler (or name) with config.sampler_options.<name>
-  updated by overrides; a threshold of 0 means none."""
+  """(sampler name, its options): config.sampler (or name), its registered defaults updated
+  by config.sampler_options.<name> and then by overrides; ValueError naming a bad one."""
   name = config.sampler if name is None else name
-  options = dict(config.sampler_options.get(name, {}))
-  options.update(overrides or {})
-  if options.get("threshold") == 0.0:
-    options["threshold"] = None
-  sampler_lib.sampler_options(name, options)
-  return name, options
+  options = {**config.sampler_options.get(name, {}), **(overrides or {})}
+  return name, samplers.options(name, options)
 
 
 MODEL_TYPES: dict[str, type[MaskedDiffusion]] = {"md4": MD4, "genmd4": GenMD4, "prime": Prime}

@@ -19,6 +19,7 @@ import optax
 from md4 import data as data_lib
 from md4 import likelihood
 from md4 import models
+from md4 import samplers
 from md4 import sharding as sharding_lib
 
 Array = jnp.ndarray
@@ -153,5 +154,5 @@ def sample_from_config(model: models.Model, config: ml_collections.ConfigDict, p
   name, options = models.configured_sampler(config)
   return model.sample(params, rng, num_samples, steps=config.sample_steps,
                       grid=config.sample_grid, top_p=None if top_p >= 1.0 else top_p,
-                      num_frames=num_frames if name == "ancestral" else 0,
+                      num_frames=num_frames if samplers.get(name).frames else 0,
                       guidance_scale=config.guidance_scale, sampler=name, **options)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from md4 import draws, genmd4, prime, sampler, schedule
+from md4 import draws, genmd4, prime, sampler, samplers, schedule
 
 FALSE_ALARM = 1e-3
 
@@ -183,10 +183,11 @@ def test_every_sampler_draws_its_values_with_draws_categorical(recorded_draws):
                                     schedule=sch, steps=2))(jax.random.key(0))
   run(lambda key: sampler.ancestral(network, key, shape=shape, vocab_size=vocab_size,
                                     schedule=sch, steps=2, top_p=0.9))(jax.random.key(0))
-  run(lambda key: genmd4.sample(network, key, shape=shape, vocab_size=vocab_size,
-                                power=jnp.ones(vocab_size), steps=2))(jax.random.key(0))
+  run(lambda key: samplers.sample(
+      "ancestral", network, key, genmd4.ValueTokens(vocab_size, jnp.ones(vocab_size), sch),
+      shape=shape, steps=2))(jax.random.key(0))
   codec = prime.Codec(vocab_size, 2)
-  run(lambda key: prime.sample_sub_tokens(
+  run(lambda key: prime.sample(
       lambda y, t: jnp.zeros(y.shape[:-1] + (vocab_size,)), key, shape=shape, codec=codec,
       schedule=sch, steps=2))(jax.random.key(0))
   assert recorded_draws == [shape + (vocab_size,)] * 4

@@ -15,8 +15,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from md4 import diffusion, genmd4, schedule
+from md4 import diffusion, genmd4, samplers, schedule
 from md4.networks.learned_schedule import LearnedPolySchedule, inverse_softplus
+
+
+def genmd4_sample(predict_fn, rng, *, shape, vocab_size, power, steps, grid="uniform", **kwargs):
+  """GenMD4's ancestral sampler: (z, nfe)."""
+  space = genmd4.ValueTokens(vocab_size, power, schedule.get("linear"))
+  drawn = samplers.sample("ancestral", predict_fn, rng, space, shape=shape, steps=steps,
+                          grid=grid, **kwargs)
+  return drawn.tokens, drawn.nfe
 
 VOCAB_SIZE, LENGTH = 5, 8
 NUM_BATCHES, BATCH_SIZE = 32, 4096
@@ -186,10 +194,10 @@ def _sampler_counts(power_trained, power_sampled, p, num_samples, seed):
   log_p = jnp.log(p)
   oracle = _posterior_oracle(log_p, power_trained)
   length, vocab_size = p.shape
-  draw = jax.jit(lambda rng: genmd4.sample(
+  draw = jax.jit(lambda rng: genmd4_sample(
       oracle, rng, shape=(num_samples, length), vocab_size=vocab_size,
       power=power_sampled, steps=6))
-  z = np.asarray(draw(jax.random.PRNGKey(seed)))
+  z = np.asarray(draw(jax.random.PRNGKey(seed))[0])
   assert z.dtype == np.int32 and z.min() >= 0 and z.max() < vocab_size
   cells = np.ravel_multi_index(z.T, (vocab_size,) * length)
   return np.bincount(cells, minlength=vocab_size**length)
@@ -217,13 +225,13 @@ def test_sampler_reuse_outputs_gives_identical_samples():
   table = jax.random.normal(jax.random.PRNGKey(12), (VOCAB_SIZE + 1, VOCAB_SIZE))
   network = lambda z, t: 2.0 * table[jnp.roll(z, 1, axis=1)]
   power = jnp.array([0.5, 1.0, 2.0, 3.0, 0.7])
-  outputs = [jax.jit(lambda rng: genmd4.sample(
+  outputs = [jax.jit(lambda rng: genmd4_sample(
       network, rng, shape=(8, LENGTH), vocab_size=VOCAB_SIZE, power=power, steps=100,
-      reuse_outputs=reuse, return_nfe=True))(jax.random.PRNGKey(13)) for reuse in (False, True)]
+      reuse_outputs=reuse))(jax.random.PRNGKey(13)) for reuse in (False, True)]
   np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
   assert int(outputs[0][1]) == 100 and int(outputs[1][1]) <= 8 * LENGTH + 1
   with pytest.raises(ValueError, match="reads t"):
-    genmd4.sample(lambda z, t: network(z, t) * t[:, None, None], jax.random.PRNGKey(13),
+    genmd4_sample(lambda z, t: network(z, t) * t[:, None, None], jax.random.PRNGKey(13),
                   shape=(8, LENGTH), vocab_size=VOCAB_SIZE, power=power, steps=4,
                   reuse_outputs=True)
 
@@ -362,5 +370,5 @@ def test_bad_sampler_input_names_the_argument(kwargs, match):
   arguments = {"shape": (2, 4), "vocab_size": VOCAB_SIZE,
                "power": jnp.ones(VOCAB_SIZE), "steps": 4, **kwargs}
   with pytest.raises(ValueError, match=match):
-    genmd4.sample(lambda z, t: jnp.zeros(z.shape + (VOCAB_SIZE,)),
+    genmd4_sample(lambda z, t: jnp.zeros(z.shape + (VOCAB_SIZE,)),
                   jax.random.PRNGKey(0), **arguments)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from md4 import diffusion, prime, schedule
+from md4 import diffusion, prime, samplers, schedule
 from tests import exact
 
 # Edge cases: 1, 2, powers of many bases (b**l exactly), their neighbours,
@@ -236,7 +236,7 @@ def test_carry_over_never_materialises_logits_times_length():
   loss_jaxpr = jax.make_jaxpr(lambda key: prime.loss(
       network, x, key, codec=codec, schedule=sch, objective="joint"))(
           jax.random.PRNGKey(0))
-  sample_jaxpr = jax.make_jaxpr(lambda key: prime.sample_sub_tokens(
+  sample_jaxpr = jax.make_jaxpr(lambda key: prime.sample(
       network, key, shape=(batch, length), codec=codec, schedule=sch, steps=2,
       top_p=0.9, reuse_outputs=True))(jax.random.PRNGKey(0))
   assert _largest_output(loss_jaxpr.jaxpr) <= limit
@@ -569,10 +569,16 @@ def test_bad_loss_input_is_named(kwargs, match):
 
 
 def _sample_codes(predict_fn, codec, shape, steps, seed=0, **kwargs):
-  sample_fn = jax.jit(lambda key: prime.sample_sub_tokens(
-      predict_fn, key, shape=shape, codec=codec, schedule=schedule.get("cosine"),
-      steps=steps, **kwargs)[0])
-  return np.asarray(sample_fn(jax.random.PRNGKey(seed)))
+  """The sampler's final sub-token states [*shape, l]: its last frame, before decoding."""
+  return np.asarray(_sample(predict_fn, codec, shape, steps, seed, num_frames=2,
+                            **kwargs).frames[-1])
+
+
+def _sample(predict_fn, codec, shape, steps, seed=0, **kwargs):
+  space = prime.SubTokens(codec, schedule.get("cosine"))
+  return jax.jit(lambda key: samplers.sample(
+      "ancestral", predict_fn, key, space, shape=shape, steps=steps, **kwargs))(
+          jax.random.PRNGKey(seed))
 
 
 @pytest.mark.parametrize("name, steps, grid", [("toy", 6, "uniform"),
@@ -669,20 +675,17 @@ def test_reuse_outputs_gives_identical_samples_with_fewer_network_calls():
   outputs = {}
   for reuse in (False, True):
     calls.clear()
-    codes, nfe = jax.jit(lambda key: prime.sample_sub_tokens(
-        network, key, shape=(4, 6), codec=codec, schedule=schedule.get("cosine"),
-        steps=200, top_p=0.95, reuse_outputs=reuse))(jax.random.PRNGKey(6))
-    outputs[reuse] = np.asarray(codes), int(nfe)
-    assert len(calls) == int(nfe)
+    drawn = _sample(network, codec, (4, 6), 200, seed=6, top_p=0.95, reuse_outputs=reuse)
+    outputs[reuse] = np.asarray(drawn.tokens), int(drawn.nfe)
+    assert len(calls) == int(drawn.nfe)
   np.testing.assert_array_equal(outputs[False][0], outputs[True][0])
   assert outputs[False][1] == 200
   # 48 sub-tokens: at most 48 steps reveal one, so at most 49 calls.
   assert outputs[True][1] <= 4 * 6 * codec.length + 1
-  tokens, nfe = prime.sample(network, jax.random.PRNGKey(6), shape=(4, 6), codec=codec,
-                             schedule=schedule.get("cosine"), steps=200, top_p=0.95,
-                             reuse_outputs=True, return_nfe=True)
-  np.testing.assert_array_equal(tokens, codec.decode(outputs[True][0]))
-  assert int(nfe) == outputs[True][1]
+  tokens = prime.sample(network, jax.random.PRNGKey(6), shape=(4, 6), codec=codec,
+                        schedule=schedule.get("cosine"), steps=200, top_p=0.95,
+                        reuse_outputs=True)
+  np.testing.assert_array_equal(tokens, outputs[True][0])
   with pytest.raises(ValueError, match="reads t"):
     prime.sample(lambda y, t: network(y, t) * t[:, None, None], jax.random.PRNGKey(6),
                  shape=(4, 6), codec=codec, schedule=schedule.get("cosine"), steps=4,

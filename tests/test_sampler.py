@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from md4 import diffusion
 from md4 import models
 from md4 import sampler
+from md4 import samplers
 from md4 import schedule
+from md4.samplers import engine
 from tests.test_train import tiny_config
 
 ALPHA = 1e-3
@@ -81,9 +84,16 @@ def assert_marginals(samples: np.ndarray, p: np.ndarray) -> None:
   assert np.any(chi_square(samples, wrong_p) > limit)
 
 
+def ancestral(predict_fn, rng, *, vocab_size: int, schedule, **kwargs):
+  """(z, nfe) of the ancestral sampler over MD4's tokens."""
+  drawn = samplers.sample("ancestral", predict_fn, rng, diffusion.Tokens(vocab_size, schedule),
+                          **kwargs)
+  return drawn.tokens, drawn.nfe
+
+
 def jit_sample(predict_fn, **kwargs):
-  """The sampler jitted over rng, every other argument static."""
-  return jax.jit(functools.partial(sampler.ancestral, predict_fn, **kwargs))
+  """The sampler jitted over rng, every other argument static: (z, nfe)."""
+  return jax.jit(functools.partial(ancestral, predict_fn, **kwargs))
 
 
 def sample_factorised(p: np.ndarray, rng, **kwargs):
@@ -93,7 +103,7 @@ def sample_factorised(p: np.ndarray, rng, **kwargs):
   oracle would let XLA spend seconds constant-folding the sampler.
   """
   def run(rng, log_p):
-    return sampler.ancestral(factorised_oracle(log_p), rng, **kwargs)
+    return ancestral(factorised_oracle(log_p), rng, **kwargs)[0]
 
   return jax.jit(run)(rng, jnp.log(jnp.asarray(p, jnp.float32)))
 
@@ -136,7 +146,7 @@ def test_reveal_step_distribution(grid):
   sample = jit_sample(step_index_oracle, shape=(batch_size, length),
                       vocab_size=steps, schedule=schedule.get("cosine"),
                       steps=steps, grid=grid)
-  z = np.asarray(sample(jax.random.key(1)))
+  z = np.asarray(sample(jax.random.key(1))[0])
   pooled = z.reshape(-1, 1)
   limit = chi_square_limit(1, steps - 1)
   assert chi_square(pooled, expected[None])[0] < limit
@@ -210,9 +220,9 @@ def test_top_p_samples_renormalised_nucleus():
 def test_image_shape_no_mask_left():
   shape, vocab_size = (3, 4, 4, 3), 7
   p = random_marginals(48, vocab_size, seed=4).reshape(4, 4, 3, vocab_size)
-  z, nfe = sample_factorised(p, jax.random.key(5), shape=shape,
-                             vocab_size=vocab_size, schedule=schedule.get("poly2"),
-                             steps=5, grid="uniform", return_nfe=True)
+  z, nfe = jax.jit(lambda rng: ancestral(
+      factorised_oracle(np.log(p)), rng, shape=shape, vocab_size=vocab_size,
+      schedule=schedule.get("poly2"), steps=5, grid="uniform"))(jax.random.key(5))
   assert z.shape == shape and z.dtype == jnp.int32
   assert int(z.min()) >= 0 and int(z.max()) < vocab_size
   assert int(nfe) == 5
@@ -222,9 +232,8 @@ def test_single_step_fills_everything():
   """With one step almost nothing is revealed, and argmax fills the rest."""
   p = random_marginals(8, 5, seed=6)
   # A raw uint32 key works as well as a typed one.
-  z, nfe = sample_factorised(p, jax.random.PRNGKey(7), shape=(64, 8), vocab_size=5,
-                             schedule=schedule.get("linear"), steps=1,
-                             return_nfe=True)
+  z, nfe = ancestral(factorised_oracle(np.log(p)), jax.random.PRNGKey(7), shape=(64, 8),
+                     vocab_size=5, schedule=schedule.get("linear"), steps=1)
   assert int(nfe) == 1
   assert np.all(np.asarray(z) < 5)
   # An empty prefix changes nothing.
@@ -241,7 +250,7 @@ def test_prefix_given_unchanged_and_seen_by_network(shape):
   prefix = jnp.array([[3, 1, 2], [8, 0, 0], [0, 5, 7], [6, 6, 6]], jnp.int32)
   z = jit_sample(max_oracle(vocab_size), shape=shape, vocab_size=vocab_size,
                  schedule=schedule.get("linear"), steps=8,
-                 prefix=prefix)(jax.random.key(8))
+                 prefix=prefix)(jax.random.key(8))[0]
   flat = np.asarray(z).reshape(4, -1)
   np.testing.assert_array_equal(flat[:, :3], prefix)
   # The network saw the prefix from the first step: the rest is its max.
@@ -287,10 +296,8 @@ def test_reuse_outputs_bounds_nfe_and_keeps_marginals():
   log_p = jnp.log(jnp.asarray(p, jnp.float32))
 
   def one_sequence(rng, log_p, reuse):
-    return sampler.ancestral(factorised_oracle(log_p), rng, shape=(1, length),
-                             vocab_size=vocab_size,
-                             schedule=schedule.get("linear"), steps=steps,
-                             reuse_outputs=reuse, return_nfe=True)
+    return ancestral(factorised_oracle(log_p), rng, shape=(1, length), vocab_size=vocab_size,
+                     schedule=schedule.get("linear"), steps=steps, reuse_outputs=reuse)
 
   rngs = jax.random.split(jax.random.key(13), num)
   # vmap turns the skip into a select, but NFE is still counted per sequence.
@@ -317,7 +324,7 @@ def test_reuse_outputs_skips_real_calls():
     calls.clear()
     z, nfe = jit_sample(counting_oracle, shape=(batch_size, 8), vocab_size=6,
                         schedule=schedule.get("linear"), steps=64,
-                        reuse_outputs=True, return_nfe=True)(jax.random.key(14))
+                        reuse_outputs=True)(jax.random.key(14))
     jax.block_until_ready(z)
     assert len(calls) == int(nfe)
     assert int(nfe) <= min(64, batch_size * 8)
@@ -339,8 +346,7 @@ def test_reuse_outputs_gives_identical_samples():
     outputs[reuse] = jit_sample(previous_token_oracle, shape=(32, length),
                                 vocab_size=vocab_size,
                                 schedule=schedule.get("cosine"), steps=100,
-                                top_p=0.9, reuse_outputs=reuse,
-                                return_nfe=True)(jax.random.key(16))
+                                top_p=0.9, reuse_outputs=reuse)(jax.random.key(16))
   np.testing.assert_array_equal(outputs[False][0], outputs[True][0])
   assert int(outputs[False][1]) == 100
   assert int(outputs[True][1]) < 100
@@ -382,9 +388,9 @@ def test_the_time_check_follows_nested_calls():
     return logits + shifted[:, None, None]
 
   z = jnp.zeros((2, 4), jnp.int32)
-  sampler.check_ignores_time(through_jit, z)
+  engine.check_ignores_time(through_jit, z)
   with pytest.raises(ValueError, match="reads t"):
-    sampler.check_ignores_time(reads_through_jit, z)
+    engine.check_ignores_time(reads_through_jit, z)
 
 
 @pytest.mark.parametrize("model_type", ["md4", "genmd4", "prime"])

@@ -15,11 +15,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from md4 import diffusion
 from md4 import models
 from md4 import prime
 from md4 import progress
 from md4 import sampler
+from md4 import samplers
 from md4 import schedule
+from md4.samplers import ordered
+from md4.samplers import remdm
 from tests.test_sampler import assert_marginals
 from tests.test_sampler import factorised_oracle
 from tests.test_sampler import random_marginals
@@ -36,17 +40,19 @@ class Terminal(io.StringIO):
     return True
 
 
+def draw_tokens(name: str, predict_fn, rng, *, vocab_size: int, schedule, steps: int = 1,
+                **kwargs):
+  """(z, nfe) of sampler `name` over MD4's tokens."""
+  drawn = samplers.sample(name, predict_fn, rng, diffusion.Tokens(vocab_size, schedule),
+                          steps=steps, **kwargs)
+  return drawn.tokens, drawn.nfe
+
+
 def md4_sampler(name: str, **options):
   """(predict_fn, rng, shape, vocab_size, **common) -> (z, nfe) for sampler `name`."""
 
   def draw(predict_fn, rng, **kwargs):
-    if name == "first_hitting":
-      kwargs.pop("steps")
-      return sampler.first_hitting(predict_fn, rng, return_nfe=True, **kwargs)
-    if name == "remdm":
-      return sampler.remdm(predict_fn, rng, return_nfe=True, **kwargs, **options)
-    return sampler.sample_ordered(predict_fn, rng, return_nfe=True, **kwargs,
-                                  **sampler.sampler_options(name, options))
+    return draw_tokens(name, predict_fn, rng, **kwargs, **options)
 
   return draw
 
@@ -134,9 +140,9 @@ def test_first_hitting_draws_the_joint_law_of_a_time_independent_oracle():
   joint = 0.9 * joint + 0.1 / 27
   num = 20000
   oracle = joint_oracle(joint, mask_id=3)
-  z, nfe = jax.jit(lambda rng: sampler.first_hitting(
-      oracle, rng, shape=(num, 3), vocab_size=3, schedule=schedule.get("cosine"),
-      return_nfe=True))(jax.random.key(3))
+  z, nfe = jax.jit(lambda rng: draw_tokens(
+      "first_hitting", oracle, rng, shape=(num, 3), vocab_size=3,
+      schedule=schedule.get("cosine")))(jax.random.key(3))
   assert int(nfe) == 3
   assert_joint_law(np.asarray(z), joint, product_of_marginals(joint))
   one_step = jax.jit(lambda rng: sampler.ancestral(
@@ -169,9 +175,9 @@ def test_prime_first_hitting_draws_the_joint_law_of_a_time_independent_oracle():
   joint = 0.8 * np.random.default_rng(5).dirichlet(np.full(16, 0.5)) + 0.2 / 16
   joint = joint.reshape(4, 4)
   num = 20000
-  tokens, nfe = jax.jit(lambda rng: prime.sample_first_hitting(
-      prime_joint_oracle(joint, codec), rng, shape=(num, 2), codec=codec,
-      schedule=LINEAR))(jax.random.key(6))
+  tokens, nfe, _ = jax.jit(lambda rng: samplers.sample(
+      "first_hitting", prime_joint_oracle(joint, codec), rng, prime.SubTokens(codec, LINEAR),
+      shape=(num, 2), steps=1))(jax.random.key(6))
   assert int(nfe) == 4
   wrong = np.outer(joint.sum(1), joint.sum(0))
   assert_joint_law(np.asarray(tokens), joint, wrong)
@@ -187,14 +193,15 @@ def test_prime_ordered_and_first_hitting_keep_prefix_and_count_nfe():
     return jnp.broadcast_to(log_p, y.shape[:-1] + (5,))
 
   prefix = jnp.full((2, 3), 4, jnp.int32)
-  tokens, nfe = jax.jit(lambda rng: prime.sample_ordered(
-      oracle, rng, shape=(2, 8), codec=codec, schedule=LINEAR, steps=4, order="maskgit",
+  space = prime.SubTokens(codec, LINEAR)
+  tokens, nfe, _ = jax.jit(lambda rng: samplers.sample(
+      "blocks", oracle, rng, space, shape=(2, 8), steps=4, order="maskgit",
       block_size=4, prefix=prefix))(jax.random.key(8))
   # Block 0 has one free position: revealed at its first step, it leaves 2 + 1 steps.
   assert int(nfe) == 3 and np.all(np.asarray(tokens)[:, :3] == 4)
   assert np.asarray(tokens).max() < 5
-  tokens, nfe = jax.jit(lambda rng: prime.sample_first_hitting(
-      oracle, rng, shape=(2, 8), codec=codec, schedule=LINEAR, prefix=prefix))(
+  tokens, nfe, _ = jax.jit(lambda rng: samplers.sample(
+      "first_hitting", oracle, rng, space, shape=(2, 8), steps=1, prefix=prefix))(
           jax.random.key(9))
   assert int(nfe) == 2 * 5 and np.all(np.asarray(tokens)[:, :3] == 4)
 
@@ -218,10 +225,10 @@ def test_one_position_per_step_in_order_of_confidence(order):
   """Temperature 0, L steps, the linear schedule on the uniform grid: one
   position per step, the most confident first, so position i gets the value i."""
   length, vocab_size = 8, 9
-  z, nfe = sampler.sample_ordered(
-      count_oracle(vocab_size, length), jax.random.key(10), shape=(2, length),
+  z, nfe = draw_tokens(
+      "blocks", count_oracle(vocab_size, length), jax.random.key(10), shape=(2, length),
       vocab_size=vocab_size, schedule=LINEAR, steps=length, grid="uniform", order=order,
-      temperature=0.0, choice_temperature=0.0, return_nfe=True)
+      temperature=0.0, choice_temperature=0.0, block_size=length)
   np.testing.assert_array_equal(np.asarray(z), np.tile(np.arange(length), (2, 1)))
   assert int(nfe) == length
 
@@ -230,10 +237,10 @@ def test_blocks_finish_each_block_before_the_next():
   """Random order within blocks of 4: every position of block 0 is revealed while
   fewer than 4 are, every one of block 1 after."""
   length, vocab_size = 8, 9
-  z = np.asarray(sampler.sample_ordered(
-      count_oracle(vocab_size, length), jax.random.key(11), shape=(64, length),
+  z = np.asarray(draw_tokens(
+      "blocks", count_oracle(vocab_size, length), jax.random.key(11), shape=(64, length),
       vocab_size=vocab_size, schedule=LINEAR, steps=4, order="random", block_size=4,
-      temperature=0.0))
+      temperature=0.0)[0])
   assert z[:, :4].max() < 4 <= z[:, 4:].min()
 
 
@@ -242,10 +249,13 @@ def test_threshold_reveals_every_confident_position_at_once():
   length, vocab_size = 8, 4
   log_p = np.log(np.full((length, vocab_size), 0.001 / 3))
   log_p[:, 2] = np.log(0.999)
-  z, nfe = sampler.sample_ordered(
-      factorised_oracle(log_p), jax.random.key(12), shape=(2, length), vocab_size=vocab_size,
-      schedule=LINEAR, steps=8, threshold=0.9, temperature=0.0, return_nfe=True)
+  z, nfe = draw_tokens(
+      "llada", factorised_oracle(log_p), jax.random.key(12), shape=(2, length),
+      vocab_size=vocab_size, schedule=LINEAR, steps=8, threshold=0.9, temperature=0.0)
   assert int(nfe) == 1 and np.all(np.asarray(z) == 2)
+
+
+LOOP_OPTIONS = {"t_on": 0.55, "t_off": 0.05, "alpha_on": 0.9}
 
 
 @pytest.mark.parametrize("strategy,eta", [("cap", 0.04), ("rescale", 0.5), ("loop", 0.1)])
@@ -253,8 +263,8 @@ def test_threshold_reveals_every_confident_position_at_once():
 def test_remdm_steps_keep_the_forward_marginals(strategy, eta, grid):
   """Masked share after a step: m_t (1 - reveal) + (1 - m_t) sigma = 1 - alpha_s exactly,
   with 0 <= sigma <= sigma_max and the reveal probability in [0, 1]."""
-  alpha_t, alpha_s, sigma, times = sampler.remdm_schedule(
-      schedule.get("cosine"), 32, grid, strategy, eta)
+  alpha_t, alpha_s, sigma, times = remdm.remdm_schedule(
+      schedule.get("cosine"), 32, grid, strategy, eta, **LOOP_OPTIONS)
   reveal = (alpha_s - (1 - sigma) * alpha_t) / (1 - alpha_t)
   assert np.all((reveal >= 0) & (reveal <= 1))
   assert np.all((sigma >= 0) & (sigma <= np.minimum(1, (1 - alpha_s) / alpha_t) + 1e-12))
@@ -267,24 +277,27 @@ def test_remdm_keeps_a_factorised_oracles_marginals():
   """Remasking redraws from the same marginals: the law of each position stays p."""
   length, vocab_size, num = 6, 4, 4000
   p = random_marginals(length, vocab_size, seed=13)
-  z = jax.jit(lambda rng, log_p: sampler.remdm(
-      factorised_oracle(log_p), rng, shape=(num, length), vocab_size=vocab_size,
+  z, _ = jax.jit(lambda rng, log_p: draw_tokens(
+      "remdm", factorised_oracle(log_p), rng, shape=(num, length), vocab_size=vocab_size,
       schedule=LINEAR, steps=16, strategy="rescale", eta=0.5))(
           jax.random.key(14), jnp.log(jnp.asarray(p, jnp.float32)))
   assert_marginals(np.asarray(z), p)
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: sampler.sampler_options("greedy", {}), "sampler"),
-    (lambda: sampler.sampler_options("llada", {"eta": 0.1}), "eta"),
-    (lambda: sampler.sampler_options("blocks", {}), "block_size"),
-    (lambda: sampler.check_ordered_args("best", 1.0, 1.0, None, None, 4, 8), "order"),
-    (lambda: sampler.check_ordered_args("confidence", 1.0, 1.0, 1.5, None, 4, 8), "threshold"),
-    (lambda: sampler.check_ordered_args("confidence", 1.0, 1.0, None, 3, 4, 8), "multiple"),
-    (lambda: sampler.check_ordered_args("confidence", -1.0, 1.0, None, None, 4, 8),
+    (lambda: samplers.options("greedy", {}), "sampler"),
+    (lambda: samplers.options("llada", {"eta": 0.1}), "eta"),
+    (lambda: ordered.check_ordered_args("best", 1.0, 1.0, 0.0, 0, 4, 8), "order"),
+    (lambda: ordered.check_ordered_args("confidence", 1.0, 1.0, 1.5, 0, 4, 8), "threshold"),
+    (lambda: ordered.check_ordered_args("confidence", 1.0, 1.0, 0.0, 3, 4, 8), "multiple"),
+    (lambda: ordered.check_ordered_args("confidence", -1.0, 1.0, 0.0, 0, 4, 8),
      "temperature"),
-    (lambda: sampler.remdm_schedule(LINEAR, 4, "cosine", "sometimes"), "strategy"),
-    (lambda: sampler.remdm_schedule(LINEAR, 4, "cosine", "loop", eta=0.5), "eta"),
+    (lambda: remdm.remdm_schedule(LINEAR, 4, "cosine", "sometimes", 0.04, **LOOP_OPTIONS),
+     "strategy"),
+    (lambda: remdm.remdm_schedule(LINEAR, 4, "cosine", "loop", 0.5, **LOOP_OPTIONS), "eta"),
+    (lambda: samplers.sample("remdm", factorised_oracle(np.zeros((4, 3))), jax.random.key(0),
+                             prime.SubTokens(prime.Codec(3, 2), LINEAR), shape=(1, 4),
+                             steps=2), "remasking"),
 ])
 def test_bad_sampler_options_raise_value_error_naming_them(call, match):
   with pytest.raises(ValueError, match=match):
@@ -300,7 +313,7 @@ def test_models_sample_with_every_supported_sampler(model_type):
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0)))
   prefix = jnp.full((2, 3), 5, jnp.int32)
   options = {"blocks": {"block_size": 8}, "remdm": {"eta": 0.1}}
-  for name in sampler.SAMPLERS:
+  for name in samplers.names():
     kwargs = options.get(name, {})
     if name not in model.supports:
       with pytest.raises(ValueError, match=name):
