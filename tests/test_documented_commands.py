@@ -36,6 +36,9 @@ import sys
 import textwrap
 import zipfile
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -507,12 +510,17 @@ def test_every_module_is_in_the_layout():
   assert not missing, f"docs/architecture.md's module layout lacks {missing}"
 
 
-def test_the_documented_data_source_example_works():
+def _run_architecture_example(marker: str) -> dict:
+  """Runs the one Python block of docs/architecture.md holding marker; its namespace."""
   (example,) = [block for language, block in _code_blocks(REPO / "docs" / "architecture.md")
-                if language == "python"]
+                if language == "python" and marker in block]
   namespace = {}
   exec(compile(example, "docs/architecture.md", "exec"), namespace)  # pylint: disable=exec-used
-  name = namespace["SOURCE"].name
+  return namespace
+
+
+def test_the_documented_data_source_example_works():
+  name = _run_architecture_example("data_lib.register")["SOURCE"].name
   try:
     config = defaults.get_config()
     config.update(dataset=name, seq_len=8, batch_size=4)
@@ -523,3 +531,53 @@ def test_the_documented_data_source_example_works():
     assert len(list(dataset.eval_batches())) == 4
   finally:
     data_lib.unregister(name)
+
+
+def test_the_documented_sampler_example_works():
+  """The sampler example registers a sampler that configs, every model type and
+  md4.evaluate's flag then offer."""
+  from md4 import models, samplers  # pylint: disable=g-import-not-at-top
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  name = _run_architecture_example("samplers.register")["SAMPLER"].name
+  try:
+    for model_type in models.MODEL_TYPES:
+      config = tiny_config(model_type=model_type, sampler=name)
+      assert defaults.validate(config).sampler_options[name].time == 1.0
+      model = models.create(config, 27, (config.seq_len,))
+      assert name in model.supports and model.network_calls(name, 64) == 1
+      params = nn.meta.unbox(model.init(jax.random.PRNGKey(0)))
+      drawn = model.sample(params, jax.random.PRNGKey(1), 2, steps=4, grid="cosine",
+                           sampler=name, prefix=jnp.full((2, 3), 5, jnp.int32), time=0.5)
+      tokens = np.asarray(drawn.tokens)
+      assert int(drawn.nfe) == 1 and tokens.min() >= 0 and tokens.max() < 27
+      assert np.all(tokens[:, :3] == 5), model_type
+    assert models.configured_sampler(config, name, {"time": 0.5}) == (name, {"time": 0.5})
+  finally:
+    samplers.unregister(name)
+
+
+def test_the_documented_model_type_example_works():
+  """The model-type example validates, trains a step and samples with what its space offers."""
+  from md4 import models, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from md4 import sharding  # pylint: disable=g-import-not-at-top
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  namespace = _run_architecture_example("MODEL_TYPES")
+  name = next(key for key, value in models.MODEL_TYPES.items()
+              if value is namespace["EagerMD4"])
+  try:
+    config = defaults.validate(tiny_config(model_type=name))
+    model_class = models.get(name)
+    assert "ancestral" in model_class.sampler_names()
+    assert "remdm" not in model_class.sampler_names()
+    with pytest.raises(ValueError, match="remdm"):
+      defaults.validate(tiny_config(model_type=name, sampler="remdm"))
+    dataset, trainer = trainer_lib.build(config)
+    state = trainer.init(jax.random.PRNGKey(0))
+    batch = sharding.global_batch(next(dataset.train), trainer.batch_sharding)
+    state, metrics = trainer.train_step(state, batch, jax.random.PRNGKey(1))
+    assert np.isfinite(float(metrics["loss"]))
+    drawn = trainer.model.sample(state.ema_params, jax.random.PRNGKey(2), 2, steps=4,
+                                 grid="cosine")
+    assert int(drawn.nfe) == 4 and int(np.asarray(drawn.tokens).max()) < dataset.vocab_size
+  finally:
+    del models.MODEL_TYPES[name]
