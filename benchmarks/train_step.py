@@ -27,10 +27,10 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from md4 import compilation_cache
+from md4.runtime import compilation_cache
 from md4 import data as data_lib
 from md4 import models
-from md4 import sharding
+from md4.runtime import sharding
 from md4 import trainer as trainer_lib
 from md4.networks import kernels
 

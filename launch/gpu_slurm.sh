@@ -92,7 +92,7 @@ run() {
   fi
 }
 
-# The md4.main exit code that means "preempted, checkpoint saved: re-run me" (md4.errors).
+# The md4.main exit code that means "preempted, checkpoint saved: re-run me" (md4.runtime.errors).
 PREEMPTED_EXIT_CODE=75
 SCRIPT_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 readonly SCRIPT_PATH

@@ -192,7 +192,7 @@ if [[ -n $PROJECT ]]; then
 fi
 TPU_VM=(gcloud compute tpus tpu-vm)
 QUEUED=(gcloud compute tpus queued-resources)
-# The md4.main exit code that means "preempted, checkpoint saved: re-run me" (md4.errors).
+# The md4.main exit code that means "preempted, checkpoint saved: re-run me" (md4.runtime.errors).
 PREEMPTED_EXIT_CODE=75
 
 if [[ $CREATE_WITH == queued-resources ]]; then

@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_quality_samples = 256
   config.num_montage_frames = 8
   config.check_nans = True
-  # Persistent compilation cache (md4.compilation_cache): a folder or gs:// path; "" is off.
+  # Persistent compilation cache (md4.runtime.compilation_cache): a folder or gs:// path; "" is off.
   config.compilation_cache_dir = "~/.cache/md4/jax_compilation_cache"
   return config
 

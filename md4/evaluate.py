@@ -12,7 +12,7 @@ The model, data and mesh are rebuilt from the config the checkpoint was
 trained with (stored in it; DIR/config.json may have changed since); the EMA
 parameters of the checkpoint (what training's evaluation uses) are restored,
 alone, and checked against their checksums. A preemption notice (SIGTERM)
-ends the command within seconds with md4.errors.PREEMPTED_EXIT_CODE. The
+ends the command within seconds with md4.runtime.errors.PREEMPTED_EXIT_CODE. The
 NELBO estimate and its standard error are `md4.likelihood`'s. --text_file
 reads any text for a text model, mapped to the vocabulary as the training
 text was (`Dataset.read_text`; a word-piece model also takes a corpus folder
@@ -45,21 +45,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from md4 import checkpointing
-from md4 import compilation_cache
+from md4.runtime import checkpointing
+from md4.runtime import compilation_cache
 from md4 import data as data_lib
 from md4 import defaults
-from md4 import errors
+from md4.runtime import errors
 from md4 import judge as judge_lib
 from md4 import likelihood
 from md4 import models
-from md4 import progress
-from md4 import preemption as preemption_lib
+from md4.runtime import progress
+from md4.runtime import preemption as preemption_lib
 from md4 import sample_quality
 from md4 import samples as samples_lib
 from md4 import samplers
-from md4 import sharding as sharding_lib
-from md4 import storage
+from md4.runtime import sharding as sharding_lib
+from md4.runtime import storage
 from md4 import trainer as trainer_lib
 from md4.data import pipeline
 from md4.data import tokens

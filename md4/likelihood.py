@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from md4 import models
-from md4 import progress
-from md4 import sharding as sharding_lib
+from md4.runtime import progress
+from md4.runtime import sharding as sharding_lib
 
 Array = jnp.ndarray
 Batch = dict[str, np.ndarray]

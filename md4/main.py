@@ -1,8 +1,8 @@
 """Entry point: python -m md4.main --config=configs/<name>.py --workdir=DIR.
 
-Exits with 0 when training is done, with md4.errors.PREEMPTED_EXIT_CODE (75)
+Exits with 0 when training is done, with md4.runtime.errors.PREEMPTED_EXIT_CODE (75)
 after saving on a preemption notice (re-run the same command to resume), and
-with 1 on an error, printed as `md4: error: ...` (md4.errors).
+with 1 on an error, printed as `md4: error: ...` (md4.runtime.errors).
 """
 
 import logging as python_logging
@@ -13,8 +13,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from md4 import errors
-from md4 import startup
+from md4.runtime import errors
+from md4.runtime import startup
 
 
 class _QuietOrbax(python_logging.Filter):
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
   startup.keep_host_buffers()
   # JAX and the training code load here, not on import: --help stays fast.
   import jax  # pylint: disable=g-import-not-at-top
-  from md4 import sharding  # pylint: disable=g-import-not-at-top
+  from md4.runtime import sharding  # pylint: disable=g-import-not-at-top
   from md4 import train  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_QuietOrbax())
   given = flags.FLAGS

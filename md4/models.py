@@ -20,7 +20,7 @@ import ml_collections
 from md4 import diffusion
 from md4 import genmd4
 from md4 import prime
-from md4 import progress
+from md4.runtime import progress
 from md4 import samplers
 from md4 import schedule as schedule_lib
 from md4.networks import dit

@@ -19,21 +19,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from md4 import checkpointing
-from md4 import compilation_cache
+from md4.runtime import checkpointing
+from md4.runtime import compilation_cache
 from md4 import data as data_lib
 from md4 import defaults
-from md4 import errors
+from md4.runtime import errors
 from md4 import likelihood
-from md4 import lock
-from md4 import metric_writers
+from md4.runtime import lock
+from md4.runtime import metric_writers
 from md4 import models
-from md4 import preemption as preemption_lib
-from md4 import progress as progress_lib
+from md4.runtime import preemption as preemption_lib
+from md4.runtime import progress as progress_lib
 from md4 import sample_quality
 from md4 import samples as samples_lib
-from md4 import sharding as sharding_lib
-from md4 import storage
+from md4.runtime import sharding as sharding_lib
+from md4.runtime import storage
 from md4 import trainer as trainer_lib
 
 Array = jnp.ndarray
@@ -208,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   allow_fresh_start: start from step 0 when checkpoints exist but none
   restores (otherwise that is an error). On a preemption notice it saves and
   raises `errors.Preempted` (or, outside the training loop, where nothing is
-  unsaved, exits with errors.PREEMPTED_EXIT_CODE: `md4.preemption`). Returns
+  unsaved, exits with errors.PREEMPTED_EXIT_CODE: `md4.runtime.preemption`). Returns
   the last evaluation's metrics.
   """
   config = defaults.validate(config)

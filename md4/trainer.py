@@ -20,7 +20,7 @@ from md4 import data as data_lib
 from md4 import likelihood
 from md4 import models
 from md4 import samplers
-from md4 import sharding as sharding_lib
+from md4.runtime import sharding as sharding_lib
 
 Array = jnp.ndarray
 Metrics = dict[str, Array]

@@ -559,7 +559,7 @@ def test_the_documented_sampler_example_works():
 def test_the_documented_model_type_example_works():
   """The model-type example validates, trains a step and samples with what its space offers."""
   from md4 import models, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  from md4 import sharding  # pylint: disable=g-import-not-at-top
+  from md4.runtime import sharding  # pylint: disable=g-import-not-at-top
   from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
   namespace = _run_architecture_example("MODEL_TYPES")
   name = next(key for key, value in models.MODEL_TYPES.items()

@@ -102,7 +102,7 @@ def download(url: str, name: str) -> bytes:
 COMPARE = """
 import sys
 import jax, numpy as np, orbax.checkpoint as ocp
-from md4 import storage
+from md4.runtime import storage
 storage.use_emulator_if_set()
 def params(folder):
   manager = ocp.CheckpointManager(folder, item_names=("state",))

@@ -14,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from md4 import plots
-from md4 import startup
+from md4.runtime import startup
 from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

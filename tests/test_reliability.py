@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from md4.errors import PREEMPTED_EXIT_CODE
+from md4.runtime.errors import PREEMPTED_EXIT_CODE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.seq_len=16", "--config.batch_size=8", "--config.model.width=32",
@@ -119,7 +119,8 @@ def test_resume_across_process_counts_equals_one_uninterrupted_run(tmp_path):
 
 FSDP_MEMORY = """
 import json, jax
-from md4 import sharding, trainer as trainer_lib
+from md4 import trainer as trainer_lib
+from md4.runtime import sharding
 from tests.test_train import tiny_config
 out = {}
 for name, shape, axes in [("data", (8,), ("data",)), ("fsdp2", (4, 2), ("data", "fsdp")),
@@ -200,7 +201,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues(tmp_path):
   assert message.startswith("md4: Preempted at step ") and "re-run the same command" in message
   step = int(message.split("Preempted at step ")[1].split(":")[0])
   assert (tmp_path / "checkpoints" / str(step)).is_dir()
-  assert not (tmp_path / "md4.lock").exists()
+  assert not (tmp_path / "md4.runtime.lock").exists()
   rerun = run(main_command(tmp_path, f"--config.num_train_steps={step + 2}",
                            "--config.checkpoint_every_steps=100000"))
   assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -253,7 +254,7 @@ def test_sigterm_while_sampling_exits_within_seconds_with_the_step_saved(tmp_pat
   assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
   assert stderr.strip().splitlines()[-1].startswith("md4: Preempted while sampling")
   assert (tmp_path / "checkpoints/3").is_dir()
-  assert not (tmp_path / "md4.lock").exists()
+  assert not (tmp_path / "md4.runtime.lock").exists()
 
   # md4.evaluate sampling from that checkpoint: the same.
   evaluating = subprocess.Popen(
@@ -355,7 +356,7 @@ def test_checkpoint_of_another_shape_is_refused_before_anything_is_written(tmp_p
 
 
 def test_a_second_run_on_a_locked_workdir_stops_naming_the_first(tmp_path):
-  from md4 import lock  # pylint: disable=g-import-not-at-top
+  from md4.runtime import lock  # pylint: disable=g-import-not-at-top
   first = lock.WorkdirLock(tmp_path)
   first.acquire()
   try:
@@ -368,25 +369,25 @@ def test_a_second_run_on_a_locked_workdir_stops_naming_the_first(tmp_path):
     assert time.time() - start < 60 and not (tmp_path / "checkpoints").exists()
   finally:
     first.release()
-  assert not (tmp_path / "md4.lock").exists()
+  assert not (tmp_path / "md4.runtime.lock").exists()
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
-  from md4 import lock  # pylint: disable=g-import-not-at-top
+  from md4.runtime import lock  # pylint: disable=g-import-not-at-top
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True, check=True)
-  (tmp_path / "md4.lock").write_text(json.dumps(
+  (tmp_path / "md4.runtime.lock").write_text(json.dumps(
       {"host": socket.gethostname(), "pid": int(dead.stdout), "token": "old",
        "started": time.time(), "refreshed": time.time()}))
   other_host = tmp_path / "other"
   other_host.mkdir()
-  (other_host / "md4.lock").write_text(json.dumps(
+  (other_host / "md4.runtime.lock").write_text(json.dumps(
       {"host": "elsewhere", "pid": 1, "token": "old", "started": 0.0,
        "refreshed": time.time() - lock.STALE_SECONDS - 1}))
   for workdir in (tmp_path, other_host):
     held = lock.WorkdirLock(workdir)
     held.acquire()
-    assert json.loads((workdir / "md4.lock").read_text())["pid"] == os.getpid()
+    assert json.loads((workdir / "md4.runtime.lock").read_text())["pid"] == os.getpid()
     held.release()
   assert "is gone" in caplog.text and "minutes ago" in caplog.text
 
@@ -421,7 +422,8 @@ def test_bad_input_is_one_line_naming_what_to_change(tmp_path):
 
 def test_transient_read_errors_are_retried_then_raised_leaving_the_checkpoint(tmp_path,
                                                                               monkeypatch):
-  from md4 import checkpointing, train, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from md4 import train, trainer as trainer_lib
+  from md4.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(num_train_steps=2, checkpoint_every_steps=2)
   train.train_and_evaluate(config, tmp_path)
@@ -461,7 +463,7 @@ def jax_key(seed: int):
 
 def test_checksums_catch_a_flipped_bit_and_do_not_depend_on_the_layout():
   import jax  # pylint: disable=g-import-not-at-top
-  from md4 import checkpointing  # pylint: disable=g-import-not-at-top
+  from md4.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   tree = {"w": jax.random.normal(jax.random.PRNGKey(0), (5, 7)),
           "step": np.int32(3), "b": np.ones(4, np.float16)}
   saved = checkpointing.checksums(tree)

@@ -18,7 +18,7 @@ from scipy import stats
 from md4 import diffusion
 from md4 import models
 from md4 import prime
-from md4 import progress
+from md4.runtime import progress
 from md4 import sampler
 from md4 import samplers
 from md4 import schedule

@@ -100,7 +100,8 @@ def test_wrong_config_flag_fails_before_compilation(tmp_path):
 
 MESH_STEP = """
 import json, jax, numpy as np
-from md4 import sharding, trainer as trainer_lib
+from md4 import trainer as trainer_lib
+from md4.runtime import sharding
 from tests.test_train import tiny_config
 results = {}
 for shape in [(1, 1), (8, 1), (2, 4)]:

@@ -41,7 +41,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from md4 import progress as progress_lib
+from md4.runtime import progress as progress_lib
 from md4.data import text8
 from md4.data import tokenizer as tokenizer_lib
 

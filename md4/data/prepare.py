@@ -3,7 +3,7 @@
 Runs the `prepare` of the source config.dataset names (md4.data): a download,
 a tokenisation, a conversion; each source's docstring says what. Prints one
 JSON line describing what is ready; an error is one line, `md4: error: ...`
-(md4.errors).
+(md4.runtime.errors).
 """
 
 import json
@@ -14,8 +14,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from md4 import data as data_lib
-from md4 import errors
-from md4 import startup
+from md4.runtime import errors
+from md4.runtime import startup
 
 
 def main(argv: list[str]) -> None:

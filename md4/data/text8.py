@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from md4 import data as data_lib
-from md4 import progress as progress_lib
+from md4.runtime import progress as progress_lib
 from md4.data import alphabet
 from md4.data import chars
 from md4.data import pipeline

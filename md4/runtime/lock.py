@@ -17,9 +17,9 @@ import time
 from absl import logging
 from etils import epath
 
-from md4 import storage
+from md4.runtime import storage
 
-LOCK_FILE = "md4.lock"
+LOCK_FILE = "md4.runtime.lock"
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 600.0
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from md4 import storage
+from md4.runtime import storage
 
 Array = jnp.ndarray
 

@@ -30,7 +30,7 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer import record_writer
 
 from md4 import plots
-from md4 import storage
+from md4.runtime import storage
 
 
 def _jsonable(value: float) -> float | str:
