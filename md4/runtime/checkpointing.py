@@ -15,10 +15,8 @@ is deleted). When checkpoints exist and none restores, the run stops.
 
 import contextlib
 import json
-import logging as python_logging
 import re
 import secrets
-import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -31,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from md4.runtime import orbax_quiet
 from md4.runtime import storage
 
 Array = jnp.ndarray
@@ -159,62 +158,11 @@ def _reason(error: BaseException) -> str:
   return f"{type(cause).__name__}: {line[:300]}"
 
 
-def _is_abandoned_read(error: BaseException | None, source: Any = None) -> bool:
-  """Whether an error comes from an Orbax array read that a failed restore left behind.
-
-  Reads still in flight when Orbax gives up raise again when they finish
-  (tensorstore calls back into a closed event loop) or when their coroutines
-  are collected; neither says anything the restore's own error did not.
-  """
-  return (getattr(source, "__qualname__", "") == "_read_array_index_and_device_put"
-          or str(error).startswith("Encountered error while reading array index")
-          or (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"))
-
-
-class _AbandonedReadsFilter(python_logging.Filter):
-  """asyncio logs a failed restore's other reads as "exception was never retrieved"."""
-
-  def filter(self, record: python_logging.LogRecord) -> bool:
-    return not (record.exc_info and _is_abandoned_read(record.exc_info[1]))
-
-
-def _silence_abandoned_reads() -> None:
-  """Filters sys.unraisablehook, sys.excepthook and asyncio's logger (each reports them) once."""
-  if getattr(sys.excepthook, "md4_silences_abandoned_reads", False):
-    return
-  unraisablehook, excepthook = sys.unraisablehook, sys.excepthook
-
-  def filtered_unraisablehook(unraisable: Any) -> None:
-    if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
-      unraisablehook(unraisable)
-
-  def filtered_excepthook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
-    if not _is_abandoned_read(error):
-      excepthook(kind, error, trace)
-
-  filtered_excepthook.md4_silences_abandoned_reads = True
-  sys.unraisablehook, sys.excepthook = filtered_unraisablehook, filtered_excepthook
-  python_logging.getLogger("asyncio").addFilter(_AbandonedReadsFilter())
-
-
-@contextlib.contextmanager
-def _orbax_quiet():
-  """Orbax logs each failed read at length (thousands of lines); md4 logs one line instead."""
-  orbax_logger = logging.get_absl_logger()
-  level = orbax_logger.level
-  orbax_logger.setLevel(logging.FATAL + 1)
-  _silence_abandoned_reads()
-  try:
-    yield
-  finally:
-    orbax_logger.setLevel(level)
-
-
 def _read_with_retries(read: Callable[[], Any], directory: str) -> Any:
   """read(), retried after errors that do not show damage; DamagedCheckpointError otherwise."""
   for attempt in range(1, RESTORE_ATTEMPTS + 1):
     try:
-      with _orbax_quiet():
+      with orbax_quiet.quiet():
         return read()
     except (CheckpointMismatchError, DamagedCheckpointError):
       raise
