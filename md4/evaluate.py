@@ -49,6 +49,7 @@ from md4.runtime import checkpointing
 from md4.runtime import compilation_cache
 from md4 import data as data_lib
 from md4 import defaults
+from md4 import eval_results
 from md4.runtime import errors
 from md4 import judge as judge_lib
 from md4 import likelihood
@@ -71,7 +72,6 @@ SPLITS = ("eval", "train")
 DTYPES = ("float32", "bfloat16")
 INFILL_BLANK = "_"
 RESULTS_DIR = "eval"
-ZERO_SHOT = "zero_shot:"  # Prefix of the zero-shot sets' sections in results["nelbo"].
 
 
 @dataclasses.dataclass
@@ -331,22 +331,8 @@ def zero_shot_sections(checkpoint: Checkpoint, spec: str, *, num_t: int = 8,
                                     * section["bits_per_token_stderr"])
     section.update(set=zero_shot.SETS[name].title, path=os.path.abspath(path),
                    set_tokens=len(ids), num_t=num_t, seed=seed, batch_size=batch_size)
-    sections[ZERO_SHOT + name] = section
+    sections[eval_results.ZERO_SHOT + name] = section
   return sections
-
-
-def zero_shot_table(nelbo: dict[str, dict[str, Any]]) -> list[str]:
-  """The zero-shot sections of results["nelbo"] as the lines of a Markdown table."""
-  sets = [section for name, section in nelbo.items() if name.startswith(ZERO_SHOT)]
-  if not sets:
-    return []
-  lines = ["| Set | Sequences | Bits per token | Perplexity (bound) |",
-           "| --- | ---: | ---: | ---: |"]
-  for section in sets:
-    lines.append(f"| {section['set']} | {section['num_sequences']} | "
-                 f"{section['bits_per_token']:.4f} ± {section['bits_per_token_stderr']:.4f} | "
-                 f"{section['perplexity']:.2f} ± {section['perplexity_stderr']:.2f} |")
-  return lines
 
 
 def run(options: Options) -> dict[str, Any]:
@@ -417,55 +403,8 @@ def run(options: Options) -> dict[str, Any]:
                           "seed": options.seed, "prefix": options.prefix,
                           "infill": options.infill, "nfe": int(drawn.nfe), "files": files}
   if jax.process_index() == 0:
-    results["results_file"] = str(_write_results(out_dir, results))
+    results["results_file"] = str(eval_results.write(out_dir, results))
   return results
-
-
-def _write_results(out_dir: epath.Path, results: dict[str, Any]) -> epath.Path:
-  """Merges results into out_dir/results_step_<N>.json: sections of this run replace old ones."""
-  out_dir.mkdir(parents=True, exist_ok=True)
-  path = out_dir / f"results_step_{results['step']}.json"
-  merged = {}
-  if path.exists():
-    try:
-      merged = json.loads(path.read_text())
-    except ValueError:
-      pass  # Not JSON: overwritten below.
-  nelbo = {**merged.get("nelbo", {}), **results["nelbo"]}
-  merged.update({key: value for key, value in results.items() if key != "results_file"})
-  merged["nelbo"] = nelbo
-  path.write_text(json.dumps(merged, indent=2) + "\n")
-  return path
-
-
-def summary(results: dict[str, Any]) -> str:
-  """Human-readable lines for the results of `run`."""
-  lines = [f"{results['model_type']} on {results['dataset']}, step {results['step']} of "
-           f"{results['workdir']}"]
-  for name, section in results["nelbo"].items():
-    unit = "dim" if "bits_per_dim" in section else "token"
-    bits, stderr = section[f"bits_per_{unit}"], section[f"bits_per_{unit}_stderr"]
-    line = (f"  NELBO on {name}: {bits:.4f} ± {stderr:.4f} bits per {unit} "
-            f"({section['num_sequences']} sequences x {section['num_t']} times)")
-    if "perplexity" in section:
-      line += f"; perplexity <= {section['perplexity']:.2f}"
-    entropy = section.get("data_entropy_bits_per_token")
-    if entropy is not None:
-      line += f"; source entropy {entropy:.4f} (gap {bits - entropy:+.4f})"
-    lines.append(line)
-  if "samples" in results:
-    drawn = results["samples"]
-    where = drawn["files"][0] if drawn["files"] else "(written by process 0)"
-    lines.append(f"  {drawn['num_samples']} samples ({drawn['nfe']} network evaluations) "
-                 f"from the {drawn['sampler']} sampler: {where}")
-    if drawn.get("quality"):
-      lines.append("  " + sample_quality.describe(drawn["quality"]))
-  if "results_file" in results:
-    lines.append(f"  results: {results['results_file']}")
-  table = zero_shot_table(results["nelbo"])
-  if table:
-    lines.extend(["", *table])
-  return "\n".join(lines)
 
 
 _HELP = {
@@ -527,7 +466,7 @@ def main(argv: list[str]) -> None:
                              for field in dataclasses.fields(Options)}))
   preemption.close()
   if jax.process_index() == 0:
-    print(summary(results))
+    print(eval_results.summary(results))
 
 
 def cli() -> None:

@@ -319,26 +319,15 @@ class SubTokens(diffusion.Tokens):
     return carry_over(logits, state, self.codec)
 
 
-def sample(predict_fn: checks.PredictFn,
-           rng: Array,
-           *,
-           shape: tuple[int, ...],
-           codec: Codec,
-           schedule: schedule_lib.Schedule,
-           steps: int,
-           grid: str = "cosine",
-           top_p: float | None = None,
-           prefix: Array | None = None,
-           infill: tuple[Array, Array] | None = None,
-           reuse_outputs: bool = False) -> Array:
+def sample(predict_fn: checks.PredictFn, rng: Array, *, shape: tuple[int, ...], codec: Codec,
+           schedule: schedule_lib.Schedule, steps: int, **options) -> Array:
   """Tokens int32 [B, L, ...] = `shape` in {0..C-1} from the Prime ancestral sampler.
 
-  `md4.samplers.sample("ancestral", ..., SubTokens(codec, schedule))` also
-  gives the network evaluations spent. predict_fn: (y [B, L, ..., l] int32
-  with mask id b, t [B] float32) -> logits [B, L, ..., C]; the other
-  arguments as in `sampler.ancestral`. Called eagerly, the final decode also
-  checks every code.
+  predict_fn: (y [B, L, ..., l] int32 with mask id b, t [B] float32) ->
+  logits [B, L, ..., C]; options (grid, top_p, prefix, infill,
+  reuse_outputs) as in `sampler.ancestral`. `md4.samplers.sample("ancestral",
+  ..., SubTokens(codec, schedule))` also gives the network evaluations spent.
+  Called eagerly, the final decode also checks every code.
   """
   return samplers.sample("ancestral", predict_fn, rng, SubTokens(codec, schedule), shape=shape,
-                         steps=steps, grid=grid, top_p=top_p, prefix=prefix, infill=infill,
-                         reuse_outputs=reuse_outputs).tokens
+                         steps=steps, **options).tokens

@@ -20,6 +20,7 @@ from tokenizers import trainers
 
 from md4 import data as data_lib
 from md4 import defaults
+from md4 import eval_results
 from md4 import evaluate
 from md4 import train
 from md4.data import tokenizer as tokenizer_lib
@@ -225,7 +226,7 @@ def test_a_gpt2_style_corpus_trains_and_gives_the_zero_shot_table(bpe_files, tmp
   # WikiText2 and WikiText103 read the same file here: the same sequences, seed and bound.
   assert (results["nelbo"]["zero_shot:wikitext2"]["bits_per_token"]
           == results["nelbo"]["zero_shot:wikitext103"]["bits_per_token"])
-  printed = evaluate.summary(results).splitlines()
+  printed = eval_results.summary(results).splitlines()
   table = printed[printed.index("| Set | Sequences | Bits per token | Perplexity (bound) |"):]
   assert [row.split(" | ")[0] for row in table[2:]] == [
       "| LAMBADA", "| WikiText2", "| PTB", "| WikiText103", "| One Billion Words"]

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from md4 import evaluate
+from md4 import eval_results
 from md4.data import zero_shot
 
 
@@ -125,9 +125,9 @@ def test_table_lists_the_sets_in_order():
              "bits_per_token_stderr": 0.0125, "perplexity": 90.5, "perplexity_stderr": 0.784}
   nelbo = {"eval": {"bits_per_token": 1.0}, "zero_shot:ptb": section,
            "zero_shot:lambada": {**section, "set": "LAMBADA"}}
-  assert evaluate.zero_shot_table(nelbo) == [
+  assert eval_results.zero_shot_table(nelbo) == [
       "| Set | Sequences | Bits per token | Perplexity (bound) |",
       "| --- | ---: | ---: | ---: |",
       "| PTB | 12 | 6.5000 ± 0.0125 | 90.50 ± 0.78 |",
       "| LAMBADA | 12 | 6.5000 ± 0.0125 | 90.50 ± 0.78 |"]
-  assert evaluate.zero_shot_table({"eval": {}}) == []
+  assert eval_results.zero_shot_table({"eval": {}}) == []
