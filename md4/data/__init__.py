@@ -13,13 +13,13 @@ JAX process (`md4.data.pipeline`).
 """
 
 import dataclasses
-import importlib
-import pkgutil
 from typing import Any, Callable, Iterator, Mapping
 
 import grain
 import ml_collections
 import numpy as np
+
+from md4 import registry
 
 Batch = dict[str, np.ndarray]
 MODALITIES = ("text", "image")
@@ -105,32 +105,10 @@ class Source:
   prepare: Callable[[ml_collections.ConfigDict, bool], dict[str, Any]] | None = None
 
 
-_REGISTRY: dict[str, Source] = {}
-_builtins_imported = False
-
-
-def register(source: Source) -> Source:
-  """Adds a source (a module's import does this for the built-in ones); returns it."""
-  known = _REGISTRY.get(source.name)
-  if known is not None and known != source:
-    raise ValueError(f"a data source named {source.name!r} is already registered")
-  _REGISTRY[source.name] = source
-  return source
-
-
-def unregister(name: str) -> None:
-  """Removes a source registered with `register` (tests use this to clean up)."""
-  _REGISTRY.pop(name, None)
-
-
-def sources() -> dict[str, Source]:
-  """Every registered source by name, the built-in ones imported first."""
-  global _builtins_imported
-  if not _builtins_imported:
-    for module in pkgutil.iter_modules(__path__):
-      importlib.import_module(f"{__name__}.{module.name}")
-    _builtins_imported = True
-  return dict(_REGISTRY)
+_REGISTRY = registry.Registry(__name__, __path__, "data source")
+register = _REGISTRY.register
+unregister = _REGISTRY.unregister
+sources = _REGISTRY.entries  # Every registered source by name, the built-in ones imported first.
 
 
 def get(name: str) -> Source:

@@ -15,13 +15,12 @@ is one module and its `register` call (docs/architecture.md shows one).
 """
 
 import dataclasses
-import importlib
-import pkgutil
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 
 from md4 import checks
+from md4 import registry as md4_registry
 from md4.samplers import engine
 
 Array = jnp.ndarray
@@ -58,32 +57,10 @@ class Sampler:
   frames: bool = False
 
 
-_REGISTRY: dict[str, Sampler] = {}
-_builtins_imported = False
-
-
-def register(sampler: Sampler) -> Sampler:
-  """Adds a sampler (a module's import does this for the built-in ones); returns it."""
-  known = _REGISTRY.get(sampler.name)
-  if known is not None and known != sampler:
-    raise ValueError(f"a sampler named {sampler.name!r} is already registered")
-  _REGISTRY[sampler.name] = sampler
-  return sampler
-
-
-def unregister(name: str) -> None:
-  """Removes a sampler registered with `register` (tests use this to clean up)."""
-  _REGISTRY.pop(name, None)
-
-
-def registry() -> dict[str, Sampler]:
-  """Every registered sampler by name, the built-in ones imported first."""
-  global _builtins_imported
-  if not _builtins_imported:
-    for module in pkgutil.iter_modules(__path__):
-      importlib.import_module(f"{__name__}.{module.name}")
-    _builtins_imported = True
-  return dict(_REGISTRY)
+_REGISTRY = md4_registry.Registry(__name__, __path__, "sampler")
+register = _REGISTRY.register
+unregister = _REGISTRY.unregister
+registry = _REGISTRY.entries  # Every registered sampler by name, the built-in ones imported first.
 
 
 def names() -> tuple[str, ...]:
