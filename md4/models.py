@@ -174,6 +174,12 @@ class MaskedDiffusion:
     return frozenset(features)
 
   @property
+  def time_sampling(self) -> dict[str, Any]:
+    """The loss's time options from the config: cont_time, timesteps, antithetic."""
+    return dict(cont_time=self.config.cont_time, timesteps=self.config.timesteps,
+                antithetic=self.config.antithetic_time_sampling)
+
+  @property
   def entries_per_example(self) -> int:
     """Entries its samplers reveal one by one per example: num_tokens (Prime: l each)."""
     return self.num_tokens
@@ -277,10 +283,8 @@ class MD4(MaskedDiffusion):
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
            train: bool) -> LossOutput:
     predict, rng_loss = self.loss_predict_fn(params, batch, rng, train)
-    nelbo, metrics = diffusion.loss(
-        predict, batch["x"], rng_loss, schedule=self.schedule, vocab_size=self.vocab_size,
-        cont_time=self.config.cont_time, timesteps=self.config.timesteps,
-        antithetic=self.config.antithetic_time_sampling)
+    nelbo, metrics = diffusion.loss(predict, batch["x"], rng_loss, schedule=self.schedule,
+                                    vocab_size=self.vocab_size, **self.time_sampling)
     return LossOutput(objective=nelbo, nelbo=nelbo, metrics=metrics)
 
   def space(self, params: Params) -> diffusion.Tokens:
@@ -358,9 +362,7 @@ class Prime(MaskedDiffusion):
     predict, rng_loss = self.loss_predict_fn(params, batch, rng, train)
     objective, metrics = prime.loss(
         predict, batch["x"], rng_loss, codec=self.codec, schedule=self.schedule,
-        cont_time=self.config.cont_time, timesteps=self.config.timesteps,
-        antithetic=self.config.antithetic_time_sampling,
-        objective=self.config.prime.objective if train else "nelbo")
+        objective=self.config.prime.objective if train else "nelbo", **self.time_sampling)
     nelbo = metrics.pop("nelbo")
     return LossOutput(objective=objective, nelbo=nelbo, metrics=metrics)
 
