@@ -276,8 +276,8 @@ def test_a_feature_the_model_lacks_is_a_clear_error(checkpoint):
     draw(num_frames=3)
   with pytest.raises(ValueError, match="guidance: the GenMD4 sampler"):
     draw(guidance_scale=2.0)
-  with pytest.raises(ValueError, match="top_p: the GenMD4 sampler"):
-    draw(top_p=0.5)
+  with pytest.raises(ValueError, match="remdm: the GenMD4 sampler"):
+    draw(sampler="remdm")
   generate = lambda **kwargs: evaluate.generate(checkpoint, jax.random.PRNGKey(0),
                                                 num_samples=2, steps=4, grid="cosine",
                                                 top_p=1.0, **kwargs)
