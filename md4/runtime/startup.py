@@ -30,7 +30,7 @@ _M_ARENA_MAX = -8
 # Freed memory stays with the process unless this much lies free at the heap's top.
 _TRIM_THRESHOLD_BYTES = 1 << 30
 
-PACKAGED_CONFIGS = pathlib.Path(__file__).parent / "configs"
+PACKAGED_CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 CONFIG_PREFIX = "configs/"
 
 
