@@ -37,6 +37,14 @@ def _flags(command: list[str]) -> set[tuple[str, str, str]]:
           for flag in root.iter("flag")}
 
 
+def _help_lists(command: list[str]) -> set[str]:
+  """The flag names --help lists (absl's help: the key flags of the program)."""
+  result = subprocess.run(command + ["--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+  return {line.split(":")[0].strip().removeprefix("--[no]").removeprefix("--")
+          for line in result.stdout.splitlines() if line.startswith("  --")}
+
+
 @pytest.mark.parametrize("script, module", COMMANDS)
 def test_console_script_takes_the_same_flags_as_the_module(script, module):
   assert (BIN / script).is_file(), f"{script} is not installed: pip install -e ."
@@ -44,6 +52,9 @@ def test_console_script_takes_the_same_flags_as_the_module(script, module):
   assert script_flags == _flags([sys.executable, "-m", module])
   names = {name for name, _, _ in script_flags}
   assert {"workdir"} <= names if module != "md4.data.prepare" else {"config"} <= names
+  listed = _help_lists([str(BIN / script)])
+  assert listed == _help_lists([sys.executable, "-m", module])
+  assert listed & {"config", "workdir"}
 
 
 def test_a_config_named_by_its_repository_path_is_found_outside_a_checkout(tmp_path):
