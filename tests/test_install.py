@@ -7,11 +7,13 @@ pip installs from the package index (or its cache); nothing else is fetched.
 """
 
 import contextlib
+import email.parser
 import fcntl
 import json
 import os
 import pathlib
 import subprocess
+import zipfile
 
 import pytest
 
@@ -82,3 +84,23 @@ def test_readme_test_command_installs_and_tests(quick_start):
                  timeout=1200)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_built_wheel_carries_the_licence_and_metadata(quick_start, tmp_path):
+  assert quick_start["returncode"] == 0, quick_start["stderr"]
+  checkout = pathlib.Path(quick_start["checkout"])
+  result = _bash(f". .venv/bin/activate && pip wheel --quiet --no-deps -w {tmp_path} .",
+                 checkout, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (wheel,) = tmp_path.glob("md4-*.whl")
+  with zipfile.ZipFile(wheel) as archive:
+    names = archive.namelist()
+    metadata = email.parser.Parser().parsestr(
+        archive.read(next(name for name in names if name.endswith(".dist-info/METADATA")))
+        .decode())
+    licence = archive.read(next(name for name in names
+                                if name.endswith(".dist-info/licenses/LICENSE"))).decode()
+  assert licence == (REPO / "LICENSE").read_text() and "Apache License" in licence
+  assert metadata["License-Expression"] == "Apache-2.0"
+  assert metadata["Author"] and metadata.get_all("Project-URL")
+  assert "Intended Audience :: Science/Research" in metadata.get_all("Classifier")
