@@ -29,7 +29,7 @@ urlsf_subset*.tar archives; its parquet shards work with
 GPT-2's tokenizer.json as --config.tokens.tokenizer.
 """
 
-from configs import text8
+from md4.configs import text8
 from md4 import defaults
 
 
