@@ -36,7 +36,7 @@ from md4 import defaults
 def get_config():
   config = defaults.get_config()
   config.dataset = "tokens"
-  config.tokens.name = "owt_gpt2"
+  config.tokens.name = "owt"
   config.tokens.path = "~/.cache/md4/openwebtext/subsets/urlsf_subset*.tar"
   config.tokens.documents = "openwebtext"
   config.tokens.tokenizer = "tiktoken:gpt2"

@@ -43,7 +43,7 @@ def _options(path, **overrides) -> ml_collections.ConfigDict:
 
 
 def _config(path, data_dir, seq_len=32, batch_size=4, **options) -> ml_collections.ConfigDict:
-  """Prepares into <data_dir>/tokens/corpus."""
+  """Prepares into <data_dir>/tokens/corpus_sp_bpe120."""
   return helpers.data_config("tokens", data_dir=str(data_dir), seq_len=seq_len,
                              batch_size=batch_size, **{"path": str(path), "vocab_size": 120,
                                                        "validation_fraction": 0.1, **options})
@@ -251,3 +251,14 @@ def test_build_leaves_no_partial_files(tmp_path, corpus):
   tokens.load_or_build(_options(path), tmp_path / "out")
   assert sorted(os.listdir(tmp_path / "out")) == sorted(
       [tokens.MANIFEST, tokens.TOKENIZER, tokens.TOKENS, tokens.DOCUMENT_ENDS])
+
+
+def test_prepared_folder_is_named_by_its_tokenizer(tmp_path):
+  def folder_name(**options) -> str:
+    return tokens.folder(_config("corpus.txt", tmp_path, **options)).name
+
+  assert folder_name() == "corpus_sp_bpe120"
+  assert folder_name(tokenizer_type="unigram", vocab_size=60) == "corpus_sp_unigram60"
+  assert folder_name(tokenizer="tiktoken:gpt2") == "corpus_gpt2"
+  assert folder_name(tokenizer="~/models/gpt2/tokenizer.json") == "corpus_gpt2"
+  assert folder_name(tokenizer="/models/wiki32k.model") == "corpus_wiki32k"

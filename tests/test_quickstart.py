@@ -200,7 +200,7 @@ def test_text_quick_start_trains_on_word_pieces_of_the_bundled_text(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "held-out NELBO" in result.stdout
-  manifest = json.loads((data_dir / "tokens" / "tinyshakespeare_bpe1024" /
+  manifest = json.loads((data_dir / "tokens" / "tinyshakespeare_sp_bpe1024" /
                          "manifest.json").read_text())
   assert manifest["vocab_size"] == 1024
   samples = (workdir / "samples" / "step_10.txt").read_text().splitlines()

@@ -1,6 +1,6 @@
 """Tokenised corpora (OpenWebText-style): SentencePiece, GPT-2 (tokenizer.json or tiktoken).
 
-One-off preparation, into `<config.data_dir>/tokens/<config.tokens.name>`:
+One-off preparation, into `<config.data_dir>/tokens/<name>_<tokenizer>` (`folder`):
   tokenizer.model  a SentencePiece model trained on the corpus (BPE or unigram,
                    tokens.vocab_size pieces, id 0 = <unk>, id 1 = </s> = end of
                    document), unless tokens.tokenizer names one to load: a
@@ -61,7 +61,7 @@ _ENCODE_BATCH_BYTES = 1 << 23
 _MAX_SENTENCE_BYTES = 1 << 14
 
 OPTIONS = {
-    "name": "corpus",          # The folder <data_dir>/tokens/<name> of the prepared files.
+    "name": "corpus",          # The corpus's name: prepared into <data_dir>/tokens/<name>_<tokenizer>.
     "path": "",                # Corpus: a file or a glob pattern (UTF-8).
     "documents": "line",       # line: one per line; blank_line: separated by blank lines;
                                # file: one per file; jsonl: one JSON object per line, key "text";
@@ -370,9 +370,21 @@ def encode_documents(tokenizer: tokenizer_lib.Tokenizer, documents: Sequence[str
   return np.asarray(stream, np.int32)
 
 
+def tokenizer_name(options: ml_collections.ConfigDict) -> str:
+  """The tokenizer's short name: gpt2 for tiktoken:gpt2, a given file's name (its folder's for
+  tokenizer.json or tokenizer.model), or sp_<type><vocab_size> for a model trained on the corpus."""
+  if not options.tokenizer:
+    return f"sp_{options.tokenizer_type}{options.vocab_size}"
+  if options.tokenizer.startswith(tokenizer_lib.TIKTOKEN_PREFIX):
+    return options.tokenizer[len(tokenizer_lib.TIKTOKEN_PREFIX):]
+  path = pathlib.Path(options.tokenizer).expanduser()
+  return path.parent.name if path.stem == "tokenizer" else path.stem
+
+
 def folder(config: ml_collections.ConfigDict) -> pathlib.Path:
-  """Where the prepared corpus lives: <config.data_dir>/tokens/<config.tokens.name>."""
-  return pathlib.Path(config.data_dir).expanduser() / "tokens" / config.tokens.name
+  """Where the prepared corpus lives: <config.data_dir>/tokens/<tokens.name>_<tokenizer name>."""
+  name = f"{config.tokens.name}_{tokenizer_name(config.tokens)}"
+  return pathlib.Path(config.data_dir).expanduser() / "tokens" / name
 
 
 def read_manifest(corpus_dir: pathlib.Path, what: str) -> dict[str, Any]:
