@@ -63,6 +63,15 @@ def test_sentencepiece_round_trip(tmp_path, corpus, tokenizer_type, vocab_size):
   assert len(built.tokens) < 0.5 * sum(len(document) + 1 for document in documents)
 
 
+def test_an_unknown_piece_decodes_to_the_replacement_character(tmp_path, corpus):
+  path, documents = corpus
+  trained = tokens.load_or_build(_options(path), tmp_path / "out").tokenizer
+  (ids,) = trained.encode_batch([f"{documents[0]} \u2603"])  # A snowman: not in the corpus.
+  assert 0 in ids  # <unk>
+  decoded = trained.decode(ids)
+  assert decoded == f"{documents[0]} {tokenizer.UNKNOWN_MARK}" and "\u2047" not in decoded
+
+
 def test_packing_fills_every_slot_with_the_document_stream(tmp_path, corpus):
   path, documents = corpus
   built = tokens.load_or_build(_options(path), tmp_path / "out")
