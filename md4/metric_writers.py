@@ -6,8 +6,15 @@ format, and text and image summaries are built as the protos its plugins
 read. Both files go through `storage.AppendFile`: appended on a disk,
 uploaded whole on an object store (which cannot append).
 
+TensorBoard sees three runs, as clu and MaxText lay them out:
+`tensorboard/train`, `tensorboard/eval` and, on a source of known entropy,
+`tensorboard/source`. Training and held-out bits per token, and the source's
+entropy, share the tag `nelbo/bits_per_token`, so one chart overlays them;
+the other scalars are grouped under `train/`, `eval/`, `samples/` and
+`system/` (`tensorboard_name`). metrics.jsonl keeps md4's flat names.
+
 A run resumed at step S keeps the metrics.jsonl lines of steps <= S only, so
-that each step is there once, and starts its event file with a SessionLog
+that each step is there once, and starts its event files with a SessionLog
 START at S, on which TensorBoard drops the older files' events after S.
 """
 
@@ -36,6 +43,30 @@ from md4 import storage
 def _jsonable(value: float) -> float | str:
   value = float(value)
   return value if math.isfinite(value) else str(value)
+
+
+TRAIN_RUN, EVAL_RUN, SOURCE_RUN = "train", "eval", "source"
+BITS_PER_TOKEN_TAG = "nelbo/bits_per_token"
+# metrics.jsonl names whose TensorBoard run and tag the prefixes below do not give.
+_TENSORBOARD_NAMES = {
+    "bits_per_token": (TRAIN_RUN, BITS_PER_TOKEN_TAG),
+    "eval_bits_per_token": (EVAL_RUN, BITS_PER_TOKEN_TAG),
+    "data_entropy_bits_per_token": (SOURCE_RUN, BITS_PER_TOKEN_TAG),
+    "steps_per_sec": (TRAIN_RUN, "system/steps_per_sec"),
+    "eval_seconds": (EVAL_RUN, "system/eval_seconds"),
+}
+
+
+def tensorboard_name(name: str) -> tuple[str, str]:
+  """(run, tag) of a metrics.jsonl scalar: eval_X is eval/X in the eval run, samples/X stays in
+  the eval run, any other is train/X in the train run."""
+  if name in _TENSORBOARD_NAMES:
+    return _TENSORBOARD_NAMES[name]
+  if name.startswith("samples/"):
+    return EVAL_RUN, name
+  if name.startswith("eval_"):
+    return EVAL_RUN, "eval/" + name.removeprefix("eval_")
+  return TRAIN_RUN, "train/" + name
 
 
 def lines_up_to(path: epath.Path, step: int) -> bytes:
@@ -81,19 +112,25 @@ class MetricWriter:
   def __init__(self, workdir: epath.Path, is_main_process: bool = True, start_step: int = 0):
     self.is_main_process = is_main_process
     self.jsonl_path = workdir / "metrics.jsonl"
-    self._events = None
+    self._tensorboard_dir = workdir / "tensorboard"
+    self._start_step = start_step
+    self._events: dict[str, EventFile] = {}  # By run, each opened at its first event.
     self._jsonl = None
     if is_main_process:
       self._jsonl = storage.AppendFile(self.jsonl_path, lines_up_to(self.jsonl_path, start_step))
-      self._events = EventFile(workdir / "tensorboard", start_step)
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
     logging.info("step %d: %s", step,
                  ", ".join(f"{name}={float(value):.5g}" for name, value in scalars.items()))
     if not self.is_main_process:
       return
-    self._write(step, [summary_pb2.Summary.Value(tag=name, simple_value=float(value))
-                       for name, value in scalars.items()])
+    by_run = {}
+    for name, value in scalars.items():
+      run, tag = tensorboard_name(name)
+      by_run.setdefault(run, []).append(summary_pb2.Summary.Value(tag=tag,
+                                                                  simple_value=float(value)))
+    for run, values in by_run.items():
+      self._write(run, step, values)
     record = {"step": step, **{name: _jsonable(value) for name, value in scalars.items()}}
     self._jsonl.write((json.dumps(record) + "\n").encode())
 
@@ -101,9 +138,10 @@ class MetricWriter:
     """Makes every line and event written so far visible (an object store gets them now)."""
     if self.is_main_process:
       self._jsonl.flush()
-      self._events.flush()
+      for events in self._events.values():
+        events.flush()
 
-  def write_texts(self, step: int, texts: dict[str, list[str]]) -> None:
+  def write_texts(self, step: int, texts: dict[str, list[str]], run: str = EVAL_RUN) -> None:
     """Lists of strings, shown by TensorBoard's text tab as one table per tag."""
     if not self.is_main_process:
       return
@@ -115,9 +153,9 @@ class MetricWriter:
               dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(lines))]))
       values.append(summary_pb2.Summary.Value(
           tag=tag, tensor=tensor, metadata=text_metadata.create_summary_metadata(tag, "")))
-    self._write(step, values)
+    self._write(run, step, values)
 
-  def write_images(self, step: int, images: dict[str, bytes]) -> None:
+  def write_images(self, step: int, images: dict[str, bytes], run: str = EVAL_RUN) -> None:
     """PNG files' bytes, shown by TensorBoard's images tab."""
     if not self.is_main_process:
       return
@@ -126,14 +164,14 @@ class MetricWriter:
       width, height = Image.open(io.BytesIO(png)).size
       values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
           height=height, width=width, colorspace=3, encoded_image_string=png)))
-    self._write(step, values)
+    self._write(run, step, values)
 
   def write_curves(self, step: int, title: str) -> epath.Path:
     """Plots metrics.jsonl to curves.png beside it (`md4.plots`) and sends it to TensorBoard."""
     self.flush()  # An object store's metrics.jsonl is complete only once uploaded.
     path = plots.write_curves(self.jsonl_path.parent, title)
     logging.info("training curves: %s", path)
-    self.write_images(step, {"curves": path.read_bytes()})
+    self.write_images(step, {"curves": path.read_bytes()}, run=TRAIN_RUN)
     return path
 
   def write_sample_files(self, step: int, paths: list[str]) -> None:
@@ -145,16 +183,19 @@ class MetricWriter:
       if path.suffix == ".txt":
         lines = path.read_text().splitlines()
         logging.info("samples at step %d:\n%s", step, "\n".join(lines))
-        self.write_texts(step, {"samples": lines})
+        self.write_texts(step, {"samples/text": lines})
       elif path.suffix == ".png":
         name = path.stem.removeprefix(f"step_{step}").lstrip("_") or "grid"
         self.write_images(step, {f"samples/{name}": path.read_bytes()})
 
-  def _write(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
-    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step,
-                                           summary=summary_pb2.Summary(value=values)))
+  def _write(self, run: str, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+    if run not in self._events:
+      self._events[run] = EventFile(self._tensorboard_dir / run, self._start_step)
+    self._events[run].add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                                summary=summary_pb2.Summary(value=values)))
 
   def close(self) -> None:
     if self.is_main_process:
       self._jsonl.close()
-      self._events.close()
+      for events in self._events.values():
+        events.close()

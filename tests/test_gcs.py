@@ -157,4 +157,4 @@ def test_gs_workdir_trains_resumes_after_sigkill_and_evaluates(gcs_server, tmp_p
     assert ours["loss"] == theirs["loss"], ours["step"]
   names = objects(gcs_server, "runs/one/")
   assert "runs/one/config.json" in names and "runs/one/md4.lock" not in names
-  assert any(name.startswith("runs/one/tensorboard/events.out.tfevents.") for name in names)
+  assert any(name.startswith("runs/one/tensorboard/train/events.out.tfevents.") for name in names)

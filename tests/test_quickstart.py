@@ -165,18 +165,39 @@ def test_end_of_run_png_shows_the_curves_of_metrics_jsonl(short_run):
   assert 0.4 < np.mean(dashed) < 0.9
 
 
-def test_samples_and_curves_reach_tensorboard(short_run):
+def _tensorboard_run(workdir: pathlib.Path, run: str) -> event_accumulator.EventAccumulator:
   events = event_accumulator.EventAccumulator(
-      str(short_run / "tensorboard"),
-      size_guidance={event_accumulator.IMAGES: 0, event_accumulator.TENSORS: 0})
+      str(workdir / "tensorboard" / run),
+      size_guidance={event_accumulator.IMAGES: 0, event_accumulator.TENSORS: 0,
+                     event_accumulator.SCALARS: 0})
   events.Reload()
-  texts = events.Tensors("samples")
+  return events
+
+
+def test_samples_and_curves_reach_tensorboard(short_run):
+  evaluation = _tensorboard_run(short_run, "eval")
+  texts = evaluation.Tensors("samples/text")
   assert [event.step for event in texts] == [20]
   written = (short_run / "samples" / "step_20.txt").read_text().splitlines()
   assert [line.decode() for line in texts[0].tensor_proto.string_val] == written
-  (curves,) = events.Images("curves")
+  (curves,) = _tensorboard_run(short_run, "train").Images("curves")
   assert curves.encoded_image_string == (short_run / plots.CURVES_FILE).read_bytes()
-  assert "eval_bits_per_token" in events.Tags()["scalars"]
+
+
+def test_tensorboard_overlays_train_eval_and_source_on_one_tag(short_run):
+  records = [json.loads(line) for line in (short_run / "metrics.jsonl").open()]
+  runs = {run: _tensorboard_run(short_run, run) for run in ("train", "eval", "source")}
+  for run, name in (("train", "bits_per_token"), ("eval", "eval_bits_per_token"),
+                    ("source", "data_entropy_bits_per_token")):
+    logged = [(record["step"], record[name]) for record in records if name in record]
+    shown = runs[run].Scalars("nelbo/bits_per_token")
+    assert logged and [event.step for event in shown] == [step for step, _ in logged], run
+    np.testing.assert_allclose([event.value for event in shown], [bits for _, bits in logged],
+                               rtol=1e-6)
+  groups = {tag.split("/")[0] for events in runs.values() for tag in events.Tags()["scalars"]}
+  assert groups == {"nelbo", "train", "eval", "samples", "system"}
+  assert {"train/param_norm", "system/steps_per_sec"} <= set(runs["train"].Tags()["scalars"])
+  assert "eval/bits_per_token_stderr" in runs["eval"].Tags()["scalars"]
 
 
 def test_readme_quotes_the_committed_benchmark_results():

@@ -201,7 +201,8 @@ def test_outputs_land_in_the_workdir(tmp_path):
   assert any("eval_bits_per_token" in line for line in lines)
   samples = (tmp_path / "samples" / "step_4.txt").read_text().splitlines()
   assert len(samples) == 4 and all(len(s) == 16 for s in samples)
-  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))
+  assert list((tmp_path / "tensorboard" / "eval").glob("events.out.tfevents.*"))
   assert json.loads((tmp_path / "config.json").read_text())["seq_len"] == 16
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
 
