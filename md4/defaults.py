@@ -79,6 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
                            ("heads", "tensor"), ("head_dim", ""), ("layers", ""))
 
   config.log_every_steps = 50
+  # Besides metrics.jsonl: comma-separated names of md4.metric_writers.WRITERS (tensorboard, wandb).
+  config.writers = "tensorboard"
+  config.wandb = ml_collections.ConfigDict(dict(
+      project="md4", entity="", name="",  # name "": the workdir's name.
+      mode="online"))  # online, offline (sync later with `wandb sync`), disabled.
   config.eval_every_steps = 500
   config.num_eval_steps = -1
   config.eval_num_t = 4  # Stratified times per held-out sequence.
@@ -136,8 +141,10 @@ def _same_type(value: Any, default: Any) -> bool:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks keys and types against the defaults and a few values; returns config."""
+  from md4 import metric_writers  # pylint: disable=g-import-not-at-top
   from md4 import models  # pylint: disable=g-import-not-at-top  # Flax: only when validating.
   _check(config, get_config(), "")
+  metric_writers.writer_names(config)
   model_class = models.get(config.model_type)
   data.get(config.dataset)
   models.configured_sampler(config)
