@@ -8,6 +8,7 @@ options are present under the source's name (`config.chars.path`,
 --config.chars.path=FILE` works from any experiment file.
 """
 
+import json
 from typing import Any
 
 import ml_collections
@@ -110,6 +111,22 @@ def get_config() -> ml_collections.ConfigDict:
   # Persistent compilation cache (md4.compilation_cache): a folder or gs:// path; "" is off.
   config.compilation_cache_dir = "~/.cache/md4/jax_compilation_cache"
   return config
+
+
+def keys_reference() -> str:
+  """docs/config.md's table: every key of get_config() with its type and default, in order."""
+  rows = ["| key | type | default |", "| --- | --- | --- |"]
+
+  def add(config: ml_collections.ConfigDict, prefix: str) -> None:
+    for key, value in config.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        add(value, f"{prefix}{key}.")
+      else:
+        shown = json.dumps(list(value) if isinstance(value, tuple) else value)
+        rows.append(f"| `{prefix}{key}` | {type(value).__name__} | `{shown}` |")
+
+  add(get_config(), "")
+  return "\n".join(rows) + "\n"
 
 
 def _check(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,

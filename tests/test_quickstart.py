@@ -14,6 +14,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from md4 import plots
+from md4.configs import quickstart
 from md4 import startup
 from tests import helpers
 
@@ -55,6 +56,18 @@ def test_console_script_takes_the_same_flags_as_the_module(script, module):
   listed = _help_lists([str(BIN / script)])
   assert listed == _help_lists([sys.executable, "-m", module])
   assert listed & {"config", "workdir"}
+
+
+def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path):
+  result = subprocess.run([str(BIN / "md4-train"), "--config=configs/quickstart.py",
+                           "--config.seed=3", "--config.model.width=64", "--print_config"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  printed = json.loads(result.stdout)
+  config = quickstart.get_config()
+  config.seed, config.model.width = 3, 64
+  assert printed == json.loads(config.to_json_best_effort())
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_a_config_named_by_its_repository_path_is_found_outside_a_checkout(tmp_path):
