@@ -16,6 +16,11 @@ import ml_collections
 from md4 import data
 
 ATTENTION_IMPLS = ("", "xla", "cudnn")
+# Counts and sizes that only fail later (a division by zero, every checkpoint deleted) at 0.
+_AT_LEAST_ONE = ("num_train_steps", "batch_size", "seq_len", "log_every_steps",
+                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                 "sample_every_steps", "grad_accum_steps", "eval_num_t", "model.width",
+                 "model.num_layers", "model.num_heads")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -174,11 +179,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if len(config.mesh_shape) != len(config.mesh_axes):
     raise ValueError(f"config.mesh_shape {tuple(config.mesh_shape)} and config.mesh_axes "
                      f"{tuple(config.mesh_axes)} must have the same length")
+  for key in _AT_LEAST_ONE:
+    group, _, name = key.rpartition(".")
+    value = (config[group] if group else config)[name]
+    if value < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {value}")
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
                      f"config.grad_accum_steps={config.grad_accum_steps}")
-  for key in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps",
-              "checkpoint_every_steps", "sample_every_steps", "grad_accum_steps", "eval_num_t"):
-    if config[key] < 1:
-      raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+  if not config.optimizer.learning_rate > 0:
+    raise ValueError(f"config.optimizer.learning_rate must be > 0, got "
+                     f"{config.optimizer.learning_rate}")
   return config

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -66,6 +67,22 @@ def test_wrong_config_type_fails_naming_it():
   config.batch_size = "eight"
   with pytest.raises(TypeError, match="'batch_size'"):
     defaults.validate(config)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("keep_checkpoints", 0, "config.keep_checkpoints must be >= 1, got 0"),
+    ("grad_accum_steps", 0, "config.grad_accum_steps must be >= 1, got 0"),
+    ("model.width", 0, "config.model.width must be >= 1, got 0"),
+    ("seq_len", -3, "config.seq_len must be >= 1, got -3"),
+    ("optimizer.learning_rate", -1.0, "config.optimizer.learning_rate must be > 0, got -1.0"),
+])
+def test_a_value_that_would_fail_later_is_refused_up_front(tmp_path, key, value, message):
+  config = tiny_config()
+  group, _, name = key.rpartition(".")
+  (config[group] if group else config)[name] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.train_and_evaluate(config, tmp_path)
+  assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("[!_]*.py")), ids=lambda p: p.stem)
