@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import pathlib
+import re
 import subprocess
 import zipfile
 
@@ -74,6 +75,20 @@ def test_readme_quick_start_installs_and_trains(quick_start):
   assert (workdir / "curves.png").is_file() and (workdir / "checkpoints" / "30").is_dir()
   venv = pathlib.Path(quick_start["checkout"]) / ".venv"
   assert (venv / "bin" / "md4-train").is_file()
+
+
+def test_base_install_is_the_size_the_readme_says(quick_start):
+  assert quick_start["returncode"] == 0, quick_start["stderr"]
+  readme = " ".join((REPO / "README.md").read_text().split())
+  megabytes, packages = map(int, re.search(r"enough for text: (\d+) MB in (\d+) packages",
+                                           readme).groups())
+  venv = pathlib.Path(quick_start["checkout"]) / ".venv"
+  listed = _bash(". .venv/bin/activate && pip list --format=json", venv.parent, timeout=120)
+  names = {package["name"].lower() for package in json.loads(listed.stdout)}
+  size = int(_bash(f"du -sm {venv}", venv.parent, timeout=120).stdout.split()[0])
+  # Releases move both a little; a new heavy dependency shows.
+  assert len(names) <= packages + 3 and size <= 1.1 * megabytes, (len(names), size)
+  assert not names & {"tokenizers", "tensorflow", "torch", "wandb", "pyarrow"}
 
 
 def test_readme_test_command_installs_and_tests(quick_start):

@@ -109,7 +109,11 @@ class HuggingFace:
   kind = "huggingface"
 
   def __init__(self, path: pathlib.Path):
-    import tokenizers  # pylint: disable=g-import-not-at-top
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top
+    except ImportError as error:
+      raise ValueError(f"tokens.tokenizer={path} needs Hugging Face's tokenizers package: "
+                       "pip install 'md4[hf]'") from error
     try:
       self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
     except Exception as error:  # pylint: disable=broad-exception-caught
