@@ -326,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = defaults.validate(config)
   storage.use_emulator_if_set()
   compilation_cache.enable(config)
-  workdir = epath.Path(workdir).expanduser()
+  workdir = storage.workdir_path(workdir)
   is_main = jax.process_index() == 0
   preemption = preemption_lib.Preemption()
   eval_metrics: dict[str, float] = {}

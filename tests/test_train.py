@@ -85,6 +85,25 @@ def test_a_value_that_would_fail_later_is_refused_up_front(tmp_path, key, value,
   assert list(tmp_path.iterdir()) == []
 
 
+def test_a_relative_workdir_is_made_absolute_and_trains(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  train.train_and_evaluate(tiny_config(num_train_steps=2, eval_every_steps=2,
+                                       sample_every_steps=2), "runs/a")
+  assert sorted(path.name for path in (tmp_path / "runs" / "a" / "checkpoints").iterdir()) == ["2"]
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["runs"]
+
+
+@pytest.mark.parametrize("workdir, message", [("", "--workdir is empty"),
+                                              ("a_file", "is a file, not a directory")])
+def test_an_empty_workdir_or_a_file_is_refused_writing_nothing(tmp_path, monkeypatch, workdir,
+                                                                message):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "a_file").write_text("notes")
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert [path.name for path in tmp_path.iterdir()] == ["a_file"]
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("[!_]*.py")), ids=lambda p: p.stem)
 def test_every_shipped_config_is_valid(path):
   spec = importlib.util.spec_from_file_location(path.stem, path)
