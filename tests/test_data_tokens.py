@@ -271,3 +271,11 @@ def test_prepared_folder_is_named_by_its_tokenizer(tmp_path):
   assert folder_name(tokenizer="tiktoken:gpt2") == "corpus_gpt2"
   assert folder_name(tokenizer="~/models/gpt2/tokenizer.json") == "corpus_gpt2"
   assert folder_name(tokenizer="/models/wiki32k.model") == "corpus_wiki32k"
+
+
+@pytest.mark.parametrize("text, too_long", [("", 0), ("\n\n", 0), ("x" * 20000 + "\n", 1)])
+def test_a_corpus_with_no_usable_line_says_so(tmp_path, text, too_long):
+  path = tmp_path / "corpus.txt"
+  path.write_text(text)
+  with pytest.raises(ValueError, match=f"has no line to train a tokenizer on: {too_long} line"):
+    tokens.load_or_build(_options(path), tmp_path / "out")
