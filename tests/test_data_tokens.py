@@ -279,3 +279,10 @@ def test_a_corpus_with_no_usable_line_says_so(tmp_path, text, too_long):
   path.write_text(text)
   with pytest.raises(ValueError, match=f"has no line to train a tokenizer on: {too_long} line"):
     tokens.load_or_build(_options(path), tmp_path / "out")
+
+
+def test_plain_text_read_as_openwebtext_archives_points_at_tokens_documents(tmp_path):
+  path = tmp_path / "corpus.txt"
+  path.write_text("Some plain text.\nMore of it.\n")
+  with pytest.raises(ValueError, match="not a tar archive .* set tokens.documents to its format"):
+    tokens.load_or_build(_options(path, documents="openwebtext"), tmp_path / "out")
