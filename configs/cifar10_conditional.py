@@ -5,7 +5,7 @@ of the time in training, and samples (classes 0, 1, ..., 9, 0, ...) mix the
 conditional and unconditional logits with guidance scale 2.
 """
 
-from configs import cifar10
+from md4.configs import cifar10
 
 
 def get_config():

@@ -12,7 +12,7 @@ and the prepared folder are owt.py's (GPT-2's tokens); prepare them once with
 `python -m md4.data.prepare --config=configs/genmd4_owt.py`.
 """
 
-from configs import owt
+from md4.configs import owt
 
 
 def get_config():

@@ -9,7 +9,7 @@ REINFORCE leave-one-out gradient. Parameters: 88,734,299, the reference's
 88,734,299: MD4-S's 88,734,272 and one schedule exponent per character (27).
 """
 
-from configs import text8
+from md4.configs import text8
 
 
 def get_config():

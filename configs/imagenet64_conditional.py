@@ -4,7 +4,7 @@ imagenet64.py plus label conditioning on the 1000 classes: labels dropped to
 the null class 10% of the time in training, guidance scale 2 when sampling.
 """
 
-from configs import imagenet64
+from md4.configs import imagenet64
 
 
 def get_config():

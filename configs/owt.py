@@ -29,14 +29,14 @@ urlsf_subset*.tar archives; its parquet shards work with
 GPT-2's tokenizer.json as --config.tokens.tokenizer.
 """
 
-from configs import text8
+from md4.configs import text8
 from md4 import defaults
 
 
 def get_config():
   config = defaults.get_config()
   config.dataset = "tokens"
-  config.tokens.name = "owt_gpt2"
+  config.tokens.name = "owt"
   config.tokens.path = "~/.cache/md4/openwebtext/subsets/urlsf_subset*.tar"
   config.tokens.documents = "openwebtext"
   config.tokens.tokenizer = "tiktoken:gpt2"

@@ -24,7 +24,7 @@ prepared folder. Prepare the corpus once with
 
 import ml_collections
 
-from configs import owt
+from md4.configs import owt
 
 
 def set_mdm_prime_small(model: ml_collections.ConfigDict) -> None:

@@ -16,8 +16,8 @@ Training as text8.py (MD4's text8 reference: lr 5e-4, weight decay 0.03,
 cosine decay), so that the two differ only in the masking and the network.
 """
 
-from configs import owt_prime
-from configs import text8
+from md4.configs import owt_prime
+from md4.configs import text8
 
 
 def get_config():

@@ -20,7 +20,7 @@ from md4.data import chars
 def get_config():
   config = quickstart.get_config()
   config.dataset = "tokens"
-  config.tokens.name = "tinyshakespeare_bpe1024"
+  config.tokens.name = "tinyshakespeare"
   config.tokens.path = str(chars.BUNDLED_TEXT)
   config.tokens.documents = "blank_line"
   config.tokens.vocab_size = 1024

@@ -8,6 +8,7 @@ options are present under the source's name (`config.chars.path`,
 --config.chars.path=FILE` works from any experiment file.
 """
 
+import json
 from typing import Any
 
 import ml_collections
@@ -16,6 +17,11 @@ from md4 import data
 from md4 import samplers
 
 ATTENTION_IMPLS = ("", "xla", "cudnn")
+# Counts and sizes that only fail later (a division by zero, every checkpoint deleted) at 0.
+_AT_LEAST_ONE = ("num_train_steps", "batch_size", "seq_len", "log_every_steps",
+                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                 "sample_every_steps", "grad_accum_steps", "eval_num_t", "model.width",
+                 "model.num_layers", "model.num_heads")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -80,6 +86,11 @@ def get_config() -> ml_collections.ConfigDict:
                            ("heads", "tensor"), ("head_dim", ""), ("layers", ""))
 
   config.log_every_steps = 50
+  # Besides metrics.jsonl: comma-separated names of md4.metric_writers.WRITERS (tensorboard, wandb).
+  config.writers = "tensorboard"
+  config.wandb = ml_collections.ConfigDict(dict(
+      project="md4", entity="", name="",  # name "": the workdir's name.
+      mode="online"))  # online, offline (sync later with `wandb sync`), disabled.
   config.eval_every_steps = 500
   config.num_eval_steps = -1
   config.eval_num_t = 4  # Stratified times per held-out sequence.
@@ -104,6 +115,22 @@ def get_config() -> ml_collections.ConfigDict:
   # Persistent compilation cache (md4.runtime.compilation_cache): a folder or gs:// path; "" is off.
   config.compilation_cache_dir = "~/.cache/md4/jax_compilation_cache"
   return config
+
+
+def keys_reference() -> str:
+  """docs/config.md's table: every key of get_config() with its type and default, in order."""
+  rows = ["| key | type | default |", "| --- | --- | --- |"]
+
+  def add(config: ml_collections.ConfigDict, prefix: str) -> None:
+    for key, value in config.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        add(value, f"{prefix}{key}.")
+      else:
+        shown = json.dumps(list(value) if isinstance(value, tuple) else value)
+        rows.append(f"| `{prefix}{key}` | {type(value).__name__} | `{shown}` |")
+
+  add(get_config(), "")
+  return "\n".join(rows) + "\n"
 
 
 def _check(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
@@ -135,8 +162,10 @@ def _same_type(value: Any, default: Any) -> bool:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks keys and types against the defaults and a few values; returns config."""
+  from md4.runtime import metric_writers  # pylint: disable=g-import-not-at-top
   from md4 import models  # pylint: disable=g-import-not-at-top  # Flax: only when validating.
   _check(config, get_config(), "")
+  metric_writers.writer_names(config)
   model_class = models.get(config.model_type)
   data.get(config.dataset)
   models.configured_sampler(config)
@@ -149,11 +178,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if len(config.mesh_shape) != len(config.mesh_axes):
     raise ValueError(f"config.mesh_shape {tuple(config.mesh_shape)} and config.mesh_axes "
                      f"{tuple(config.mesh_axes)} must have the same length")
+  for key in _AT_LEAST_ONE:
+    group, _, name = key.rpartition(".")
+    value = (config[group] if group else config)[name]
+    if value < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {value}")
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
                      f"config.grad_accum_steps={config.grad_accum_steps}")
-  for key in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps",
-              "checkpoint_every_steps", "sample_every_steps", "grad_accum_steps", "eval_num_t"):
-    if config[key] < 1:
-      raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+  if not config.optimizer.learning_rate > 0:
+    raise ValueError(f"config.optimizer.learning_rate must be > 0, got "
+                     f"{config.optimizer.learning_rate}")
   return config

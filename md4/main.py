@@ -1,5 +1,7 @@
 """Entry point: python -m md4.main --config=configs/<name>.py --workdir=DIR.
 
+`--print_config` prints the resolved config and exits, training nothing.
+
 Exits with 0 when training is done, with md4.runtime.errors.PREEMPTED_EXIT_CODE (75)
 after saving on a preemption notice (re-run the same command to resume), and
 with 1 on an error, printed as `md4: error: ...` (md4.runtime.errors).
@@ -27,13 +29,17 @@ class _QuietOrbax(python_logging.Filter):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  given = flags.FLAGS
+  if given.print_config:
+    from md4 import defaults  # pylint: disable=g-import-not-at-top
+    print(defaults.validate(errors.loaded(given.config)).to_json_best_effort(indent=2))
+    return
   startup.keep_host_buffers()
   # JAX and the training code load here, not on import: --help stays fast.
   import jax  # pylint: disable=g-import-not-at-top
   from md4.runtime import sharding  # pylint: disable=g-import-not-at-top
   from md4 import train  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  given = flags.FLAGS
   sharding.initialize_distributed(given.coordinator_address, given.num_processes,
                                   given.process_id)
   logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
@@ -59,7 +65,13 @@ def define_flags() -> None:
       "allow_fresh_start", False, "When checkpoints exist but none restores (each is listed "
       "in the error), train from step 0 instead of stopping; they stay in "
       "WORKDIR/checkpoints_damaged/.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.DEFINE_bool(
+      "print_config", False, "Print the resolved config (the defaults, the config file and its "
+      "--config.KEY=VALUE overrides), as WORKDIR/config.json would hold it, and exit.")
+  flags.mark_flags_as_required(["config"])
+  flags.register_multi_flags_validator(
+      ["workdir", "print_config"], lambda given: bool(given["workdir"] or given["print_config"]),
+      message="--workdir is required (it may be left out with --print_config)")
 
 
 def cli() -> None:

@@ -214,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = defaults.validate(config)
   storage.use_emulator_if_set()
   compilation_cache.enable(config)
-  workdir = epath.Path(workdir).expanduser()
+  workdir = storage.workdir_path(workdir)
   is_main = jax.process_index() == 0
   preemption = preemption_lib.Preemption()
   eval_metrics: dict[str, float] = {}
@@ -237,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       record_config(config, workdir, step)
     if step == 0:
       logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(state.params))
-    writer = metric_writers.MetricWriter(workdir, is_main, start_step=step)
+    writer = metric_writers.MetricWriter(workdir, config, is_main, start_step=step)
     cleanup.callback(writer.close)
     preemption.on_exit(writer.close)
 

@@ -1,6 +1,7 @@
 """`python -m md4.data.prepare`: the one-off step for each dataset, offline."""
 
 import json
+import pathlib
 import subprocess
 import sys
 import zipfile
@@ -14,6 +15,8 @@ from md4 import data as data_lib
 from md4 import defaults
 from md4.data import alphabet
 from tests import helpers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(dataset, data_dir="", **options) -> ml_collections.ConfigDict:
@@ -57,6 +60,17 @@ def get_config():
   again = json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
                      .stdout.strip().splitlines()[-1])
   assert not again["rebuilt"] and again["tokens"] == first["tokens"]
+
+
+def test_a_data_dir_that_is_a_file_is_one_error_line(tmp_path):
+  (tmp_path / "data").write_text("not a folder")
+  result = subprocess.run([sys.executable, "-m", "md4.data.prepare", "--config=configs/chars.py",
+                           f"--config.data_dir={tmp_path / 'data'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      f"md4: error: config.data_dir={tmp_path / 'data'} is a file: name a directory for "
+      "downloaded and prepared data (it is made if absent)"]
 
 
 def test_synthetic_reports_the_entropy():

@@ -104,7 +104,7 @@ def test_zip_without_the_text8_member_or_with_foreign_characters_is_rejected(tmp
   with pytest.raises(ValueError, match="no member 'text8'"):
     text8.read_ids(tmp_path / "text8" / "text8.zip")
   _write_zip(tmp_path / "text8" / "text8.zip", b"abc De")
-  with pytest.raises(ValueError, match="b'D' at offset 4"):
+  with pytest.raises(ValueError, match="character 'D' at byte offset 4"):
     text8.read_ids(tmp_path / "text8" / "text8.zip")
 
 
@@ -209,3 +209,12 @@ def test_canonical_constants():
   assert text8.URL == "http://mattmahoney.net/dc/text8.zip"
   assert text8.ZIP_SIZE == 31_344_016
   assert len(text8.ZIP_SHA256) == 64
+
+
+def test_a_character_outside_the_alphabet_is_named_with_its_offset():
+  with pytest.raises(ValueError, match="character '9' at offset 3 is not in the text8 alphabet"):
+    alphabet.encode("abc9")
+  with pytest.raises(ValueError, match="character 'é' at offset 6 is not"):
+    alphabet.encode("the caé")
+  with pytest.raises(ValueError, match=r"byte 0xc3 \(of a non-ASCII character\) at byte offset 2"):
+    alphabet.encode_bytes("caé".encode())

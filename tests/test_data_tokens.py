@@ -43,7 +43,7 @@ def _options(path, **overrides) -> ml_collections.ConfigDict:
 
 
 def _config(path, data_dir, seq_len=32, batch_size=4, **options) -> ml_collections.ConfigDict:
-  """Prepares into <data_dir>/tokens/corpus."""
+  """Prepares into <data_dir>/tokens/corpus_sp_bpe120."""
   return helpers.data_config("tokens", data_dir=str(data_dir), seq_len=seq_len,
                              batch_size=batch_size, **{"path": str(path), "vocab_size": 120,
                                                        "validation_fraction": 0.1, **options})
@@ -61,6 +61,15 @@ def test_sentencepiece_round_trip(tmp_path, corpus, tokenizer_type, vocab_size):
     assert processor.decode(processor.encode(document)) == document
   # Fewer pieces than characters: the model learnt merges, not just characters.
   assert len(built.tokens) < 0.5 * sum(len(document) + 1 for document in documents)
+
+
+def test_an_unknown_piece_decodes_to_the_replacement_character(tmp_path, corpus):
+  path, documents = corpus
+  trained = tokens.load_or_build(_options(path), tmp_path / "out").tokenizer
+  (ids,) = trained.encode_batch([f"{documents[0]} \u2603"])  # A snowman: not in the corpus.
+  assert 0 in ids  # <unk>
+  decoded = trained.decode(ids)
+  assert decoded == f"{documents[0]} {tokenizer.UNKNOWN_MARK}" and "\u2047" not in decoded
 
 
 def test_packing_fills_every_slot_with_the_document_stream(tmp_path, corpus):
@@ -251,3 +260,29 @@ def test_build_leaves_no_partial_files(tmp_path, corpus):
   tokens.load_or_build(_options(path), tmp_path / "out")
   assert sorted(os.listdir(tmp_path / "out")) == sorted(
       [tokens.MANIFEST, tokens.TOKENIZER, tokens.TOKENS, tokens.DOCUMENT_ENDS])
+
+
+def test_prepared_folder_is_named_by_its_tokenizer(tmp_path):
+  def folder_name(**options) -> str:
+    return tokens.folder(_config("corpus.txt", tmp_path, **options)).name
+
+  assert folder_name() == "corpus_sp_bpe120"
+  assert folder_name(tokenizer_type="unigram", vocab_size=60) == "corpus_sp_unigram60"
+  assert folder_name(tokenizer="tiktoken:gpt2") == "corpus_gpt2"
+  assert folder_name(tokenizer="~/models/gpt2/tokenizer.json") == "corpus_gpt2"
+  assert folder_name(tokenizer="/models/wiki32k.model") == "corpus_wiki32k"
+
+
+@pytest.mark.parametrize("text, too_long", [("", 0), ("\n\n", 0), ("x" * 20000 + "\n", 1)])
+def test_a_corpus_with_no_usable_line_says_so(tmp_path, text, too_long):
+  path = tmp_path / "corpus.txt"
+  path.write_text(text)
+  with pytest.raises(ValueError, match=f"has no line to train a tokenizer on: {too_long} line"):
+    tokens.load_or_build(_options(path), tmp_path / "out")
+
+
+def test_plain_text_read_as_openwebtext_archives_points_at_tokens_documents(tmp_path):
+  path = tmp_path / "corpus.txt"
+  path.write_text("Some plain text.\nMore of it.\n")
+  with pytest.raises(ValueError, match="not a tar archive .* set tokens.documents to its format"):
+    tokens.load_or_build(_options(path, documents="openwebtext"), tmp_path / "out")

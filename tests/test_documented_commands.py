@@ -510,6 +510,18 @@ def test_every_module_is_in_the_layout():
   assert not missing, f"docs/architecture.md's module layout lacks {missing}"
 
 
+def test_config_keys_reference_is_current():
+  assert (REPO / "docs" / "config.md").read_text().endswith("\n\n" + defaults.keys_reference()), (
+      "docs/config.md is out of date: paste md4.defaults.keys_reference()'s output into it")
+
+
+def test_every_doc_is_listed_in_readme():
+  readme = (REPO / "README.md").read_text()
+  missing = [path.name for path in sorted((REPO / "docs").glob("*.md"))
+             if f"`docs/{path.name}`" not in readme]
+  assert not missing, f"README.md's Documentation list lacks {missing}"
+
+
 def _run_architecture_example(marker: str) -> dict:
   """Runs the one Python block of docs/architecture.md holding marker; its namespace."""
   (example,) = [block for language, block in _code_blocks(REPO / "docs" / "architecture.md")

@@ -21,6 +21,7 @@ from md4 import likelihood
 from md4 import models
 from md4 import train
 from md4.data import alphabet
+from md4.data import tokens
 from tests.test_train import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -233,14 +234,16 @@ def _tokens_config(corpus: pathlib.Path, data_dir: pathlib.Path, **options):
 
 def test_zero_shot_text_for_word_pieces_needs_the_training_tokenizer(tmp_path):
   corpus = _corpus(tmp_path / "corpus.txt")
-  trained = data_lib.create(_tokens_config(corpus, tmp_path / "trained"))
-  data_lib.create(_tokens_config(corpus, tmp_path / "other", vocab_size=48))
-  folder = lambda root: str(root / "tokens" / "corpus")
+  trained_config = _tokens_config(corpus, tmp_path / "trained")
+  trained = data_lib.create(trained_config)
+  other_config = _tokens_config(corpus, tmp_path / "other", vocab_size=48)
+  data_lib.create(other_config)
   with pytest.raises(ValueError, match="different tokenizer .* tokens.tokenizer="):
-    trained.read_text(folder(tmp_path / "other"))
-  tokenizer = tmp_path / "trained" / "tokens" / "corpus" / "tokenizer.model"
-  same = data_lib.create(_tokens_config(corpus, tmp_path / "same", tokenizer=str(tokenizer)))
-  from_folder = trained.read_text(folder(tmp_path / "same"))
+    trained.read_text(str(tokens.folder(other_config)))
+  tokenizer = tokens.folder(trained_config) / "tokenizer.model"
+  same_config = _tokens_config(corpus, tmp_path / "same", tokenizer=str(tokenizer))
+  same = data_lib.create(same_config)
+  from_folder = trained.read_text(str(tokens.folder(same_config)))
   # A folder prepared with the same tokenizer, or the text file itself: the same ids.
   np.testing.assert_array_equal(from_folder, trained.read_text(str(corpus)))
   assert same.vocab_size == trained.vocab_size == 40

@@ -157,4 +157,16 @@ def test_gs_workdir_trains_resumes_after_sigkill_and_evaluates(gcs_server, tmp_p
     assert ours["loss"] == theirs["loss"], ours["step"]
   names = objects(gcs_server, "runs/one/")
   assert "runs/one/config.json" in names and "runs/one/md4.lock" not in names
-  assert any(name.startswith("runs/one/tensorboard/events.out.tfevents.") for name in names)
+  assert any(name.startswith("runs/one/tensorboard/train/events.out.tfevents.") for name in names)
+
+
+def test_an_emulator_host_without_scheme_works_through_checkpoint_deletion(gcs_server):
+  host = gcs_server.removeprefix("http://")  # As STORAGE_EMULATOR_HOST is often set.
+  result = subprocess.run(
+      main_command(f"gs://{BUCKET}/runs/schemeless", "--config.num_train_steps=6",
+                   "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=1",
+                   "--config.eval_every_steps=6", "--config.sample_every_steps=6"),
+      cwd=REPO, env=environment(host), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  steps = {name.split("/")[3] for name in objects(gcs_server, "runs/schemeless/checkpoints/")}
+  assert steps == {"6"}

@@ -8,7 +8,9 @@ Hugging Face's (vocab.json, merges.txt), which tiktoken reads offline.
 
 import json
 import pathlib
+import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -113,6 +115,12 @@ def test_tokenizer_errors_say_what_to_give(bpe_files, tmp_path):
   (mismatched / "encoder.json").write_text(json.dumps({"a": 0}))
   with pytest.raises(ValueError, match="are not one GPT-2-format BPE"):
     tokenizer_lib.load("tiktoken:gpt2", str(mismatched))
+
+
+def test_a_tokenizer_json_without_the_hf_extra_says_what_to_install(bpe_files, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tokenizers", None)  # As when tokenizers is not installed.
+  with pytest.raises(ValueError, match=re.escape("pip install 'md4[hf]'")):
+    tokenizer_lib.load(str(bpe_files["json"]))
 
 
 def _corpus(tmp_path: pathlib.Path) -> pathlib.Path:

@@ -10,6 +10,8 @@ import io
 import os
 import pathlib
 import pickle
+import re
+import socket
 import sys
 import tarfile
 import zipfile
@@ -250,3 +252,18 @@ def test_options_choose_the_source():
     data_lib.create(_config("cifar10", "/nowhere", source="web"))
   with pytest.raises(ValueError, match="unknown config key 'imagenet64.download'"):
     _config("imagenet64", "/nowhere", download=True)
+
+
+def test_a_failed_download_says_which_file_to_put_where(tmp_path, monkeypatch):
+  with socket.socket() as unused:  # A port nothing listens on: the download is refused at once.
+    unused.bind(("127.0.0.1", 0))
+    port = unused.getsockname()[1]
+  layout = image_archives.LAYOUTS["cifar10"]
+  monkeypatch.setitem(image_archives.LAYOUTS, "cifar10", dataclasses.replace(
+      layout, url=f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"))
+  first = layout.choices[0][0]
+  expected = (f"Put cifar-10-python.tar.gz ({first.size} bytes, SHA-256 {first.sha256}) at "
+              f"{tmp_path / 'cifar10' / 'cifar-10-python.tar.gz'}")
+  with pytest.raises(FileNotFoundError, match=re.escape(expected)):
+    data_lib.prepare_dataset(_config("cifar10", tmp_path, download=True))
+  assert list((tmp_path / "cifar10").iterdir()) == []

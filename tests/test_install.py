@@ -7,11 +7,14 @@ pip installs from the package index (or its cache); nothing else is fetched.
 """
 
 import contextlib
+import email.parser
 import fcntl
 import json
 import os
 import pathlib
+import re
 import subprocess
+import zipfile
 
 import pytest
 
@@ -54,10 +57,15 @@ def quick_start(tmp_path_factory) -> dict[str, object]:
       command = " ".join([benchmark.readme_command(readme, "Quick start"), *SHORT_QUICK_START,
                           f"--workdir={root / 'workdir'}"])
       result = _bash(command, checkout, timeout=1200)
+      # The base install as the command left it, before the Tests command adds the test extra.
+      listed = _bash(". .venv/bin/activate && pip list --format=json", checkout, timeout=120)
+      size = _bash("du -sm .venv", checkout, timeout=120)
       record.write_text(json.dumps({
           "checkout": str(checkout), "workdir": str(root / "workdir"), "command": command,
           "returncode": result.returncode, "stdout": result.stdout,
-          "stderr": result.stderr[-5000:]}))
+          "stderr": result.stderr[-5000:],
+          "packages": [package["name"].lower() for package in json.loads(listed.stdout or "[]")],
+          "venv_megabytes": int(size.stdout.split()[0]) if size.returncode == 0 else -1}))
     return json.loads(record.read_text())
 
 
@@ -74,6 +82,18 @@ def test_readme_quick_start_installs_and_trains(quick_start):
   assert (venv / "bin" / "md4-train").is_file()
 
 
+def test_base_install_is_the_size_the_readme_says(quick_start):
+  assert quick_start["returncode"] == 0, quick_start["stderr"]
+  readme = " ".join((REPO / "README.md").read_text().split())
+  megabytes, packages = map(int, re.search(r"enough for text: (\d+) MB in (\d+) packages",
+                                           readme).groups())
+  names, size = set(quick_start["packages"]), quick_start["venv_megabytes"]
+  # Releases move both a little; a new heavy dependency shows.
+  assert "md4" in names and len(names) <= packages + 3, sorted(names)
+  assert 0 < size <= 1.1 * megabytes, size
+  assert not names & {"tokenizers", "tensorflow", "torch", "wandb", "pyarrow"}
+
+
 def test_readme_test_command_installs_and_tests(quick_start):
   assert quick_start["returncode"] == 0, quick_start["stderr"]
   readme = (REPO / "README.md").read_text()
@@ -82,3 +102,23 @@ def test_readme_test_command_installs_and_tests(quick_start):
                  timeout=1200)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_built_wheel_carries_the_licence_and_metadata(quick_start, tmp_path):
+  assert quick_start["returncode"] == 0, quick_start["stderr"]
+  checkout = pathlib.Path(quick_start["checkout"])
+  result = _bash(f". .venv/bin/activate && pip wheel --quiet --no-deps -w {tmp_path} .",
+                 checkout, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (wheel,) = tmp_path.glob("md4-*.whl")
+  with zipfile.ZipFile(wheel) as archive:
+    names = archive.namelist()
+    metadata = email.parser.Parser().parsestr(
+        archive.read(next(name for name in names if name.endswith(".dist-info/METADATA")))
+        .decode())
+    licence = archive.read(next(name for name in names
+                                if name.endswith(".dist-info/licenses/LICENSE"))).decode()
+  assert licence == (REPO / "LICENSE").read_text() and "Apache License" in licence
+  assert metadata["License-Expression"] == "Apache-2.0"
+  assert metadata["Author"] and metadata.get_all("Project-URL")
+  assert "Intended Audience :: Science/Research" in metadata.get_all("Classifier")

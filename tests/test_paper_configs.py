@@ -11,7 +11,11 @@ no gradient). Shapes only: `jax.eval_shape`, nothing is allocated or compiled.
 """
 
 import importlib
+import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -122,3 +126,29 @@ def test_every_paper_config_is_counted():
   counted = {*MD4_REFERENCE, *GENMD4, *PRIME_REFERENCE, *CONDITIONAL}
   assert configs - NOT_PAPER_CONFIGS == counted, (
       "count each new paper config here against its reference, or list it in NOT_PAPER_CONFIGS")
+
+
+def test_every_config_loads_from_a_benchmark_script_and_outside_a_checkout(tmp_path):
+  """`python benchmarks/x.py --config=configs/NAME.py` puts benchmarks/, not the root, on sys.path."""
+  load_each = textwrap.dedent("""
+      import sys
+      from absl import flags
+      from ml_collections import config_flags
+      from md4 import defaults
+      for path in sys.argv[1:]:
+        flag_values = flags.FlagValues()
+        config = config_flags.DEFINE_config_file("config", flag_values=flag_values)
+        flag_values(["benchmark", f"--config={path}"])
+        defaults.validate(config.value)
+        print(path)
+  """)
+  paths = sorted(str(path) for path in CONFIG_DIR.glob("*.py") if path.stem != "__init__")
+  # This checkout's md4 importable, its root (and so a top-level `configs`) not.
+  (tmp_path / "site").mkdir()
+  (tmp_path / "site" / "md4").symlink_to(CONFIG_DIR.parent / "md4")
+  env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+  for cwd in (CONFIG_DIR.parent / "benchmarks", tmp_path):
+    result = subprocess.run([sys.executable, "-c", load_each, *paths], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == paths

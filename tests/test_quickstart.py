@@ -14,6 +14,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from md4 import plots
+from md4.configs import quickstart
 from md4.runtime import startup
 from tests import helpers
 
@@ -37,6 +38,14 @@ def _flags(command: list[str]) -> set[tuple[str, str, str]]:
           for flag in root.iter("flag")}
 
 
+def _help_lists(command: list[str]) -> set[str]:
+  """The flag names --help lists (absl's help: the key flags of the program)."""
+  result = subprocess.run(command + ["--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+  return {line.split(":")[0].strip().removeprefix("--[no]").removeprefix("--")
+          for line in result.stdout.splitlines() if line.startswith("  --")}
+
+
 @pytest.mark.parametrize("script, module", COMMANDS)
 def test_console_script_takes_the_same_flags_as_the_module(script, module):
   assert (BIN / script).is_file(), f"{script} is not installed: pip install -e ."
@@ -44,6 +53,21 @@ def test_console_script_takes_the_same_flags_as_the_module(script, module):
   assert script_flags == _flags([sys.executable, "-m", module])
   names = {name for name, _, _ in script_flags}
   assert {"workdir"} <= names if module != "md4.data.prepare" else {"config"} <= names
+  listed = _help_lists([str(BIN / script)])
+  assert listed == _help_lists([sys.executable, "-m", module])
+  assert listed & {"config", "workdir"}
+
+
+def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path):
+  result = subprocess.run([str(BIN / "md4-train"), "--config=configs/quickstart.py",
+                           "--config.seed=3", "--config.model.width=64", "--print_config"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  printed = json.loads(result.stdout)
+  config = quickstart.get_config()
+  config.seed, config.model.width = 3, 64
+  assert printed == json.loads(config.to_json_best_effort())
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_a_config_named_by_its_repository_path_is_found_outside_a_checkout(tmp_path):
@@ -82,7 +106,7 @@ def test_host_allocator_is_set_on_cpu_hosts_only(environment, expected):
   env = {key: value for key, value in os.environ.items()
          if key not in ("JAX_PLATFORMS", "GLIBC_TUNABLES", "MALLOC_ARENA_MAX")}
   result = subprocess.run(
-      [sys.executable, "-c", "from md4 import startup; print(startup.keep_host_buffers())"],
+      [sys.executable, "-c", "from md4.runtime import startup; print(startup.keep_host_buffers())"],
       env={**env, **environment}, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == str(expected)
@@ -154,18 +178,39 @@ def test_end_of_run_png_shows_the_curves_of_metrics_jsonl(short_run):
   assert 0.4 < np.mean(dashed) < 0.9
 
 
-def test_samples_and_curves_reach_tensorboard(short_run):
+def _tensorboard_run(workdir: pathlib.Path, run: str) -> event_accumulator.EventAccumulator:
   events = event_accumulator.EventAccumulator(
-      str(short_run / "tensorboard"),
-      size_guidance={event_accumulator.IMAGES: 0, event_accumulator.TENSORS: 0})
+      str(workdir / "tensorboard" / run),
+      size_guidance={event_accumulator.IMAGES: 0, event_accumulator.TENSORS: 0,
+                     event_accumulator.SCALARS: 0})
   events.Reload()
-  texts = events.Tensors("samples")
+  return events
+
+
+def test_samples_and_curves_reach_tensorboard(short_run):
+  evaluation = _tensorboard_run(short_run, "eval")
+  texts = evaluation.Tensors("samples/text")
   assert [event.step for event in texts] == [20]
   written = (short_run / "samples" / "step_20.txt").read_text().splitlines()
   assert [line.decode() for line in texts[0].tensor_proto.string_val] == written
-  (curves,) = events.Images("curves")
+  (curves,) = _tensorboard_run(short_run, "train").Images("curves")
   assert curves.encoded_image_string == (short_run / plots.CURVES_FILE).read_bytes()
-  assert "eval_bits_per_token" in events.Tags()["scalars"]
+
+
+def test_tensorboard_overlays_train_eval_and_source_on_one_tag(short_run):
+  records = [json.loads(line) for line in (short_run / "metrics.jsonl").open()]
+  runs = {run: _tensorboard_run(short_run, run) for run in ("train", "eval", "source")}
+  for run, name in (("train", "bits_per_token"), ("eval", "eval_bits_per_token"),
+                    ("source", "data_entropy_bits_per_token")):
+    logged = [(record["step"], record[name]) for record in records if name in record]
+    shown = runs[run].Scalars("nelbo/bits_per_token")
+    assert logged and [event.step for event in shown] == [step for step, _ in logged], run
+    np.testing.assert_allclose([event.value for event in shown], [bits for _, bits in logged],
+                               rtol=1e-6)
+  groups = {tag.split("/")[0] for events in runs.values() for tag in events.Tags()["scalars"]}
+  assert groups == {"nelbo", "train", "eval", "samples", "system"}
+  assert {"train/param_norm", "system/steps_per_sec"} <= set(runs["train"].Tags()["scalars"])
+  assert "eval/bits_per_token_stderr" in runs["eval"].Tags()["scalars"]
 
 
 def test_readme_quotes_the_committed_benchmark_results():
@@ -189,7 +234,7 @@ def test_text_quick_start_trains_on_word_pieces_of_the_bundled_text(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "held-out NELBO" in result.stdout
-  manifest = json.loads((data_dir / "tokens" / "tinyshakespeare_bpe1024" /
+  manifest = json.loads((data_dir / "tokens" / "tinyshakespeare_sp_bpe1024" /
                          "manifest.json").read_text())
   assert manifest["vocab_size"] == 1024
   samples = (workdir / "samples" / "step_10.txt").read_text().splitlines()

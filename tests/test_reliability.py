@@ -392,6 +392,21 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
   assert "is gone" in caplog.text and "minutes ago" in caplog.text
 
 
+def test_an_empty_lock_is_taken_over_once_old_and_named_while_fresh(tmp_path, caplog):
+  from md4.runtime import lock  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "md4.lock"
+  path.write_bytes(b"")
+  with pytest.raises(lock.WorkdirLockedError, match=f"delete {path}"):
+    lock.WorkdirLock(tmp_path).acquire()  # Fresh: a holder may be writing it.
+  old = time.time() - lock.DAMAGED_SECONDS - 1
+  os.utime(path, (old, old))
+  held = lock.WorkdirLock(tmp_path)
+  held.acquire()
+  assert json.loads(path.read_text())["pid"] == os.getpid()
+  held.release()
+  assert "not a lock record (0 bytes" in caplog.text
+
+
 def test_bad_input_is_one_line_naming_what_to_change(tmp_path):
   cases = [
       (["--config.model.widht=3"], 'Did you mean "width"'),

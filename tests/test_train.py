@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -66,6 +67,41 @@ def test_wrong_config_type_fails_naming_it():
   config.batch_size = "eight"
   with pytest.raises(TypeError, match="'batch_size'"):
     defaults.validate(config)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("keep_checkpoints", 0, "config.keep_checkpoints must be >= 1, got 0"),
+    ("grad_accum_steps", 0, "config.grad_accum_steps must be >= 1, got 0"),
+    ("model.width", 0, "config.model.width must be >= 1, got 0"),
+    ("seq_len", -3, "config.seq_len must be >= 1, got -3"),
+    ("optimizer.learning_rate", -1.0, "config.optimizer.learning_rate must be > 0, got -1.0"),
+])
+def test_a_value_that_would_fail_later_is_refused_up_front(tmp_path, key, value, message):
+  config = tiny_config()
+  group, _, name = key.rpartition(".")
+  (config[group] if group else config)[name] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    train.train_and_evaluate(config, tmp_path)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_a_relative_workdir_is_made_absolute_and_trains(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  train.train_and_evaluate(tiny_config(num_train_steps=2, eval_every_steps=2,
+                                       sample_every_steps=2), "runs/a")
+  assert sorted(path.name for path in (tmp_path / "runs" / "a" / "checkpoints").iterdir()) == ["2"]
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["runs"]
+
+
+@pytest.mark.parametrize("workdir, message", [("", "--workdir is empty"),
+                                              ("a_file", "is a file, not a directory")])
+def test_an_empty_workdir_or_a_file_is_refused_writing_nothing(tmp_path, monkeypatch, workdir,
+                                                                message):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "a_file").write_text("notes")
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert [path.name for path in tmp_path.iterdir()] == ["a_file"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("[!_]*.py")), ids=lambda p: p.stem)
@@ -199,7 +235,8 @@ def test_outputs_land_in_the_workdir(tmp_path):
   assert any("eval_bits_per_token" in line for line in lines)
   samples = (tmp_path / "samples" / "step_4.txt").read_text().splitlines()
   assert len(samples) == 4 and all(len(s) == 16 for s in samples)
-  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))
+  assert list((tmp_path / "tensorboard" / "eval").glob("events.out.tfevents.*"))
   assert json.loads((tmp_path / "config.json").read_text())["seq_len"] == 16
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
 

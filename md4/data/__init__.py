@@ -13,6 +13,7 @@ JAX process (`md4.data.pipeline`).
 """
 
 import dataclasses
+import pathlib
 from typing import Any, Callable, Iterator, Mapping
 
 import grain
@@ -132,8 +133,16 @@ def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config[config.dataset]
 
 
+def _check_data_dir(config: ml_collections.ConfigDict) -> None:
+  path = pathlib.Path(config.data_dir).expanduser()
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"config.data_dir={config.data_dir} is a file: name a directory for "
+                     "downloaded and prepared data (it is made if absent)")
+
+
 def create(config: ml_collections.ConfigDict) -> Dataset:
   """Builds the dataset named by config.dataset."""
+  _check_data_dir(config)
   dataset = get(config.dataset).create(config)
   if dataset.modality not in MODALITIES:
     raise ValueError(f"source {config.dataset!r} gave modality {dataset.modality!r}; "
@@ -144,6 +153,7 @@ def create(config: ml_collections.ConfigDict) -> Dataset:
 def prepare_dataset(config: ml_collections.ConfigDict, progress: bool = True) -> dict[str, Any]:
   """Makes config.dataset ready to read offline; returns a summary."""
   source = get(config.dataset)
+  _check_data_dir(config)
   summary = {"dataset": source.name}
   if source.prepare is not None:
     summary.update(source.prepare(config, progress))

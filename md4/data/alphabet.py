@@ -15,14 +15,22 @@ def encode_bytes(raw: bytes) -> np.ndarray:
   ids = _CHAR_TO_ID[np.frombuffer(raw, dtype=np.uint8)]
   if (ids < 0).any():
     position = int(np.argmax(ids < 0))
-    raise ValueError(f"character {raw[position:position + 1]!r} at offset {position} is "
-                     f"not in the text8 alphabet {ALPHABET!r}")
+    byte = raw[position]
+    shown = repr(chr(byte)) if byte < 128 else f"byte 0x{byte:02x} (of a non-ASCII character)"
+    raise ValueError(f"character {shown} at byte offset {position} is not in the text8 "
+                     f"alphabet {ALPHABET!r}")
   return ids.astype(np.uint8)
 
 
 def encode(text: str) -> np.ndarray:
-  """Maps text already in the alphabet to ids uint8 [N]; raises on other characters."""
-  return encode_bytes(text.encode("utf-8"))
+  """Maps text already in the alphabet to ids uint8 [N]; raises naming the first other character
+  and its offset in text."""
+  try:
+    return encode_bytes(text.encode("utf-8"))
+  except ValueError:
+    position = next(i for i, char in enumerate(text) if char not in ALPHABET)
+    raise ValueError(f"character {text[position]!r} at offset {position} is not in the text8 "
+                     f"alphabet {ALPHABET!r}") from None
 
 
 def decode(ids: np.ndarray) -> str:

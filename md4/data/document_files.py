@@ -108,7 +108,10 @@ def iter_archive(path: pathlib.Path) -> Iterator[tuple[str, int]]:
     try:
       archive = tarfile.open(fileobj=raw, mode="r|*")
     except tarfile.TarError as error:
-      raise ValueError(f"{path}: not a tar archive ({error})") from error
+      raise ValueError(
+          f"{path}: not a tar archive ({error}), which tokens.documents='openwebtext' reads; "
+          "for another corpus set tokens.documents to its format (docs/data.md lists them)"
+      ) from error
     read = 0
     with archive:
       try:

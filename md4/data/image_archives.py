@@ -28,6 +28,7 @@ builds nothing but dicts, lists, strings, numbers and numpy arrays.
 
 import codecs
 import dataclasses
+import http.client
 import io
 import json
 import logging
@@ -266,7 +267,13 @@ def prepare(name: str, folder: pathlib.Path, archive_dir: pathlib.Path, *,
   if choice is None and download and layout.url:
     logging.info("Downloading %s to %s", layout.url, archive_dir)
     first = layout.choices[0][0]
-    text8.download(layout.url, archive_dir / first.name, size=first.size, sha256=first.sha256)
+    try:
+      text8.download(layout.url, archive_dir / first.name, size=first.size, sha256=first.sha256)
+    except (OSError, ValueError, http.client.HTTPException) as error:
+      raise FileNotFoundError(
+          f"no {name} archive in {archive_dir} and downloading {layout.url} failed ({error}). "
+          f"Put {first.name} ({first.size} bytes, SHA-256 {first.sha256}) at "
+          f"{archive_dir / first.name}, then run the command again") from error
     choice = layout.choices[0]
   if choice is None:
     how = (f"download {layout.url} there, or set {name}.download=True" if layout.url

@@ -18,6 +18,11 @@ The end of a document is the tokenizer's own end token where it has one
 to the tokenizer's size. Text is encoded as the GPT-2 references do
 (transformers' GPT2Tokenizer): special tokens written in the text are
 recognised, no other special token is added.
+
+A SentencePiece <unk> decodes to UNKNOWN_MARK, U+FFFD (Unicode's replacement
+character, which byte-fallback pieces that form no character also decode to),
+not SentencePiece's " ⁇ ". A model trained with byte fallback has no unknown
+characters: they are encoded as bytes and decode to the text's own bytes.
 """
 
 import hashlib
@@ -26,7 +31,10 @@ import os
 import pathlib
 from typing import Protocol, Sequence
 
+from google.protobuf import message
+
 TIKTOKEN_PREFIX = "tiktoken:"
+UNKNOWN_MARK = "\ufffd"
 END_TOKENS = ("<|endoftext|>", "</s>")
 # gpt2's local files: (OpenAI's names, Hugging Face's names) for (ranks, merges).
 _GPT2_FILES = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
@@ -72,9 +80,12 @@ class SentencePiece:
 
   def __init__(self, path: pathlib.Path):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
     try:
-      self._processor = spm.SentencePieceProcessor(model_file=str(path))
-    except (OSError, RuntimeError) as error:
+      model = sentencepiece_model_pb2.ModelProto.FromString(pathlib.Path(path).read_bytes())
+      model.trainer_spec.unk_surface = UNKNOWN_MARK
+      self._processor = spm.SentencePieceProcessor(model_proto=model.SerializeToString())
+    except (OSError, RuntimeError, message.DecodeError) as error:
       raise ValueError(f"tokens.tokenizer: cannot load a SentencePiece model from {path} "
                        f"({error})") from error
     pieces = self._processor.get_piece_size()
@@ -98,7 +109,11 @@ class HuggingFace:
   kind = "huggingface"
 
   def __init__(self, path: pathlib.Path):
-    import tokenizers  # pylint: disable=g-import-not-at-top
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top
+    except ImportError as error:
+      raise ValueError(f"tokens.tokenizer={path} needs Hugging Face's tokenizers package: "
+                       "pip install 'md4[hf]'") from error
     try:
       self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
     except Exception as error:  # pylint: disable=broad-exception-caught

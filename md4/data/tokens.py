@@ -1,6 +1,6 @@
 """Tokenised corpora (OpenWebText-style): SentencePiece, GPT-2 (tokenizer.json or tiktoken).
 
-One-off preparation, into `<config.data_dir>/tokens/<config.tokens.name>`:
+One-off preparation, into `<config.data_dir>/tokens/<name>_<tokenizer>` (`folder`):
   tokenizer.model  a SentencePiece model trained on the corpus (BPE or unigram,
                    tokens.vocab_size pieces, id 0 = <unk>, id 1 = </s> = end of
                    document), unless tokens.tokenizer names one to load: a
@@ -61,7 +61,7 @@ _ENCODE_BATCH_BYTES = 1 << 23
 _MAX_SENTENCE_BYTES = 1 << 14
 
 OPTIONS = {
-    "name": "corpus",          # The folder <data_dir>/tokens/<name> of the prepared files.
+    "name": "corpus",          # The corpus's name: prepared into <data_dir>/tokens/<name>_<tokenizer>.
     "path": "",                # Corpus: a file or a glob pattern (UTF-8).
     "documents": "line",       # line: one per line; blank_line: separated by blank lines;
                                # file: one per file; jsonl: one JSON object per line, key "text";
@@ -168,13 +168,21 @@ def train_tokenizer(paths: Sequence[pathlib.Path], documents: str, model_path: p
   if max_sentences < 1:
     raise ValueError(f"tokens.max_training_sentences must be >= 1, got {max_sentences}")
   total = sum(path.stat().st_size for path in paths)
+  counts = {"kept": 0, "too_long": 0}
 
   def sentences() -> Iterator[str]:
     with progress_lib.bar(total, "training tokenizer", "B", enabled=progress,
                           unit_scale=True) as bar:
       for document, consumed in iter_documents(paths, documents):
         bar.update(consumed)
-        yield from (line for line in document.split("\n") if line.strip())
+        for line in document.split("\n"):
+          if not line.strip():
+            continue
+          if len(line.encode("utf-8")) > _MAX_SENTENCE_BYTES:  # SentencePiece would drop it.
+            counts["too_long"] += 1
+            continue
+          counts["kept"] += 1
+          yield line
 
   model = io.BytesIO()
   spm.set_random_generator_seed(0)  # Sentence sampling: the same corpus gives the same model.
@@ -186,8 +194,17 @@ def train_tokenizer(paths: Sequence[pathlib.Path], documents: str, model_path: p
         max_sentence_length=_MAX_SENTENCE_BYTES, unk_id=_UNK_ID, eos_id=_EOS_ID,
         bos_id=-1, pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as error:
+    if not counts["kept"]:
+      raise ValueError(
+          f"the corpus ({len(paths)} file(s), tokens.path) has no line to train a tokenizer on: "
+          f"{counts['too_long']} line(s) longer than {_MAX_SENTENCE_BYTES} bytes, the rest "
+          "empty; give a corpus with text, split long lines, or check tokens.documents "
+          f"(now {documents!r})") from error
     raise ValueError(f"SentencePiece could not train a {tokenizer_type} model with "
                      f"tokens.vocab_size={vocab_size} on {len(paths)} file(s): {error}") from error
+  if counts["too_long"]:
+    logging.warning("Tokenizer training left out %d line(s) longer than %d bytes (of %d)",
+                    counts["too_long"], _MAX_SENTENCE_BYTES, counts["too_long"] + counts["kept"])
   _write_atomic(model_path, model.getvalue())
 
 
@@ -370,9 +387,21 @@ def encode_documents(tokenizer: tokenizer_lib.Tokenizer, documents: Sequence[str
   return np.asarray(stream, np.int32)
 
 
+def tokenizer_name(options: ml_collections.ConfigDict) -> str:
+  """The tokenizer's short name: gpt2 for tiktoken:gpt2, a given file's name (its folder's for
+  tokenizer.json or tokenizer.model), or sp_<type><vocab_size> for a model trained on the corpus."""
+  if not options.tokenizer:
+    return f"sp_{options.tokenizer_type}{options.vocab_size}"
+  if options.tokenizer.startswith(tokenizer_lib.TIKTOKEN_PREFIX):
+    return options.tokenizer[len(tokenizer_lib.TIKTOKEN_PREFIX):]
+  path = pathlib.Path(options.tokenizer).expanduser()
+  return path.parent.name if path.stem == "tokenizer" else path.stem
+
+
 def folder(config: ml_collections.ConfigDict) -> pathlib.Path:
-  """Where the prepared corpus lives: <config.data_dir>/tokens/<config.tokens.name>."""
-  return pathlib.Path(config.data_dir).expanduser() / "tokens" / config.tokens.name
+  """Where the prepared corpus lives: <config.data_dir>/tokens/<tokens.name>_<tokenizer name>."""
+  name = f"{config.tokens.name}_{tokenizer_name(config.tokens)}"
+  return pathlib.Path(config.data_dir).expanduser() / "tokens" / name
 
 
 def read_manifest(corpus_dir: pathlib.Path, what: str) -> dict[str, Any]:

@@ -16,12 +16,14 @@ import traceback
 from typing import Callable
 
 from absl import app
+from absl import flags
 from absl import logging
 import ml_collections
 
 # EX_TEMPFAIL of sysexits.h, "try again later": the launch scripts re-run (or requeue) on it.
 PREEMPTED_EXIT_CODE = 75
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# md4/, one level above this module's md4/runtime/.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Preempted(SystemExit):
@@ -80,8 +82,19 @@ def _reporting(main: Callable[[list[str]], None], started: list[bool]
   return wrapped
 
 
+def _list_flags_in_help(module: str) -> None:
+  """Makes module's flags key flags of sys.argv[0], the module absl's --help lists.
+
+  Under a console script (md4-train) sys.argv[0] is the script, which defines
+  no flag, so --help would list none.
+  """
+  for flag in flags.FLAGS.get_flags_for_module(module):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
-  """app.run(main, argv), ending as the module docstring says."""
+  """app.run(main, argv), ending as the module docstring says; --help lists main's module's flags."""
+  _list_flags_in_help(main.__module__)
   started = []
   try:
     app.run(_reporting(main, started), argv=argv)

@@ -4,7 +4,8 @@ The lock names the holder's host and pid and is refreshed every
 HEARTBEAT_SECONDS. A second run stops at once, naming them. A lock is stale,
 and is taken over with a warning, when its pid is dead on this host, or
 when it has not been refreshed for STALE_SECONDS (its run died on a machine
-that is gone, as after a Spot preemption).
+that is gone, as after a Spot preemption). A lock file that holds no record
+(empty or cut short by a crash) is taken over once DAMAGED_SECONDS old.
 """
 
 import json
@@ -22,6 +23,8 @@ from md4.runtime import storage
 LOCK_FILE = "md4.runtime.lock"
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 600.0
+# A lock file that holds no record this long after its last change was left by a crash.
+DAMAGED_SECONDS = 5.0
 
 
 class WorkdirLockedError(RuntimeError):
@@ -42,7 +45,7 @@ class WorkdirLock:
   """The lock of one workdir; acquire() before writing anything there, release() at the end."""
 
   def __init__(self, workdir: epath.Path):
-    self.path = workdir / LOCK_FILE
+    self.path = epath.Path(workdir) / LOCK_FILE
     self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
                     "token": secrets.token_hex(8), "started": time.time()}
     self._stop = threading.Event()
@@ -68,7 +71,11 @@ class WorkdirLock:
         return
       try:
         holder = json.loads(self.path.read_text())
-      except (FileNotFoundError, ValueError):
+      except FileNotFoundError:
+        continue
+      except ValueError:  # Empty or cut short: a crash while the lock was first written.
+        if not self._take_over_damaged():
+          time.sleep(1.0)
         continue
       stale = self._stale_reason(holder)
       if stale is None:
@@ -80,7 +87,21 @@ class WorkdirLock:
       logging.warning("Taking over the stale lock %s of pid %d on %s: %s", self.path,
                       holder["pid"], holder["host"], stale)
       self.path.unlink()
-    raise WorkdirLockedError(f"could not take the lock {self.path}: other runs keep taking it")
+    raise WorkdirLockedError(f"could not take the lock {self.path}: other runs keep taking it; "
+                             f"if no run uses workdir {self.path.parent}, delete {self.path}")
+
+  def _take_over_damaged(self) -> bool:
+    """Deletes a lock that is not JSON once it is DAMAGED_SECONDS old; whether it did."""
+    try:
+      age = time.time() - self.path.stat().mtime
+    except FileNotFoundError:
+      return True
+    if age < DAMAGED_SECONDS:  # A holder may be writing it this moment.
+      return False
+    logging.warning("Taking over the lock %s, which is not a lock record (%d bytes, %.0f s old)",
+                    self.path, len(self.path.read_bytes()), age)
+    self.path.unlink()
+    return True
 
   def _holds(self) -> bool:
     try:

@@ -31,6 +31,7 @@ def use_emulator_if_set() -> None:
   if not host:
     return
   url = host if host.startswith(("http://", "https://")) else f"http://{host}"
+  os.environ[EMULATOR_VARIABLE] = url  # gcsfs reads it too, and needs the scheme.
   os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
   os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
   # gcsfs probes each bucket's type over gRPC, which emulators do not serve.
@@ -41,6 +42,24 @@ def use_emulator_if_set() -> None:
 
 def is_object_store(path: epath.PathLike) -> bool:
   return os.fspath(path).startswith(OBJECT_STORE_SCHEMES)
+
+
+def workdir_path(workdir: epath.PathLike) -> epath.Path:
+  """The workdir, absolute (Orbax takes only absolute paths); an object store's as given.
+
+  Raises ValueError, before anything is written, for an empty one or a file.
+  """
+  text = os.fspath(workdir).strip()
+  if not text:
+    raise ValueError("--workdir is empty: name a directory for the run's checkpoints, metrics "
+                     "and samples")
+  if is_object_store(text):
+    return epath.Path(text)
+  path = epath.Path(os.path.abspath(os.path.expanduser(text)))
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"--workdir={text} is a file, not a directory: name a new directory or a "
+                     "run's workdir")
+  return path
 
 
 def _fsspec(path: epath.Path):
