@@ -97,6 +97,7 @@ class Options:
   sampler: str | None = None         # A registered sampler (md4.samplers); None: config.sampler.
   sampler_options: str | None = None  # JSON object over config.sampler_options.<sampler>.
   judge: str | None = None           # GPT-2-family checkpoint dir: generative perplexity.
+  judge_convention: str = judge_lib.DEFAULT_CONVENTION  # One of judge.CONVENTIONS.
   prefix: str | None = None          # Leading text every sample keeps.
   infill: str | None = None          # Template: "_" marks a position to generate.
   output_dir: str | None = None      # None: WORKDIR/eval.
@@ -395,8 +396,9 @@ def run(options: Options) -> dict[str, Any]:
       if dataset.decode is None:
         raise ValueError(f"judge: generative perplexity needs a text model; this one was "
                          f"trained on {config.dataset!r} ({dataset.modality})")
-      texts = [dataset.decode(tokens) for tokens in np.asarray(drawn.tokens)]
-      quality.update(judge_lib.generative_perplexity(judge_lib.load(options.judge), texts),
+      texts = [dataset.documents(tokens) for tokens in np.asarray(drawn.tokens)]
+      quality.update(judge_lib.generative_perplexity(judge_lib.load(options.judge), texts,
+                                                     options.judge_convention),
                      judge=os.path.abspath(os.path.expanduser(options.judge)))
     results["samples"] = {**settings, "sampler": sampler_name,
                           "sampler_options": sampler_options, "quality": quality,
@@ -435,6 +437,8 @@ _HELP = {
     "judge": "Hugging Face GPT-2-family checkpoint directory (config.json, model.safetensors, "
              "tokenizer.json; pip install 'md4[judge]'): report the samples' generative "
              "perplexity under it.",
+    "judge_convention": f"Whose generative-perplexity procedure to follow "
+                        f"({', '.join(judge_lib.CONVENTIONS)}; docs/sampling.md).",
     "prefix": "Leading text every sample keeps.",
     "infill": "Template: '_' marks a position to generate, every other character is given.",
     "output_dir": "Default: WORKDIR/eval.",

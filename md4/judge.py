@@ -7,13 +7,32 @@ n_positions, layer_norm_epsilon, activation_function), model.safetensors
 output layer is tied to wte) and tokenizer.json (the `tokenizers` format).
 GPT-2 Large (gpt2-large) is the field's standard judge.
 
-The round trip, as MDLM's compute_generative_perplexity does it: each sample
-is decoded to text by md4's own tokenizer, re-tokenised by the judge's
-(no BOS added), cut into consecutive windows of the judge's context
-n_positions, and every token of a window but its first is scored given the
-ones before it in the window. Generative perplexity is exp(total NLL /
-tokens scored) over all samples. Unlike MDLM, nothing is truncated to the
-model's length and no padding token is scored (docs/sampling.md).
+Each sample comes as its documents' texts (md4's ids decoded and split at
+its end-of-document id) and is scored by one of three conventions
+(`CONVENTIONS`; docs/sampling.md compares them):
+
+  "mdlm"  MDLM's compute_generative_perplexity (diffusion.py, with
+          eval_retokenize), step by step: the documents are joined by the
+          judge's own EOS id and, as MDLM's samples of wrapped data do, the
+          sample starts with the judge's BOS id; ids are truncated to
+          max_length, padded with EOS to the longest sample, and the last
+          N mod batch_size samples are dropped; each padded row is cut into
+          chunks of the judge's context, and the target at position j >= 1
+          of a chunk is scored when it is not EOS or is the chunk's first
+          EOS (so with BOS = EOS, as for GPT-2, no EOS is scored, and a
+          sample without EOS or BOS has its first padding EOS scored).
+          Generative perplexity is exp(summed NLL / tokens scored).
+  "duo"   DUO's record_generative_perplexity (metrics.py, with
+          _eval_retokenize): the same steps as MDLM's, line for line (it
+          sums nll * mask where MDLM averages nll with weight mask; equal).
+  "md4"   md4's round trip before it followed the field: the documents
+          joined by "\n" as one text, no BOS, nothing truncated or dropped,
+          consecutive windows of the judge's context, every token of a
+          window but its first scored, EOS ("\n") like any other.
+
+The judge's EOS and BOS ids come from its tokenizer files
+(special_tokens_map.json or tokenizer_config.json, else config.json's
+eos_token_id and bos_token_id).
 
 Needs the `judge` extra: pip install 'md4[judge]'.
 """
@@ -59,6 +78,7 @@ class Judge:
   config: GPT2Config
   params: Params
   tokenizer: Any  # tokenizers.Tokenizer
+  special_ids: dict[str, int]  # "eos" and "bos" -> id, where the tokenizer files name them.
 
   def encode(self, text: str) -> list[int]:
     return self.tokenizer.encode(text).ids
@@ -102,7 +122,26 @@ def load(path: str | os.PathLike) -> Judge:
       raise ValueError(f"judge={path!r}: model.safetensors has no weight {name!r}")
     params[name] = jnp.asarray(weights[name], jnp.float32)
   tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-  return Judge(config, params, tokenizer)
+  return Judge(config, params, tokenizer, special_ids(path, tokenizer, raw))
+
+
+def special_ids(path: str, tokenizer: Any, config: dict[str, Any]) -> dict[str, int]:
+  """{"eos": id, "bos": id} as the tokenizer files name them (module docstring)."""
+  found = {}
+  for name in ("special_tokens_map.json", "tokenizer_config.json"):
+    if not os.path.exists(os.path.join(path, name)):
+      continue
+    with open(os.path.join(path, name)) as f:
+      tokens = json.load(f)
+    for kind in ("eos", "bos"):
+      token = tokens.get(kind + "_token")
+      token = token.get("content") if isinstance(token, dict) else token
+      if kind not in found and token is not None and tokenizer.token_to_id(token) is not None:
+        found[kind] = tokenizer.token_to_id(token)
+  for kind in ("eos", "bos"):
+    if kind not in found and config.get(kind + "_token_id") is not None:
+      found[kind] = config[kind + "_token_id"]
+  return found
 
 
 def _layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
@@ -150,26 +189,87 @@ def windows(ids: list[int], context: int) -> list[list[int]]:
   return [ids[start:start + context] for start in range(0, len(ids), context)]
 
 
-def generative_perplexity(judge: Judge, texts: list[str], batch_size: int = 8) -> dict[str, Any]:
-  """{"generative_perplexity", "judge_nll_per_token", "judge_tokens"} of texts (module docstring)."""
-  chunks = [window for text in texts for window in windows(judge.encode(text),
-                                                            judge.config.context)]
-  chunks = [chunk for chunk in chunks if len(chunk) > 1]
+ScoredChunk = tuple[list[int], list[bool]]  # Judge ids [T] and which targets ids[1:] count.
+
+
+def md4_chunks(judge: Judge, samples: list[list[str]], batch_size: int,
+               max_length: int) -> list[ScoredChunk]:
+  """md4's convention (module docstring); batch_size and max_length play no part."""
+  del batch_size, max_length
+  chunks = [window for documents in samples
+            for window in windows(judge.encode("\n".join(documents)), judge.config.context)]
+  return [(chunk, [True] * (len(chunk) - 1)) for chunk in chunks if len(chunk) > 1]
+
+
+def mdlm_chunks(judge: Judge, samples: list[list[str]], batch_size: int,
+                max_length: int) -> list[ScoredChunk]:
+  """MDLM's and DUO's convention (module docstring)."""
+  missing = [kind for kind in ("eos", "bos") if kind not in judge.special_ids]
+  if missing:
+    raise ValueError(f"the judge's tokenizer files name no {' or '.join(missing)} token, which "
+                     "MDLM's and DUO's conventions need: add tokenizer_config.json or use "
+                     "convention='md4'")
+  eos, bos = judge.special_ids["eos"], judge.special_ids["bos"]
+  rows = []
+  for documents in samples:
+    ids = [bos]
+    for index, document in enumerate(documents):
+      ids += ([eos] if index else []) + judge.encode(document)
+    rows.append(ids[:max_length])
+  longest = max((len(row) for row in rows), default=0)
+  rows = [row + [eos] * (longest - len(row)) for row in rows]
+  batch_size = min(batch_size, len(rows))
+  rows = rows[:len(rows) // batch_size * batch_size] if rows else []
+  chunks = []
+  for row in rows:
+    for chunk in windows(row, judge.config.context):
+      eos_seen = np.cumsum(np.array(chunk) == eos)
+      scored = [token != eos or seen == 1 for token, seen in zip(chunk[1:], eos_seen[1:])]
+      if any(scored):
+        chunks.append((chunk, scored))
+  return chunks
+
+
+# name -> (judge, samples, batch_size, max_length) -> the chunks to score.
+CONVENTIONS = {"mdlm": mdlm_chunks, "duo": mdlm_chunks, "md4": md4_chunks}
+DEFAULT_CONVENTION = "mdlm"
+
+
+def generative_perplexity(judge: Judge, samples: list[list[str]],
+                          convention: str = DEFAULT_CONVENTION, batch_size: int = 8,
+                          max_length: int | None = None) -> dict[str, Any]:
+  """{"generative_perplexity", "judge_nll_per_token", "judge_tokens", "judge_convention"}.
+
+  Args:
+    judge: the loaded judge.
+    samples: each sample's documents' texts, in order (md4's ids split at its
+      end-of-document id and decoded; one text where there is none).
+    convention: a key of CONVENTIONS (module docstring).
+    batch_size: samples per judge batch; MDLM and DUO drop the last
+      N mod batch_size samples (their perplexity_batch_size is 8).
+    max_length: judge ids kept per sample by MDLM and DUO (their
+      config.model.length); None: the judge's context.
+  """
+  if convention not in CONVENTIONS:
+    raise ValueError(f"judge convention={convention!r}; valid: {sorted(CONVENTIONS)}")
+  max_length = judge.config.context if max_length is None else max_length
+  chunks = CONVENTIONS[convention](judge, samples, batch_size, max_length)
   if not chunks:
     raise ValueError("the samples make no window of 2 or more judge tokens to score")
   total_nll, total_tokens = 0.0, 0
   for start in range(0, len(chunks), batch_size):
     batch = chunks[start:start + batch_size]
-    longest = max(len(chunk) for chunk in batch)
+    longest = max(len(chunk) for chunk, _ in batch)
     length = min(-(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET, judge.config.context)
     length = max(length, longest)
     tokens = np.zeros((batch_size, length), np.int32)
     scored = np.zeros((batch_size, length - 1), bool)
-    for row, chunk in enumerate(batch):
+    for row, (chunk, chunk_scored) in enumerate(batch):
       tokens[row, :len(chunk)] = chunk
-      scored[row, :len(chunk) - 1] = True
+      scored[row, :len(chunk) - 1] = chunk_scored
     nll = _window_nll(judge.params, judge.config, jnp.asarray(tokens), jnp.asarray(scored))
     total_nll += float(np.sum(np.asarray(nll, np.float64)))
     total_tokens += int(scored.sum())
   return {"generative_perplexity": math.exp(total_nll / total_tokens),
-          "judge_nll_per_token": total_nll / total_tokens, "judge_tokens": total_tokens}
+          "judge_nll_per_token": total_nll / total_tokens, "judge_tokens": total_tokens,
+          "judge_convention": convention}

@@ -89,7 +89,7 @@ def numpy_log_probs(w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("prefix", ["", "transformer."])
-def test_generative_perplexity_equals_a_direct_computation(tmp_path, prefix):
+def test_md4_convention_equals_a_direct_computation(tmp_path, prefix):
   weights = save_tiny_judge(tmp_path, prefix)
   judge = judge_lib.load(tmp_path)
   tokenizer = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
@@ -103,9 +103,115 @@ def test_generative_perplexity_equals_a_direct_computation(tmp_path, prefix):
         nll -= numpy_log_probs(weights, window).sum()
         count += len(window) - 1
   assert count > 2 * CONTEXT  # Several windows, some texts longer than the context.
-  result = judge_lib.generative_perplexity(judge, TEXTS, batch_size=3)
+  result = judge_lib.generative_perplexity(judge, [[text] for text in TEXTS], convention="md4",
+                                           batch_size=3)
   assert result["judge_tokens"] == count
   assert result["generative_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+# Samples as documents: EOS between documents (in the middle) and after the last (at the end).
+SAMPLES = [["the quick brown fox", "jumps over the lazy dog"],
+           ["zebra zebra", ""],
+           ["a masked diffusion model writes text in any order " * 2],
+           ["hello", "world", "the dog"],
+           ["hello world"]]
+EOS_TEXT = "<|endoftext|>"
+
+
+def mdlm_reference(weights, tokenizer, texts, batch_size, max_length, eos, bos) -> tuple:
+  """MDLM's compute_generative_perplexity, step by step, for samples decoded to texts with
+  EOS written as the judge's EOS token and a leading BOS (its wrapped samples' first token)."""
+  # eval_retokenize: truncation=True, padding=True (pad = eos), max_length.
+  rows = [tokenizer.encode(text).ids[:max_length] for text in texts]
+  longest = max(len(row) for row in rows)
+  samples = np.array([row + [eos] * (longest - len(row)) for row in rows])
+  batch_size = min(batch_size, samples.shape[0])
+  num_batches = samples.shape[0] // batch_size
+  total, weight = 0.0, 0
+  for i in range(num_batches):
+    batch = samples[i * batch_size:(i + 1) * batch_size]
+    for start in range(0, batch.shape[1], CONTEXT):  # torch.split(..., eval_context_size)
+      for sample_chunk in batch[:, start:start + CONTEXT]:
+        nlls = -numpy_log_probs(weights, list(sample_chunk)) if len(sample_chunk) > 1 else []
+        first_eos = np.cumsum(sample_chunk == eos) == 1
+        token_mask = sample_chunk != eos
+        mask = first_eos[1:] | token_mask[1:]
+        total += float(np.sum(np.asarray(nlls) * mask))
+        weight += int(mask.sum())
+  return math.exp(total / weight), weight
+
+
+def duo_reference(weights, tokenizer, texts, batch_size, max_length, eos, bos) -> tuple:
+  """DUO's record_generative_perplexity, step by step (nlls * valid_tokens summed)."""
+  encoded = [tokenizer.encode(text).ids for text in texts]
+  encoded = [ids[:max_length] for ids in encoded]
+  width = max(map(len, encoded))
+  padded = np.full((len(encoded), width), eos)
+  for row, ids in enumerate(encoded):
+    padded[row, :len(ids)] = ids
+  batch_size = min(batch_size, len(padded))
+  mean_value, weight = 0.0, 0
+  for i in range(len(padded) // batch_size):
+    for chunk_start in range(0, width, CONTEXT):
+      chunk = padded[i * batch_size:(i + 1) * batch_size, chunk_start:chunk_start + CONTEXT]
+      for sample_chunk in chunk:
+        if len(sample_chunk) < 2:
+          continue
+        nlls = -numpy_log_probs(weights, list(sample_chunk))
+        valid = (np.cumsum(sample_chunk == eos) == 1)[1:] + (sample_chunk != eos)[1:]
+        mean_value += float((nlls * valid).sum())
+        weight += int(valid.sum())
+  return math.exp(mean_value / weight), weight
+
+
+@pytest.mark.parametrize("convention,reference", [("mdlm", mdlm_reference),
+                                                  ("duo", duo_reference)])
+@pytest.mark.parametrize("batch_size,max_length", [(2, CONTEXT), (3, 2 * CONTEXT + 5)])
+def test_field_conventions_equal_their_published_procedures(tmp_path, convention, reference,
+                                                            batch_size, max_length):
+  weights = save_tiny_judge(tmp_path)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": EOS_TEXT, "eos_token": {"content": EOS_TEXT}}))
+  judge = judge_lib.load(tmp_path)
+  tokenizer = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+  eos = tokenizer.token_to_id(EOS_TEXT)
+  assert judge.special_ids == {"eos": eos, "bos": eos}
+  # As the published code sees them: batch_decode keeps EOS and BOS as text.
+  texts = [EOS_TEXT + EOS_TEXT.join(documents) for documents in SAMPLES]
+  expected, count = reference(weights, tokenizer, texts, batch_size, max_length, eos, eos)
+  result = judge_lib.generative_perplexity(judge, SAMPLES, convention=convention,
+                                           batch_size=batch_size, max_length=max_length)
+  assert result["judge_tokens"] == count
+  assert result["generative_perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_field_conventions_score_the_first_eos_when_bos_differs(tmp_path):
+  """With a BOS other than EOS, the first EOS of each chunk counts and the later ones do
+  not; a sample with no EOS has its first padding EOS scored."""
+  weights = save_tiny_judge(tmp_path)
+  tokenizer = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+  eos, bos = tokenizer.token_to_id(EOS_TEXT), tokenizer.encode("z").ids[0]
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": eos,
+                                                    "bos_token_id": bos}))
+  judge = judge_lib.load(tmp_path)
+  samples = [["hello", "world", "the dog"], ["hello world"]]
+  texts = ["z" + EOS_TEXT.join(documents) for documents in samples]
+  expected, count = mdlm_reference(weights, tokenizer, texts, 2, CONTEXT, eos, bos)
+  result = judge_lib.generative_perplexity(judge, samples, convention="mdlm", batch_size=2)
+  assert result["judge_tokens"] == count
+  assert result["generative_perplexity"] == pytest.approx(expected, rel=1e-4)
+  non_eos = sum(len(tokenizer.encode(text).ids) - 1 for text in texts) - 2
+  assert count == non_eos + 2  # One EOS each: the first of sample 0, the first pad of 1.
+
+
+def test_conventions_differ_and_unknown_names_are_refused(tmp_path):
+  save_tiny_judge(tmp_path)
+  judge = judge_lib.load(tmp_path)
+  with pytest.raises(ValueError, match="name no eos or bos"):
+    judge_lib.generative_perplexity(judge, SAMPLES, convention="mdlm")
+  with pytest.raises(ValueError, match="valid: \\['duo', 'md4', 'mdlm'\\]"):
+    judge_lib.generative_perplexity(judge, SAMPLES, convention="gpt")
 
 
 def test_load_names_what_is_missing(tmp_path):

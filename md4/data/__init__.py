@@ -64,6 +64,8 @@ class Dataset:
     example_shape: shape of one example, (L,) for text, (H, W, 3) for images.
     modality: "text" (samples are written as text) or "image" (as PNG).
     decode: one example's ids [...] -> text (text sources).
+    decode_documents: one example's ids [...] -> its documents' texts, split at
+      the end-of-document id (sources that have one).
     encode: prompt text -> ids int32 [n], refusing what the vocabulary cannot
       represent (text sources).
     read_text: a path -> ids int32 [N] for zero-shot evaluation: a text file
@@ -80,12 +82,17 @@ class Dataset:
   example_shape: tuple[int, ...]
   modality: str = "text"
   decode: Callable[[np.ndarray], str] | None = None
+  decode_documents: Callable[[np.ndarray], list[str]] | None = None
   encode: Callable[[str], np.ndarray] | None = None
   read_text: Callable[[str], np.ndarray] | None = None
   word_pieces: bool = False
   entropy_bits_per_token: float | None = None
   num_classes: int = 0
   known_source: KnownSource | None = None
+
+  def documents(self, ids: np.ndarray) -> list[str]:
+    """One example's documents' texts: one text where the source has no document ends."""
+    return self.decode_documents(ids) if self.decode_documents else [self.decode(ids)]
 
 
 @dataclasses.dataclass(frozen=True)

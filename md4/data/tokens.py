@@ -359,8 +359,14 @@ def _build(options: ml_collections.ConfigDict, paths: Sequence[pathlib.Path],
 
 def decoder(tokenizer: tokenizer_lib.Tokenizer):
   """Maps ids [...] to text, one line per document end."""
+  documents = documents_decoder(tokenizer)
+  return lambda ids: "\n".join(documents(ids))
 
-  def decode(ids: np.ndarray) -> str:
+
+def documents_decoder(tokenizer: tokenizer_lib.Tokenizer):
+  """Maps ids [...] to its documents' texts, split at the end-of-document id."""
+
+  def decode_documents(ids: np.ndarray) -> list[str]:
     ids = np.asarray(ids).reshape(-1).tolist()
     documents, current = [], []
     for token in ids:
@@ -372,9 +378,9 @@ def decoder(tokenizer: tokenizer_lib.Tokenizer):
       else:
         raise ValueError(f"id {token} is outside the vocabulary [0, {tokenizer.vocab_size})")
     documents.append(current)
-    return "\n".join(tokenizer.decode(document) for document in documents)
+    return [tokenizer.decode(document) for document in documents]
 
-  return decode
+  return decode_documents
 
 
 def encode_documents(tokenizer: tokenizer_lib.Tokenizer, documents: Sequence[str]
@@ -486,6 +492,7 @@ def create(config: ml_collections.ConfigDict) -> data_lib.Dataset:
       vocab_size=corpus.vocab_size,
       example_shape=(length,),
       decode=decoder(corpus.tokenizer),
+      decode_documents=documents_decoder(corpus.tokenizer),
       encode=lambda text: np.asarray(corpus.tokenizer.encode_batch([text])[0], np.int32),
       read_text=lambda path: _read_other_text(path, corpus, options.documents),
       word_pieces=True,
