@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample_every_steps = 500
   config.num_samples = 4
   config.sample_steps = 256
-  config.sample_grid = "uniform"  # Measured: docs/sampling.md, "Default time grid".
+  config.sample_grid = samplers.engine.DEFAULT_GRID
   config.sample_top_p = 1.0
   # A registered sampler (md4.samplers); sampler_options.<name> holds the options of each,
   # with the defaults its registration gives.

@@ -91,7 +91,7 @@ def options(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def sample(name: str, predict_fn: checks.PredictFn, rng: Array, space: Space, *,
-           shape: tuple[int, ...], steps: int, grid: str = "cosine",
+           shape: tuple[int, ...], steps: int, grid: str = engine.DEFAULT_GRID,
            top_p: float | None = None, prefix: Array | None = None,
            infill: tuple[Array, Array] | None = None, reuse_outputs: bool = False,
            num_frames: int = 0, **given_options) -> Samples:

@@ -35,6 +35,8 @@ from md4 import schedule as schedule_lib
 Array = jnp.ndarray
 
 GRIDS = ("uniform", "cosine")
+# The default time grid: the uniform one, by exact KL (docs/sampling.md, "Default time grid").
+DEFAULT_GRID = "uniform"
 
 
 def time_grid(steps: int, grid: str) -> np.ndarray:
@@ -323,7 +325,7 @@ class Start:
 
 
 def start(predict_fn: checks.PredictFn, rng: Array, space: Space, *, shape: tuple[int, ...],
-          steps: int, grid: str = "cosine", top_p: float | None = None,
+          steps: int, grid: str = DEFAULT_GRID, top_p: float | None = None,
           prefix: Array | None = None, infill: tuple[Array, Array] | None = None,
           reuse_outputs: bool = False, num_frames: int = 0) -> Start:
   """The `Start` of a request; ValueError naming the first bad argument.
