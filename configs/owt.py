@@ -46,6 +46,9 @@ def get_config():
   text8.set_md4_small(config.model)
   config.model.dropout_rate = 0.02
   config.model.dtype = "bfloat16"
+  # To fit a v5litepod-8 (module docstring): logits 128 positions at a time, blocks recomputed.
+  config.loss_chunk_size = 128
+  config.model.remat_policy = "full"
   config.batch_size = 512
   config.num_train_steps = 1_000_000
   config.optimizer.learning_rate = 3e-4

@@ -38,6 +38,7 @@ buffers and what to change, exit code 1.
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -94,6 +95,7 @@ GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_LINE = re.compile(
     r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>[\w.-]+) \(.*\) -> (?P<result>.*) \{$")
 _ARRAY_SHAPE = re.compile(r"\b(?P<dtype>pred|[subf]\d+|bf16|f8\w*)\[(?P<dims>[\d,]*)\]")
 _DTYPE_BYTES = {"pred": 1, "bf16": 2}
 
@@ -136,6 +138,8 @@ def parse_topology(name: str) -> Slice:
 
 def topology_devices(tpu_slice: Slice) -> list[Any]:
   """The slice's devices from libtpu's topology description (no TPU needed)."""
+  # Nothing runs on a TPU here, so other processes (a training run, parallel tests) may hold it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   dims = [int(d) for d in tpu_slice.topology.split(":")[1].split("x")]
   dims += [1] * (3 - len(dims))
@@ -158,18 +162,35 @@ def topology_devices(tpu_slice: Slice) -> list[Any]:
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{op: {"count", "bytes"}} of the collectives in compiled HLO text (bytes of their results)."""
+  """{op: {"count", "bytes"}} of the collectives in compiled HLO text (bytes of their results).
+
+  TPU fuses a reduce-scatter into a computation named all-reduce-scatter.N (an
+  all-reduce inside, the scatter in the fusion's output): it counts as one
+  reduce-scatter of its output's bytes.
+  """
   found = {}
-  for match in _COLLECTIVE_LINE.finditer(hlo_text):
-    arrays = _ARRAY_SHAPE.findall(match["shape"])
-    if match["shape"].startswith("(") and match.group(0).rstrip("(").endswith("-start"):
-      arrays = arrays[len(arrays) // 2:]  # An async start's tuple: (operands, results).
-    size = sum(_dtype_bytes(dtype) * math.prod(int(d) for d in dims.split(",") if d)
-               for dtype, dims in arrays)
-    entry = found.setdefault(match["op"], {"count": 0, "bytes": 0})
-    entry["count"] += 1
-    entry["bytes"] += size
+  inside_fused_scatter = False
+  for line in hlo_text.splitlines():
+    computation = _COMPUTATION.match(line)
+    if computation:
+      inside_fused_scatter = computation["name"].startswith("all-reduce-scatter")
+      if inside_fused_scatter:
+        _add(found, "reduce-scatter", _ARRAY_SHAPE.findall(computation["result"]))
+      continue
+    match = _COLLECTIVE_LINE.search(line)
+    if match and not inside_fused_scatter:
+      arrays = _ARRAY_SHAPE.findall(match["shape"])
+      if match["shape"].startswith("(") and match.group(0).rstrip("(").endswith("-start"):
+        arrays = arrays[len(arrays) // 2:]  # An async start's tuple: (operands, results).
+      _add(found, match["op"], arrays)
   return found
+
+
+def _add(found: dict[str, dict[str, int]], op: str, arrays: list[tuple[str, str]]) -> None:
+  entry = found.setdefault(op, {"count": 0, "bytes": 0})
+  entry["count"] += 1
+  entry["bytes"] += sum(_dtype_bytes(dtype) * math.prod(int(d) for d in dims.split(",") if d)
+                        for dtype, dims in arrays)
 
 
 def _dtype_bytes(dtype: str) -> int:

@@ -29,12 +29,16 @@ def test_collectives_are_counted_from_hlo_text():
   %all-reduce.1 = f32[1024,768]{1,0} all-reduce(f32[1024,768]{1,0} %p), replica_groups={}
   %ags = (bf16[64,8]{1,0}, bf16[256,8]{1,0}) all-gather-start(bf16[64,8]{1,0} %q)
   %rs = f32[16]{0} reduce-scatter(f32[64]{0} %g), dimensions={0}
+%all-reduce-scatter.3 (input_0: f32[32,8]) -> (f32[8,8]) {
+  %all-reduce.9 = (f32[32,8]{1,0}) all-reduce(%input_0), replica_groups={{0,1,2,3}}
+}
   """
   found = compile_lib.collectives(hlo)
   assert found == {"all-reduce": {"count": 1, "bytes": 1024 * 768 * 4},
                    "all-gather": {"count": 1, "bytes": 256 * 8 * 2},
-                   "reduce-scatter": {"count": 1, "bytes": 16 * 4}}
-  assert compile_lib.collective_bytes(found) == 2 * 1024 * 768 * 4 + 256 * 8 * 2 + 16 * 4
+                   "reduce-scatter": {"count": 2, "bytes": 16 * 4 + 8 * 8 * 4}}
+  assert compile_lib.collective_bytes(found) == (2 * 1024 * 768 * 4 + 256 * 8 * 2 + 16 * 4
+                                                 + 8 * 8 * 4)
 
 
 def _needs_libtpu():

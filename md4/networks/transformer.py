@@ -23,6 +23,8 @@ Array = jnp.ndarray
 Dtype = jnp.dtype
 
 OUTPUT_ALIGNMENT = 128
+# Logical axes of the residual stream [B, L, width]; only "batch" has a mesh axis (sharding.py).
+ACTIVATION_AXES = ("batch", "length", "activation_embed")
 FEATURES = "features"  # The collection where Transformer sows its output layer's input.
 
 REMAT_POLICIES = {
@@ -117,6 +119,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, train: bool) -> Array:
+    # Activations stay split by batch: fsdp then gathers weights rather than split activations.
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     width = x.shape[-1]
     head_dim = width // self.num_heads
     part = nn.with_logical_partitioning
