@@ -77,6 +77,7 @@ def test_the_public_loss_takes_a_factored_predict_fn():
   np.testing.assert_allclose(plain, chunked, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_policies_keep_the_loss_and_gradient(policy):
   model, params = _model()
@@ -84,6 +85,7 @@ def test_remat_policies_keep_the_loss_and_gradient(policy):
   _assert_close(_loss_and_grads(model, params), _loss_and_grads(rematerialised, params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "full"])
 def test_scanned_layers_stack_the_blocks_and_train(policy):
   model, params = _model(scan_layers=True, remat_policy=policy)
