@@ -93,7 +93,7 @@ class Factored:
   Attributes:
     features: (z [B, L, ...], t [B]) -> features [B, L, D].
     head: features [B, C, D] -> logits float32 [B, C, V], position by position.
-    chunk_size: positions per chunk; it divides L.
+    chunk_size: positions per chunk; it divides L (or is at least L: one chunk).
   """
 
   features: Callable[[Array, Array], Array]
@@ -113,6 +113,7 @@ def chunked_token_log_prob(features: Array, head: Callable[[Array], Array], x: A
   gradient equals the unchunked one with a chunk's logits live at a time.
   """
   batch_size, length = x.shape
+  chunk_size = min(chunk_size, length)  # A chunk as long as the sequence is all of it.
   if length % chunk_size:
     raise ValueError(f"chunk_size={chunk_size} must divide the sequence length {length}")
   num_chunks = length // chunk_size
