@@ -250,7 +250,8 @@ def describe(name: str, report: dict[str, Any], hbm_bytes: int) -> str:
           f"accessed, collectives: {moved}; compiled in {report['compile_seconds']:.1f} s")
 
 
-_ADVICE = ("set --config.model.remat_policy=full, raise --config.grad_accum_steps, shard "
+_ADVICE = ("set --config.model.remat_policy=full, --config.loss_chunk_size=128 (transformer "
+           "text models with a large vocabulary), raise --config.grad_accum_steps, shard "
            "parameters with a fsdp mesh axis (--config.mesh_shape='(1,-1)' "
            "--config.mesh_axes='(\"data\",\"fsdp\")'), or use a slice with more chips")
 
