@@ -14,6 +14,11 @@ with 27 outputs and l = 2, for the reasons owt_prime.py gives (the
 checkpoint also holds 77,568 zero output columns that pad 27 logits to 128).
 Training as text8.py (MD4's text8 reference: lr 5e-4, weight decay 0.03,
 cosine decay), so that the two differ only in the masking and the network.
+
+Slice: a v5litepod-8, checked without a TPU by
+`md4-compile --config=configs/prime_text8.py --topology=v5litepod-8`: the
+train step peaks at 7.57 GiB per chip of 16 GiB (53% to spare), the eval
+step at 2.28 GiB; estimated 0.14 s per step (HBM-bound roofline, MFU 0.32).
 """
 
 from md4.configs import owt_prime

@@ -21,6 +21,11 @@ none), bf16 compute with f32 parameters. Differences left: no dropout on
 attention probabilities (fused attention kernels have none), and
 initialisation (normal 0.02 projections, the output projections scaled by
 1 / sqrt(2 * layers)).
+
+Slice: a v5litepod-8 (8 v5e chips, data parallel), checked without a TPU by
+`md4-compile --config=configs/text8.py --topology=v5litepod-8`: the train
+step peaks at 8.56 GiB per chip of 16 GiB (46% to spare), the eval step at
+2.23 GiB; estimated 0.15 s per step (HBM-bound roofline, MFU 0.29).
 """
 
 import ml_collections

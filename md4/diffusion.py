@@ -15,7 +15,9 @@ wherever that exceeds L log V / 2. With T steps, t = i/T (i uniform in
 1..T), s = t - 1/T and -w(t) is replaced by T (alpha_s - alpha_t) / (1 - alpha_t).
 """
 
+import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +79,58 @@ def _token_log_prob_bwd(residuals: tuple[Array, Array, Array], g: Array) -> tupl
 
 
 token_log_prob.defvjp(_token_log_prob_fwd, _token_log_prob_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Factored:
+  """A predict_fn split before its output layer, so that a loss can make logits a chunk at a time.
+
+  Calling it is head(features(z, t)): it serves wherever a predict_fn does.
+  `loss_given_state` instead runs features once and the head over chunk_size
+  positions at a time (`chunked_token_log_prob`), so that the logits
+  [B, L, V] are never held whole, neither forward nor backward.
+
+  Attributes:
+    features: (z [B, L, ...], t [B]) -> features [B, L, D].
+    head: features [B, C, D] -> logits float32 [B, C, V], position by position.
+    chunk_size: positions per chunk; it divides L (or is at least L: one chunk).
+  """
+
+  features: Callable[[Array, Array], Array]
+  head: Callable[[Array], Array]
+  chunk_size: int
+
+  def __call__(self, z: Array, t: Array) -> Array:
+    return self.head(self.features(z, t))
+
+
+def chunked_token_log_prob(features: Array, head: Callable[[Array], Array], x: Array,
+                           chunk_size: int) -> Array:
+  """token_log_prob(head(features), x) float32 [B, L], chunk_size positions at a time.
+
+  features [B, L, D], x [B, L]. Each chunk is rematerialised: the backward pass
+  recomputes its logits [B, chunk_size, V] rather than keep them, so the
+  gradient equals the unchunked one with a chunk's logits live at a time.
+  """
+  batch_size, length = x.shape
+  chunk_size = min(chunk_size, length)  # A chunk as long as the sequence is all of it.
+  if length % chunk_size:
+    raise ValueError(f"chunk_size={chunk_size} must divide the sequence length {length}")
+  num_chunks = length // chunk_size
+  chunks = (features.reshape(batch_size, num_chunks, chunk_size, -1).swapaxes(0, 1),
+            x.reshape(batch_size, num_chunks, chunk_size).swapaxes(0, 1))
+  chunk_log_prob = jax.checkpoint(lambda h, x_chunk: token_log_prob(head(h), x_chunk))
+  log_prob = jax.lax.map(lambda chunk: chunk_log_prob(*chunk), chunks)  # [n, B, chunk_size]
+  return log_prob.swapaxes(0, 1).reshape(batch_size, length)
+
+
+def target_log_prob(predict_fn: checks.PredictFn, z: Array, t: Array, x: Array,
+                    vocab_size: int) -> Array:
+  """log mu(z, t)[x] float32 [B, L, ...]: chunked where predict_fn is `Factored` over [B, L]."""
+  if isinstance(predict_fn, Factored) and x.ndim == 2:
+    return chunked_token_log_prob(predict_fn.features(z, t), predict_fn.head, x,
+                                  predict_fn.chunk_size)
+  return token_log_prob(checks.logits(predict_fn(z, t), x.shape + (vocab_size,)), x)
 
 
 def time_weight(sch: schedule_lib.Schedule, t: Array, cont_time: bool,
@@ -153,9 +207,8 @@ def loss_given_state(predict_fn: checks.PredictFn,
   checks.timesteps(cont_time, timesteps)
   batch_size = x.shape[0]
   num_tokens = math.prod(x.shape[1:])
-  logits = checks.logits(predict_fn(z, t), x.shape + (vocab_size,))
   is_masked = (z == vocab_size)
-  masked_nll = -jnp.where(is_masked, token_log_prob(logits, x), 0.0)
+  masked_nll = -jnp.where(is_masked, target_log_prob(predict_fn, z, t, x, vocab_size), 0.0)
   masked_nll = masked_nll.reshape(batch_size, -1).sum(axis=-1)
   loss_diffusion = time_weight(schedule, t, cont_time, timesteps) * masked_nll
   loss_recon = reconstruction(schedule, num_tokens, vocab_size)

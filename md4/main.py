@@ -50,11 +50,16 @@ def main(argv: list[str]) -> None:
     print(train.summary_line(eval_metrics))
 
 
-def define_flags() -> None:
-  """The command-line flags; defined when run as a command, not on import."""
+def define_config_flag() -> None:
+  """--config=FILE with --config.key=value overrides (md4.compile reads configs the same way)."""
   config_flags.DEFINE_config_file(
       "config", None, "Experiment config file; override keys with --config.key=value.",
       lock_config=True)
+
+
+def define_flags() -> None:
+  """The command-line flags; defined when run as a command, not on import."""
+  define_config_flag()
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples.")
   flags.DEFINE_string(
       "coordinator_address", None, "host:port of process 0, for multi-process runs that "

@@ -240,7 +240,27 @@ class MaskedDiffusion:
       if train and self.config.label_dropout > 0:
         drop = jax.random.bernoulli(rng_label, self.config.label_dropout, label.shape)
         label = jnp.where(drop, self.num_classes, label)
+    if self.config.loss_chunk_size and self.config.model.backbone == "transformer":
+      return self.factored_predict_fn(params, label, train, rng_dropout), rng_loss
     return self.predict_fn(params, label, train, rng_dropout), rng_loss
+
+  def factored_predict_fn(self, params: Params, label: Array | None, train: bool,
+                          rng: Array | None) -> diffusion.Factored:
+    """predict_fn split before the transformer's output layer (config.loss_chunk_size)."""
+    rngs = {"dropout": rng} if train else None
+    label = label if self.num_classes else None
+
+    def features(z: Array, t: Array) -> Array:
+      # The logits this apply also returns are unused: XLA drops their computation.
+      _, sown = self.network.apply({"params": params["network"]}, z, t, label, train=train,
+                                   rngs=rngs, mutable=[transformer.FEATURES])
+      return sown[transformer.FEATURES]["output_input"][0]
+
+    def head(hidden: Array) -> Array:
+      return transformer.output_logits(params["network"], hidden, self.vocab_size,
+                                       jnp.dtype(self.config.model.dtype))
+
+    return diffusion.Factored(features, head, self.config.loss_chunk_size)
 
   def loss(self, params: Params, batch: dict[str, Array], rng: Array,
            train: bool) -> LossOutput:

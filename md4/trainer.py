@@ -136,7 +136,8 @@ def compile_steps(config: ml_collections.ConfigDict, model: models.Model,
   data_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_sharding)
-  step = jax.jit(functools.partial(train_step, model, tx, config),
+  step = jax.jit(sharding_lib.traced_with_rules(
+      config, mesh, functools.partial(train_step, model, tx, config)),
                  in_shardings=(state_sharding, data_sharding, replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   evaluate_step = likelihood.compile_eval_step(model, mesh, state_sharding.ema_params,

@@ -1,6 +1,7 @@
 """The newcomer's path: console scripts, packaged configs, the CPU allocator, the curves PNG,
 samples in TensorBoard, and the README's quoted timings."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -100,7 +101,9 @@ def test_packaged_configs_are_the_repository_files():
 
 
 @pytest.mark.parametrize("environment, expected", [
-    ({}, True), ({"JAX_PLATFORMS": "cuda"}, False),
+    # libtpu (md4's tpu extra) counts as an accelerator plugin unless JAX_PLATFORMS says cpu.
+    ({}, importlib.util.find_spec("libtpu") is None), ({"JAX_PLATFORMS": "cpu"}, True),
+    ({"JAX_PLATFORMS": "cuda"}, False),
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, False)])
 def test_host_allocator_is_set_on_cpu_hosts_only(environment, expected):
   env = {key: value for key, value in os.environ.items()

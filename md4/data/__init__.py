@@ -96,6 +96,21 @@ class Dataset:
 
 
 @dataclasses.dataclass(frozen=True)
+class Shapes:
+  """What a model needs to know of a source, known from the config alone (no data read).
+
+  Attributes:
+    vocab_size: number of token values V.
+    example_shape: shape of one example, (L,) for text, (H, W, 3) for images.
+    num_classes: number of class labels (0 when unlabelled).
+  """
+
+  vocab_size: int
+  example_shape: tuple[int, ...]
+  num_classes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
   """A registered data source.
 
@@ -105,12 +120,14 @@ class Source:
     create: config -> Dataset.
     prepare: (config, progress) -> a JSON-able summary of what is ready, or
       None when the source needs no preparation.
+    shapes: config -> Shapes, without reading or preparing any data (md4.compile).
   """
 
   name: str
   options: Mapping[str, Any]
   create: Callable[[ml_collections.ConfigDict], Dataset]
   prepare: Callable[[ml_collections.ConfigDict, bool], dict[str, Any]] | None = None
+  shapes: Callable[[ml_collections.ConfigDict], Shapes] | None = None
 
 
 _REGISTRY = registry.Registry(__name__, __path__, "data source")
@@ -155,6 +172,15 @@ def create(config: ml_collections.ConfigDict) -> Dataset:
     raise ValueError(f"source {config.dataset!r} gave modality {dataset.modality!r}; "
                      f"valid: {MODALITIES}")
   return dataset
+
+
+def shapes(config: ml_collections.ConfigDict) -> Shapes:
+  """Vocabulary, example shape and classes of config.dataset, from the config alone."""
+  source = get(config.dataset)
+  if source.shapes is None:
+    raise ValueError(f"data source {source.name!r} cannot tell its shapes without its data; "
+                     "give it a `shapes` function (md4.data.Source)")
+  return source.shapes(config)
 
 
 def prepare_dataset(config: ml_collections.ConfigDict, progress: bool = True) -> dict[str, Any]:

@@ -152,4 +152,8 @@ def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, int]
           "validation_chunks": len(validation)}
 
 
-SOURCE = data_lib.register(data_lib.Source("chars", OPTIONS, create, prepare))
+def shapes(config: ml_collections.ConfigDict) -> data_lib.Shapes:
+  return data_lib.Shapes(alphabet.VOCAB_SIZE, (config.seq_len,))
+
+
+SOURCE = data_lib.register(data_lib.Source("chars", OPTIONS, create, prepare, shapes))

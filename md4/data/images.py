@@ -163,10 +163,19 @@ def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, obje
   return {"tfds_name": options.tfds_name, "examples": sizes}
 
 
+# (image shape, classes) of each source's own dataset, for md4.compile.
+_SHAPES = {"cifar10": ((32, 32, 3), 10), "imagenet64": ((64, 64, 3), 1000)}
+
+
+def shapes(config: ml_collections.ConfigDict) -> data_lib.Shapes:
+  image_shape, num_classes = _SHAPES[config.dataset]
+  return data_lib.Shapes(256, image_shape, num_classes)
+
+
 CIFAR10 = data_lib.register(data_lib.Source(
     "cifar10", _options("cifar10", "test",
                         download=True),  # Download cifar-10-python.tar.gz when absent.
-    create, prepare))
+    create, prepare, shapes))
 IMAGENET64 = data_lib.register(
     data_lib.Source("imagenet64", _options("imagenet_resized/64x64", "validation"), create,
-                    prepare))
+                    prepare, shapes))

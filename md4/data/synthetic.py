@@ -315,4 +315,8 @@ def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, floa
   return {"entropy_bits_per_token": create(config).entropy_bits_per_token}
 
 
-SOURCE = data_lib.register(data_lib.Source("synthetic", OPTIONS, create, prepare))
+def shapes(config: ml_collections.ConfigDict) -> data_lib.Shapes:
+  return data_lib.Shapes(alphabet.VOCAB_SIZE, (config.seq_len,))
+
+
+SOURCE = data_lib.register(data_lib.Source("synthetic", OPTIONS, create, prepare, shapes))

@@ -191,4 +191,8 @@ def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, obje
   return {"path": str(path), "characters": len(ids), "splits": split_bounds(len(ids))}
 
 
-SOURCE = data_lib.register(data_lib.Source("text8", OPTIONS, create, prepare))
+def shapes(config: ml_collections.ConfigDict) -> data_lib.Shapes:
+  return data_lib.Shapes(alphabet.VOCAB_SIZE, (config.seq_len,))
+
+
+SOURCE = data_lib.register(data_lib.Source("text8", OPTIONS, create, prepare, shapes))

@@ -509,4 +509,23 @@ def prepare(config: ml_collections.ConfigDict, progress: bool) -> dict[str, Any]
           "documents": corpus.manifest["num_documents"]}
 
 
-SOURCE = data_lib.register(data_lib.Source("tokens", OPTIONS, create, prepare))
+# Vocabulary sizes of named tokenizers, so that a slice can be checked before any download.
+KNOWN_VOCAB_SIZES = {"tiktoken:gpt2": 50257}
+
+
+def shapes(config: ml_collections.ConfigDict) -> data_lib.Shapes:
+  """The prepared corpus's vocabulary if there is one, else what the tokenizer settings give."""
+  options = config.tokens
+  manifest = _manifest_or_none(folder(config))
+  if manifest is not None:
+    vocab_size = manifest["vocab_size"]
+  elif options.tokenizer in KNOWN_VOCAB_SIZES:
+    vocab_size = KNOWN_VOCAB_SIZES[options.tokenizer]
+  elif options.tokenizer:
+    vocab_size = tokenizer_lib.load(options.tokenizer, options.tiktoken_dir).vocab_size
+  else:
+    vocab_size = options.vocab_size  # The trained SentencePiece model's pieces, </s> included.
+  return data_lib.Shapes(vocab_size, (config.seq_len,))
+
+
+SOURCE = data_lib.register(data_lib.Source("tokens", OPTIONS, create, prepare, shapes))

@@ -23,6 +23,9 @@ Array = jnp.ndarray
 Dtype = jnp.dtype
 
 OUTPUT_ALIGNMENT = 128
+# Logical axes of the residual stream [B, L, width]; only "batch" has a mesh axis (sharding.py).
+ACTIVATION_AXES = ("batch", "length", "activation_embed")
+FEATURES = "features"  # The collection where Transformer sows its output layer's input.
 
 REMAT_POLICIES = {
     "none": None,
@@ -116,6 +119,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, train: bool) -> Array:
+    # Activations stay split by batch: fsdp then gathers weights rather than split activations.
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     width = x.shape[-1]
     head_dim = width // self.num_heads
     part = nn.with_logical_partitioning
@@ -248,9 +253,22 @@ class Transformer(nn.Module):
         kernel_init=part(nn.initializers.zeros_init(), ("embed", "mlp")),
         bias_init=part(nn.initializers.zeros_init(), ("mlp",)))(cond), 2, axis=-1)
     x = modulate(nn.LayerNorm(use_bias=False, use_scale=False, dtype=self.dtype)(x), shift, scale)
+    # What `output_logits` reads: a loss can then make the logits a chunk at a time.
+    self.sow(FEATURES, "output_input", x)
     # The output width is padded to a multiple of 128 (50257 -> 50304): matmuls with odd
     # widths miss the GPU's fast kernels, and the padded axis can be sharded.
     padded_outputs = -(-self.num_outputs // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT
     logits = nn.Dense(padded_outputs, use_bias=False, dtype=self.dtype, name="output",
                       kernel_init=part(nn.initializers.zeros_init(), ("embed", "vocab")))(x)
     return logits[..., :self.num_outputs].astype(jnp.float32)
+
+
+def output_logits(params: dict, features: Array, num_outputs: int, dtype: Dtype) -> Array:
+  """Transformer's output layer alone: features [..., width] -> logits float32 [..., num_outputs].
+
+  params are the Transformer's; features what it sows in FEATURES.
+  """
+  kernel = params["output"]["kernel"]
+  logits = nn.Dense(kernel.shape[-1], use_bias=False, dtype=dtype).apply(
+      {"params": {"kernel": kernel}}, features)
+  return logits[..., :num_outputs].astype(jnp.float32)

@@ -5,10 +5,11 @@ carries logical axis names, mapped to mesh axes by `config.sharding_rules`;
 batches split over the data-parallel axes.
 """
 
+import functools
 import glob
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -67,6 +68,24 @@ def logical_rules(config: ml_collections.ConfigDict,
     keep = mesh_axis in mesh.shape and mesh.shape[mesh_axis] > 1
     rules.append((logical, mesh_axis if keep else None))
   return tuple(rules)
+
+
+def traced_with_rules(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                      fn: Callable[..., Any]) -> Callable[..., Any]:
+  """fn traced under the mesh and config's rules, "batch" on the data axes: for jax.jit.
+
+  The networks' activation constraints (nn.with_logical_constraint) take effect
+  only there; elsewhere (tests, benchmarks) they do nothing.
+  """
+  data_axes = tuple(axis for axis in DATA_AXES if mesh.shape.get(axis, 1) > 1)
+  rules = logical_rules(config, mesh) + (("batch", data_axes or None),)
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+
+  return traced
 
 
 def tree_sharding(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
