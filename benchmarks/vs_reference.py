@@ -57,7 +57,9 @@ from md4 import train
 
 _REFERENCE = flags.DEFINE_string("reference", None, "A checkout of google-deepmind/md4.",
                                  required=True)
-_SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds 0 .. N-1 (init, data order, time draws).")
+_SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds first_seed .. first_seed + N - 1 (init, data "
+                              "order, time draws).")
+_FIRST_SEED = flags.DEFINE_integer("first_seed", 0, "The first seed.")
 _SOURCE = flags.DEFINE_enum("source", "markov", ["markov", "shakespeare"],
                             "The synthetic order-1 Markov source of configs/quickstart.py, "
                             "or characters of the bundled Tiny Shakespeare.")
@@ -345,33 +347,38 @@ def main(argv):
                      for v in _MD4.value}
   implementations["reference"] = reference_implementation(reference_module, dataset.vocab_size)
   runs = []
-  for seed in range(_SEEDS.value):
+  for seed in range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value):
     runs.append(run_seed(seed, implementations))
     print(json.dumps({"seed": seed, **{name: [value["bits_per_token"], value["stderr"]]
                                        for name, value in runs[-1].items() if name != "seed"}}),
           file=sys.stderr, flush=True)
-  names = list(implementations)
-  result = {
-      "command": "python benchmarks/vs_reference.py " + " ".join(sys.argv[1:]),
-      "source": _SOURCE.value,
-      "entropy_bits_per_token": dataset.entropy_bits_per_token,
-      "settings": {"width": _WIDTH.value, "num_layers": _NUM_LAYERS.value,
-                   "num_heads": _NUM_HEADS.value, "cond_dim": _WIDTH.value // _NUM_HEADS.value,
-                   "mlp_hidden": models.transformer.mlp_hidden_dim(_WIDTH.value, 8 / 3, 32),
-                   "batch_size": _BATCH_SIZE.value, "seq_len": _SEQ_LEN.value,
-                   "steps": _STEPS.value, "learning_rate": LEARNING_RATE,
-                   "warmup_steps": WARMUP_STEPS, "b2": B2, "ema_rate": EMA_RATE,
-                   "eval_sequences": _EVAL_SEQUENCES.value, "eval_times": _EVAL_TIMES.value},
-      "machine": {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
-                  "cpus_in_affinity": len(os.sched_getaffinity(0))},
-      "summary": summarise(runs, names),
-      "runs": runs,
-  }
-  text = json.dumps(result, indent=1)
-  print(text)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(text + "\n")
+    # Written after every seed, so that a run cut short leaves the seeds it finished.
+    result = {
+        "command": "python benchmarks/vs_reference.py " + " ".join(sys.argv[1:]),
+        "source": _SOURCE.value,
+        "entropy_bits_per_token": dataset.entropy_bits_per_token,
+        "settings": settings(),
+        "machine": {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
+                    "cpus_in_affinity": len(os.sched_getaffinity(0)),
+                    "load_average": os.getloadavg()},
+        "seeds": len(runs),
+        "summary": summarise(runs, list(implementations)),
+        "runs": runs,
+    }
+    if _OUTPUT.value:
+      with open(_OUTPUT.value, "w") as f:
+        f.write(json.dumps(result, indent=1) + "\n")
+  print(json.dumps(result, indent=1))
+
+
+def settings() -> dict[str, Any]:
+  return {"width": _WIDTH.value, "num_layers": _NUM_LAYERS.value, "num_heads": _NUM_HEADS.value,
+          "cond_dim": _WIDTH.value // _NUM_HEADS.value,
+          "mlp_hidden": models.transformer.mlp_hidden_dim(_WIDTH.value, 8 / 3, 32),
+          "batch_size": _BATCH_SIZE.value, "seq_len": _SEQ_LEN.value, "steps": _STEPS.value,
+          "learning_rate": LEARNING_RATE, "warmup_steps": WARMUP_STEPS, "b2": B2,
+          "ema_rate": EMA_RATE, "eval_sequences": _EVAL_SEQUENCES.value,
+          "eval_times": _EVAL_TIMES.value}
 
 
 if __name__ == "__main__":
