@@ -17,10 +17,10 @@ logits to 128 and receive no gradient).
 Training, the reference's: batch 512, AdamW (b2 0.999) with 2000 warm-up
 steps then cosine decay to 0 over 1M steps, EMA 0.9999, linear schedule,
 continuous time. Chosen here: gradient clipping at norm 1 (the reference has
-none), bf16 compute with f32 parameters. Differences left: no dropout on
-attention probabilities (fused attention kernels have none), and
-initialisation (normal 0.02 projections, the output projections scaled by
-1 / sqrt(2 * layers)).
+none), bf16 compute with f32 parameters. Initialisation, the reference's
+(`model.embed_init` and `model.kernel_init` "reference": flax nn.Embed's
+table, fan-in kernels, its depth_scaled_init on the MLPs). Difference left:
+no dropout on attention probabilities (fused attention kernels have none).
 
 Slice: a v5litepod-8 (8 v5e chips, data parallel), checked without a TPU by
 `md4-compile --config=configs/text8.py --topology=v5litepod-8`: the train
@@ -43,6 +43,8 @@ def set_md4_small(model: ml_collections.ConfigDict) -> None:
   model.mlp_multiple_of = 32
   model.cond_dim = 64
   model.channel_dropout = True
+  model.embed_init = "reference"
+  model.kernel_init = "reference"
 
 
 def get_config():

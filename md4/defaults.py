@@ -56,10 +56,16 @@ def get_config() -> ml_collections.ConfigDict:
   # table of full width); U-Net, U-ViT: per-channel token width (0: unet_channels).
   # channel_dropout: the transformer's dropout zeroes a feature for a whole
   # sequence (MD4's Dropout1d) instead of single elements.
+  # embed_init, kernel_init: the transformer's initial token tables and block
+  # kernels, "md4" or "reference" (the MD4 reference's laws; the standard
+  # deviations: md4/networks/layers.py: EMBED_INITS, md4/networks/transformer.py: KERNEL_INITS).
+  # The reference's kernels with md4's table trained best of the four pairs
+  # against the reference (benchmarks/README.md, "md4 against the reference").
   config.model = ml_collections.ConfigDict(dict(
       backbone="transformer", width=128, num_layers=2, num_heads=4, mlp_ratio=4.0,
       mlp_multiple_of=1, mlp_type="swiglu", cond_dim=128, embed_dim=0,
-      time_conditioning="adaln", dropout_rate=0.0, channel_dropout=False, attention_impl="",
+      time_conditioning="adaln", dropout_rate=0.0, channel_dropout=False, embed_init="md4",
+      kernel_init="reference", attention_impl="",
       remat_policy="none", scan_layers=False, dtype="float32", custom_kernels=True,
       unet_channels=128, unet_channel_mult=(1,), unet_num_res_blocks=32,
       unet_attention_resolutions=(), unet_norm_groups=32, patch_size=4))

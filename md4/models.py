@@ -125,14 +125,16 @@ def build_network(config: ml_collections.ConfigDict, num_outputs: int, num_class
     raise ValueError(f"config.model.backbone={model.backbone!r}; valid: transformer, unet, "
                      "uvit, dit")
   if embed is None:
-    embed = layers.SequenceEmbed(num_outputs + 1, model.width, model.embed_dim, dtype=dtype)
+    embed = layers.SequenceEmbed(num_outputs + 1, model.width, model.embed_dim,
+                                 embed_init=model.embed_init, dtype=dtype)
   return transformer.Transformer(
       embed=embed, num_outputs=num_outputs, width=model.width,
       num_layers=model.num_layers, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
       mlp_multiple_of=model.mlp_multiple_of, mlp_type=model.mlp_type, cond_dim=model.cond_dim,
       time_conditioning=model.time_conditioning, num_classes=num_classes,
       dropout_rate=model.dropout_rate, channel_dropout=model.channel_dropout,
-      attention_impl=model.attention_impl, remat_policy=model.remat_policy,
+      kernel_init=model.kernel_init, attention_impl=model.attention_impl,
+      remat_policy=model.remat_policy,
       scan_layers=model.scan_layers, dtype=dtype, custom_kernels=model.custom_kernels)
 
 
@@ -365,6 +367,7 @@ class Prime(MaskedDiffusion):
                         shuffle_seed=shuffle_seed, binary=options.binary)
     # Each position's l sub-tokens read b digit values plus their mask id.
     embed = layers.SlotEmbed(codec.base + 1, codec.length, config.model.width,
+                             embed_init=config.model.embed_init,
                              dtype=jnp.dtype(config.model.dtype))
     super().__init__(config, vocab_size, example_shape, num_classes, embed)
     self.codec = codec

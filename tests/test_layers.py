@@ -187,7 +187,7 @@ def test_time_conditioning_none_ignores_t_with_the_same_parameters():
 @pytest.mark.parametrize("channel_dropout", [True, False])
 def test_channel_dropout_drops_a_feature_for_the_whole_sequence(channel_dropout):
   block = transformer.Block(num_heads=2, mlp_dim=16, mlp_type="swiglu", dropout_rate=0.5,
-                            channel_dropout=channel_dropout, out_init_std=0.02,
+                            channel_dropout=channel_dropout, kernel_init="md4", num_layers=1,
                             attention_impl="xla", custom_kernels=False, dtype=jnp.float32)
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 10, 8))
   cond = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
@@ -216,12 +216,12 @@ def test_linear_and_mlp_in_match_dense_general(backend, monkeypatch):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 10, 4, 6))
   init = nn.initializers.normal(0.02)
   mlp_in = functools.partial(transformer.MlpIn, kernel_axes=("embed", None, "mlp"),
-                             kernel_std=0.02, dtype=jnp.float32, custom_kernels=True)
+                             kernel_init=init, dtype=jnp.float32, custom_kernels=True)
   cases = [  # (ours, nn.DenseGeneral, what follows it): kernels narrower and wider than x.
-      (transformer.Linear((5,), ("heads", "head_dim", "embed"), 0.02, jnp.float32, True,
+      (transformer.Linear((5,), ("heads", "head_dim", "embed"), init, jnp.float32, True,
                           num_in_axes=2),
        nn.DenseGeneral(5, axis=(-2, -1), use_bias=False, kernel_init=init), lambda h: h),
-      (transformer.Linear((3, 2, 7), ("embed", None, "heads", "head_dim"), 0.02, jnp.float32,
+      (transformer.Linear((3, 2, 7), ("embed", None, "heads", "head_dim"), init, jnp.float32,
                           True),
        nn.DenseGeneral((3, 2, 7), use_bias=False, kernel_init=init), lambda h: h),
       (mlp_in(features=(2, 9), mlp_type="swiglu"),

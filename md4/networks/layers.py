@@ -109,8 +109,19 @@ def timestep_embedding(t: Array, dim: int, scale: float = 1000.0,
 ONE_HOT_MAX_IDS = 1024
 
 
-# The init and logical axes of every token table.
-_TABLE_INIT = partitioned(nn.initializers.normal(1.0), "vocab", "embed")
+# The token tables' initial laws, by config.model.embed_init: md4's unit normal, or the MD4
+# reference's (flax nn.Embed's default, normal of std 1/sqrt(width of the table)).
+EMBED_INITS = {
+    "md4": nn.initializers.normal(1.0),
+    "reference": nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
+}
+
+
+def table_init(embed_init: str) -> Callable:
+  """The init (with logical axes) of a token table; embed_init names one of EMBED_INITS."""
+  if embed_init not in EMBED_INITS:
+    raise ValueError(f"embed_init={embed_init!r}; valid: {', '.join(EMBED_INITS)}")
+  return partitioned(EMBED_INITS[embed_init], "vocab", "embed")
 
 
 class Embed(nn.Module):
@@ -145,17 +156,19 @@ class SequenceEmbed(nn.Module):
   table_dim = 0 (or features): the table is [num_ids, features]. Otherwise a
   narrower table [num_ids, table_dim] and a Dense to features ("project"), as
   the MD4 reference's text8 model embeds its 28 ids in 64 features.
+  embed_init: the table's initial law, one of EMBED_INITS.
   """
 
   num_ids: int
   features: int
   table_dim: int = 0
+  embed_init: str = "md4"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, ids: Array) -> Array:
     table_dim = self.table_dim or self.features
-    table = Embed(self.num_ids, table_dim, _TABLE_INIT, self.dtype)
+    table = Embed(self.num_ids, table_dim, table_init(self.embed_init), self.dtype)
     # The table's parameter is this module's "embedding", as if it were the Embed itself.
     nn.share_scope(self, table)
     h = table(ids)
@@ -172,11 +185,13 @@ class SlotEmbed(nn.Module):
   Each slot has its own table ("slot0", "slot1", ...) of width
   ceil(features / K); a position's K embeddings are concatenated, and
   projected bias-free to features ("project") only when K does not divide it.
+  embed_init: the tables' initial law, one of EMBED_INITS.
   """
 
   num_ids: int
   num_slots: int
   features: int
+  embed_init: str = "md4"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -186,7 +201,8 @@ class SlotEmbed(nn.Module):
                        f"got shape {ids.shape}")
     slot_width = -(-self.features // self.num_slots)
     h = jnp.concatenate([
-        Embed(self.num_ids, slot_width, _TABLE_INIT, self.dtype, name=f"slot{j}")(ids[..., j])
+        Embed(self.num_ids, slot_width, table_init(self.embed_init), self.dtype,
+              name=f"slot{j}")(ids[..., j])
         for j in range(self.num_slots)
     ], axis=-1)
     if self.num_slots * slot_width == self.features:
@@ -208,7 +224,7 @@ class TokenEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
-    table = Embed(self.vocab_size + 1, self.features, _TABLE_INIT, self.dtype, name="table")
+    table = Embed(self.vocab_size + 1, self.features, table_init("md4"), self.dtype, name="table")
     x = table(z)
     return x.reshape(z.shape[:-1] + (z.shape[-1] * self.features,))
 

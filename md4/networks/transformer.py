@@ -41,8 +41,33 @@ MLP_ACTIVATIONS = {"swiglu": nn.silu, "geglu": nn.gelu, "glu": nn.sigmoid, "gelu
 ADALN_ACTIVATIONS = MLP_ACTIVATIONS | {"gelu": nn.silu}
 
 
-def dense_init(std: float) -> nn.initializers.Initializer:
-  return nn.initializers.normal(stddev=std)
+Initializer = nn.initializers.Initializer
+
+
+def md4_kernel_init(kind: str, num_layers: int, num_in_axes: int,
+                    num_out_axes: int) -> Initializer:
+  """md4's: normal, std 0.02 into the blocks, 0.02 / sqrt(2 num_layers) out of them (GPT-2's)."""
+  del num_in_axes, num_out_axes
+  outward = kind in ("attention_out", "mlp_out")
+  return nn.initializers.normal(0.02 / math.sqrt(2 * num_layers) if outward else 0.02)
+
+
+def reference_kernel_init(kind: str, num_layers: int, num_in_axes: int,
+                          num_out_axes: int) -> Initializer:
+  """The MD4 reference's: truncated normal of variance scale / fan_in (flax's lecun_normal).
+
+  Scale 1 for the attention kernels; 2 / num_layers for both MLP kernels,
+  its depth_scaled_init, which its text configs set.
+  """
+  scale = 2.0 / num_layers if kind in ("mlp_in", "mlp_out") else 1.0
+  return nn.initializers.variance_scaling(
+      scale, "fan_in", "truncated_normal", in_axis=tuple(range(num_in_axes)),
+      out_axis=tuple(range(-num_out_axes, 0)))
+
+
+# config.model.kernel_init -> the law of a block kernel of a kind ("qkv", "attention_out",
+# "mlp_in", "mlp_out"), given the depth and the kernel's input and output axis counts.
+KERNEL_INITS = {"md4": md4_kernel_init, "reference": reference_kernel_init}
 
 
 def mlp_hidden_dim(width: int, mlp_ratio: float, multiple_of: int) -> int:
@@ -63,14 +88,14 @@ class Linear(nn.Module):
 
   features: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
-  kernel_std: float
+  kernel_init: Initializer
   dtype: Dtype
   custom_kernels: bool
   num_in_axes: int = 1
 
   def kernel(self, in_shape: tuple[int, ...]) -> Array:
     """The kernel [*in_shape, *features], in the compute dtype."""
-    init = nn.with_logical_partitioning(dense_init(self.kernel_std), self.kernel_axes)
+    init = nn.with_logical_partitioning(self.kernel_init, self.kernel_axes)
     return self.param("kernel", init, in_shape + self.features, jnp.float32).astype(self.dtype)
 
   @nn.compact
@@ -105,6 +130,7 @@ class Block(nn.Module):
 
   channel_dropout: dropout zeroes a feature across all positions of a sequence
   (the MD4 reference's Dropout1d), not single elements.
+  kernel_init: the kernels' initial laws, one of KERNEL_INITS, for a stack of num_layers blocks.
   """
 
   num_heads: int
@@ -112,7 +138,8 @@ class Block(nn.Module):
   mlp_type: str
   dropout_rate: float
   channel_dropout: bool
-  out_init_std: float
+  kernel_init: str
+  num_layers: int
   attention_impl: str
   custom_kernels: bool
   dtype: Dtype
@@ -134,23 +161,26 @@ class Block(nn.Module):
     norm = functools.partial(nn.LayerNorm, use_bias=False, use_scale=False, dtype=self.dtype)
     h = modulate(norm(name="norm_attention")(x), shift_a, scale_a)
     custom = self.custom_kernels
-    qkv = Linear((3, self.num_heads, head_dim), ("embed", None, "heads", "head_dim"), 0.02,
-                 self.dtype, custom, name="qkv")(h)
+    init = functools.partial(KERNEL_INITS[self.kernel_init], num_layers=self.num_layers)
+    qkv = Linear((3, self.num_heads, head_dim), ("embed", None, "heads", "head_dim"),
+                 init("qkv", num_in_axes=1, num_out_axes=3), self.dtype, custom, name="qkv")(h)
     # One split, whose gradient is one concatenate rather than three pads and adds.
     q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
     q, k = (kernels.rotary(a, custom_kernels=custom) for a in (q, k))
     attended = kernels.dot_product_attention(q, k, v, self.attention_impl, custom_kernels=custom)
-    h = Linear((width,), ("heads", "head_dim", "embed"), self.out_init_std, self.dtype,
-               custom, num_in_axes=2, name="attention_out")(attended)
+    h = Linear((width,), ("heads", "head_dim", "embed"),
+               init("attention_out", num_in_axes=2, num_out_axes=1), self.dtype, custom,
+               num_in_axes=2, name="attention_out")(attended)
     h = dropout(h, deterministic=not train)
     x = x + gate_a[:, None] * h
 
     h = modulate(norm(name="norm_mlp")(x), shift_m, scale_m)
     num_in = 1 if self.mlp_type == "gelu" else 2
-    h = MlpIn((num_in, self.mlp_dim), ("embed", None, "mlp"), 0.02, self.dtype, custom,
+    h = MlpIn((num_in, self.mlp_dim), ("embed", None, "mlp"),
+              init("mlp_in", num_in_axes=1, num_out_axes=2), self.dtype, custom,
               mlp_type=self.mlp_type, name="mlp_in")(h)
-    h = Linear((width,), ("mlp", "embed"), self.out_init_std, self.dtype, custom,
-               name="mlp_out")(h)
+    h = Linear((width,), ("mlp", "embed"), init("mlp_out", num_in_axes=1, num_out_axes=1),
+               self.dtype, custom, name="mlp_out")(h)
     h = dropout(h, deterministic=not train)
     return x + gate_m[:, None] * h
 
@@ -183,6 +213,9 @@ class Transformer(nn.Module):
     num_classes: class labels for conditioning (0 = none); id num_classes is
       the null label used by classifier-free guidance.
     channel_dropout: see `Block`.
+    kernel_init: the block kernels' initial laws, one of KERNEL_INITS: "md4"
+      (normal, std 0.02, outputs 0.02 / sqrt(2 num_layers)) or "reference" (the
+      MD4 reference's fan-in laws, `reference_kernel_init`).
     custom_kernels: the custom VJPs and Pallas kernel of `kernels`; False: library ops.
   """
 
@@ -199,6 +232,7 @@ class Transformer(nn.Module):
   num_classes: int = 0
   dropout_rate: float = 0.0
   channel_dropout: bool = False
+  kernel_init: str = "md4"
   attention_impl: str = ""
   remat_policy: str = "none"
   scan_layers: bool = False
@@ -216,6 +250,9 @@ class Transformer(nn.Module):
     if self.mlp_type not in MLP_ACTIVATIONS:
       raise ValueError(f"mlp_type must be one of {sorted(MLP_ACTIVATIONS)}, "
                        f"got {self.mlp_type!r}")
+    if self.kernel_init not in KERNEL_INITS:
+      raise ValueError(f"kernel_init must be one of {sorted(KERNEL_INITS)}, "
+                       f"got {self.kernel_init!r}")
     if self.time_conditioning not in ("adaln", "none"):
       raise ValueError(f"time_conditioning must be 'adaln' or 'none', got "
                        f"{self.time_conditioning!r}")
@@ -232,7 +269,8 @@ class Transformer(nn.Module):
         num_heads=self.num_heads,
         mlp_dim=mlp_hidden_dim(self.width, self.mlp_ratio, self.mlp_multiple_of),
         mlp_type=self.mlp_type, dropout_rate=self.dropout_rate,
-        channel_dropout=self.channel_dropout, out_init_std=0.02 / math.sqrt(2 * self.num_layers),
+        channel_dropout=self.channel_dropout, kernel_init=self.kernel_init,
+        num_layers=self.num_layers,
         attention_impl=self.attention_impl, custom_kernels=self.custom_kernels, dtype=self.dtype)
     block_class = ScannedBlock if self.scan_layers else Block
     if self.remat_policy != "none":
