@@ -136,8 +136,12 @@ def compile_steps(config: ml_collections.ConfigDict, model: models.Model,
   data_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_sharding)
-  step = jax.jit(sharding_lib.traced_with_rules(
-      config, mesh, functools.partial(train_step, model, tx, config)),
+  step_fn = functools.partial(train_step, model, tx, config)
+  # Only the transformer constrains its activations (fsdp: md4.runtime.sharding.traced_with_rules);
+  # the image networks' attention kernels, reshaped by DenseGeneral, fail flax's unbox under rules.
+  if config.model.backbone == "transformer":
+    step_fn = sharding_lib.traced_with_rules(config, mesh, step_fn)
+  step = jax.jit(step_fn,
                  in_shardings=(state_sharding, data_sharding, replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   evaluate_step = likelihood.compile_eval_step(model, mesh, state_sharding.ema_params,

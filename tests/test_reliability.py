@@ -201,7 +201,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues(tmp_path):
   assert message.startswith("md4: Preempted at step ") and "re-run the same command" in message
   step = int(message.split("Preempted at step ")[1].split(":")[0])
   assert (tmp_path / "checkpoints" / str(step)).is_dir()
-  assert not (tmp_path / "md4.runtime.lock").exists()
+  assert not (tmp_path / "md4.lock").exists()
   rerun = run(main_command(tmp_path, f"--config.num_train_steps={step + 2}",
                            "--config.checkpoint_every_steps=100000"))
   assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -254,7 +254,7 @@ def test_sigterm_while_sampling_exits_within_seconds_with_the_step_saved(tmp_pat
   assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
   assert stderr.strip().splitlines()[-1].startswith("md4: Preempted while sampling")
   assert (tmp_path / "checkpoints/3").is_dir()
-  assert not (tmp_path / "md4.runtime.lock").exists()
+  assert not (tmp_path / "md4.lock").exists()
 
   # md4.evaluate sampling from that checkpoint: the same.
   evaluating = subprocess.Popen(
@@ -369,25 +369,25 @@ def test_a_second_run_on_a_locked_workdir_stops_naming_the_first(tmp_path):
     assert time.time() - start < 60 and not (tmp_path / "checkpoints").exists()
   finally:
     first.release()
-  assert not (tmp_path / "md4.runtime.lock").exists()
+  assert not (tmp_path / "md4.lock").exists()
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
   from md4.runtime import lock  # pylint: disable=g-import-not-at-top
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True, check=True)
-  (tmp_path / "md4.runtime.lock").write_text(json.dumps(
+  (tmp_path / "md4.lock").write_text(json.dumps(
       {"host": socket.gethostname(), "pid": int(dead.stdout), "token": "old",
        "started": time.time(), "refreshed": time.time()}))
   other_host = tmp_path / "other"
   other_host.mkdir()
-  (other_host / "md4.runtime.lock").write_text(json.dumps(
+  (other_host / "md4.lock").write_text(json.dumps(
       {"host": "elsewhere", "pid": 1, "token": "old", "started": 0.0,
        "refreshed": time.time() - lock.STALE_SECONDS - 1}))
   for workdir in (tmp_path, other_host):
     held = lock.WorkdirLock(workdir)
     held.acquire()
-    assert json.loads((workdir / "md4.runtime.lock").read_text())["pid"] == os.getpid()
+    assert json.loads((workdir / "md4.lock").read_text())["pid"] == os.getpid()
     held.release()
   assert "is gone" in caplog.text and "minutes ago" in caplog.text
 
@@ -396,8 +396,10 @@ def test_an_empty_lock_is_taken_over_once_old_and_named_while_fresh(tmp_path, ca
   from md4.runtime import lock  # pylint: disable=g-import-not-at-top
   path = tmp_path / "md4.lock"
   path.write_bytes(b"")
+  fresh = time.time() + 60  # Fresh however slowly the retries run: a holder may be writing it.
+  os.utime(path, (fresh, fresh))
   with pytest.raises(lock.WorkdirLockedError, match=f"delete {path}"):
-    lock.WorkdirLock(tmp_path).acquire()  # Fresh: a holder may be writing it.
+    lock.WorkdirLock(tmp_path).acquire()
   old = time.time() - lock.DAMAGED_SECONDS - 1
   os.utime(path, (old, old))
   held = lock.WorkdirLock(tmp_path)

@@ -20,7 +20,7 @@ from etils import epath
 
 from md4.runtime import storage
 
-LOCK_FILE = "md4.runtime.lock"
+LOCK_FILE = "md4.lock"
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 600.0
 # A lock file that holds no record this long after its last change was left by a crash.

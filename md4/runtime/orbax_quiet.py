@@ -6,7 +6,8 @@ still in flight when a restore gives up fail later, when tensorstore calls
 back into the closed event loop or when their coroutines are collected; they
 say nothing the restore's own error did not. `quiet` silences both for the
 duration of a restore and puts back every logger level, filter and hook it
-touched. `tests/test_reliability.py: test_orbax_quiet_still_has_reads_to_silence`
+touched; after a failed read it leaves its two filters (which drop nothing but
+such reads) for the rest of the process, since the abandoned reads fail later. `tests/test_reliability.py: test_orbax_quiet_still_has_reads_to_silence`
 fails when Orbax stops leaving such reads behind (then this module can go).
 """
 
@@ -67,8 +68,13 @@ def quiet() -> Iterator[list[BaseException]]:
   sys.unraisablehook = filtered
   try:
     yield silenced
-  finally:
-    gc.collect()  # The abandoned reads' coroutines are collected now, while filtered.
-    sys.unraisablehook = unraisablehook
-    asyncio_logger.removeFilter(records)
+  except BaseException:
+    # A failed restore leaves reads in flight that fail later, even at exit: the two filters,
+    # which drop nothing but such reads, stay for the rest of the process.
+    gc.collect()
     orbax_logger.setLevel(level)
+    raise
+  gc.collect()  # The abandoned reads' coroutines are collected now, while filtered.
+  sys.unraisablehook = unraisablehook
+  asyncio_logger.removeFilter(records)
+  orbax_logger.setLevel(level)
