@@ -27,7 +27,8 @@ options as JSON.
 
 Results go to OUT/results_step_<N>.json (OUT = DIR/eval or --output_dir),
 merged with what earlier runs at that step wrote, samples to
-OUT/samples_step_<N>.* (`md4.samples`), and a summary to stdout.
+OUT/samples_step_<N>.* (`md4.samples`; a later run's as samples_step_<N>_2.* and so on,
+never over an earlier run's), and a summary to stdout.
 """
 
 import dataclasses
@@ -387,8 +388,8 @@ def run(options: Options) -> dict[str, Any]:
                      sampler=sampler_name, sampler_options=sampler_options, **settings)
     files = []
     if jax.process_index() == 0:
-      files = samples_lib.write(out_dir, f"samples_step_{checkpoint.step}",
-                                np.asarray(drawn.tokens), dataset)
+      files = samples_lib.write(out_dir, samples_lib.unused_name(
+          out_dir, f"samples_step_{checkpoint.step}"), np.asarray(drawn.tokens), dataset)
     quality = {}
     if options.prefix is None and options.infill is None:  # Conditioned samples follow another law.
       quality = sample_quality.scores(np.asarray(drawn.tokens), dataset, options.seed)

@@ -7,12 +7,20 @@
 """
 
 import io
+import itertools
 
 from etils import epath
 import numpy as np
 
 from md4 import data as data_lib
 from md4 import visualize
+
+
+def unused_name(folder: epath.Path, name: str) -> str:
+  """name, or name_2, name_3, ...: the first that no file of folder starts with (then a dot)."""
+  taken = {path.name.split(".")[0] for path in folder.iterdir()} if folder.exists() else set()
+  candidates = itertools.chain([name], (f"{name}_{run}" for run in itertools.count(2)))
+  return next(candidate for candidate in candidates if candidate not in taken)
 
 
 def write(folder: epath.Path, name: str, tokens: np.ndarray, dataset: data_lib.Dataset,

@@ -175,6 +175,11 @@ def test_sample_with_an_infill_template_keeps_the_given_text(workdir, tmp_path):
   ids = np.load(ids_file)
   assert ids.shape == (3, SEQ_LEN)
   assert alphabet.decode(ids[0]) == texts[0]
+  # A second run into the same folder keeps the first run's samples.
+  again = run(workdir, nelbo=False, sample=True, num_samples=2, steps=6, output_dir=str(tmp_path))
+  second = tmp_path / f"samples_step_{TRAIN_STEPS}_2.txt"
+  assert again["samples"]["files"][0] == str(second) and len(second.read_text().splitlines()) == 2
+  assert text_file.read_text().splitlines() == texts
 
 
 def test_cli_on_eight_devices_samples_with_a_prefix_and_matches_one_device(
