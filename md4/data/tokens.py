@@ -169,20 +169,25 @@ def train_tokenizer(paths: Sequence[pathlib.Path], documents: str, model_path: p
     raise ValueError(f"tokens.max_training_sentences must be >= 1, got {max_sentences}")
   total = sum(path.stat().st_size for path in paths)
   counts = {"kept": 0, "too_long": 0}
+  reading_errors = []  # Some SentencePiece releases end the input at an error, not raising it.
 
   def sentences() -> Iterator[str]:
     with progress_lib.bar(total, "training tokenizer", "B", enabled=progress,
                           unit_scale=True) as bar:
-      for document, consumed in iter_documents(paths, documents):
-        bar.update(consumed)
-        for line in document.split("\n"):
-          if not line.strip():
-            continue
-          if len(line.encode("utf-8")) > _MAX_SENTENCE_BYTES:  # SentencePiece would drop it.
-            counts["too_long"] += 1
-            continue
-          counts["kept"] += 1
-          yield line
+      try:
+        for document, consumed in iter_documents(paths, documents):
+          bar.update(consumed)
+          for line in document.split("\n"):
+            if not line.strip():
+              continue
+            if len(line.encode("utf-8")) > _MAX_SENTENCE_BYTES:  # SentencePiece would drop it.
+              counts["too_long"] += 1
+              continue
+            counts["kept"] += 1
+            yield line
+      except Exception as error:  # pylint: disable=broad-except
+        reading_errors.append(error)
+        raise
 
   model = io.BytesIO()
   spm.set_random_generator_seed(0)  # Sentence sampling: the same corpus gives the same model.
@@ -194,6 +199,8 @@ def train_tokenizer(paths: Sequence[pathlib.Path], documents: str, model_path: p
         max_sentence_length=_MAX_SENTENCE_BYTES, unk_id=_UNK_ID, eos_id=_EOS_ID,
         bos_id=-1, pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as error:
+    if reading_errors:
+      raise reading_errors[0]  # pylint: disable=raise-missing-from
     if not counts["kept"]:
       raise ValueError(
           f"the corpus ({len(paths)} file(s), tokens.path) has no line to train a tokenizer on: "
