@@ -47,8 +47,8 @@ from typing import Any
 from absl import flags
 from absl import logging
 
-from md4.runtime import errors
 from md4 import main as main_lib
+from md4.runtime import errors
 from md4.runtime import startup
 
 GiB = 1 << 30

@@ -46,26 +46,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from md4.runtime import checkpointing
-from md4.runtime import compilation_cache
 from md4 import data as data_lib
 from md4 import defaults
 from md4 import eval_results
-from md4.runtime import errors
 from md4 import judge as judge_lib
 from md4 import likelihood
 from md4 import models
-from md4.runtime import progress
-from md4.runtime import preemption as preemption_lib
 from md4 import sample_quality
-from md4 import samples as samples_lib
 from md4 import samplers
-from md4.runtime import sharding as sharding_lib
-from md4.runtime import storage
+from md4 import samples as samples_lib
 from md4 import trainer as trainer_lib
 from md4.data import pipeline
 from md4.data import tokens
 from md4.data import zero_shot
+from md4.runtime import checkpointing
+from md4.runtime import compilation_cache
+from md4.runtime import errors
+from md4.runtime import preemption as preemption_lib
+from md4.runtime import progress
+from md4.runtime import sharding as sharding_lib
+from md4.runtime import storage
 
 Batch = dict[str, np.ndarray]
 
@@ -176,7 +176,7 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
 def nelbo_per_sequence(checkpoint: Checkpoint, batches: Iterator[Batch], *, num_t: int = 8,
                        num_batches: int = -1, seed: int = 0) -> np.ndarray:
   """Stratified NELBO estimates float64 [N], nats per sequence (`md4.likelihood`)."""
-  step = likelihood.compile_eval_step(checkpoint.model, checkpoint.mesh,
+  step = likelihood.compile_eval_step(checkpoint.config, checkpoint.model, checkpoint.mesh,
                                       checkpoint.params_sharding, num_t)
   return likelihood.nelbo_per_sequence(step, checkpoint.params, batches,
                                        sharding_lib.batch_sharding(checkpoint.mesh),
@@ -279,7 +279,8 @@ def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int, steps:
                         **options)
 
   replicated = sharding_lib.replicated(checkpoint.mesh)
-  draw = jax.jit(draw, in_shardings=(checkpoint.params_sharding, replicated),
+  draw = jax.jit(sharding_lib.traced_with_rules(config, checkpoint.mesh, draw),
+                 in_shardings=(checkpoint.params_sharding, replicated),
                  out_shardings=replicated)
   with progress.bar(model.network_calls(name, steps), f"sampling {num_samples}", "call"):
     return jax.device_get(draw(checkpoint.params, rng))

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from md4 import models
@@ -46,13 +47,16 @@ def eval_step(model: models.Model, batch_sharding: jax.sharding.NamedSharding, n
   return model.loss(params, tiled, rng, False).nelbo.reshape(num_t, -1).mean(axis=0)
 
 
-def compile_eval_step(model: models.Model, mesh: jax.sharding.Mesh, params_sharding: Any,
+def compile_eval_step(config: ml_collections.ConfigDict, model: models.Model,
+                      mesh: jax.sharding.Mesh, params_sharding: Any,
                       num_t: int) -> Callable[[Any, dict[str, Array], Array], Array]:
-  """eval_step jitted: (params, global batch [B, ...], rng) -> NELBO nats [B], replicated."""
+  """eval_step jitted under the config's logical-axis rules: (params, global batch [B, ...],
+  rng) -> NELBO nats [B], replicated."""
   if isinstance(num_t, bool) or not isinstance(num_t, int) or num_t < 1:
     raise ValueError(f"num_t must be an int >= 1, got {num_t!r}")
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  return jax.jit(functools.partial(eval_step, model, batch_sharding, num_t),
+  step = functools.partial(eval_step, model, batch_sharding, num_t)
+  return jax.jit(sharding_lib.traced_with_rules(config, mesh, step),
                  in_shardings=(params_sharding, batch_sharding, sharding_lib.replicated(mesh)),
                  out_shardings=sharding_lib.replicated(mesh))
 

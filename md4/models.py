@@ -8,6 +8,7 @@ samplers walk (`md4.samplers`). Parameters are a dict {"network": ...}
 supports.
 """
 
+import dataclasses
 import math
 from typing import Any, Protocol
 
@@ -20,7 +21,6 @@ import ml_collections
 from md4 import diffusion
 from md4 import genmd4
 from md4 import prime
-from md4.runtime import progress
 from md4 import samplers
 from md4 import schedule as schedule_lib
 from md4.networks import dit
@@ -29,6 +29,7 @@ from md4.networks import learned_schedule
 from md4.networks import transformer
 from md4.networks import unet
 from md4.networks import uvit
+from md4.runtime import progress
 
 Array = jnp.ndarray
 Params = Any
@@ -85,57 +86,35 @@ class Model(Protocol):
     """The most network calls one `sample` makes (its nfe is at most this)."""
 
 
-def build_network(config: ml_collections.ConfigDict, num_outputs: int, num_classes: int,
+# config.model.backbone -> its network. A network's fields carry the names of the
+# config.model keys it reads, and it is built from those keys as they are.
+BACKBONES: dict[str, type[nn.Module]] = {
+    "transformer": transformer.Transformer, "unet": unet.UNet, "uvit": uvit.UViT,
+    "dit": dit.DiT}
+
+
+def build_network(config: ml_collections.ConfigDict, vocab_size: int, num_classes: int,
                   embed: nn.Module | None = None) -> nn.Module:
-  """The backbone config.model.backbone names, emitting num_outputs logits per position.
+  """The backbone config.model.backbone names, emitting vocab_size logits per position.
 
   embed maps the transformer's input ids to embeddings (default: one table of
-  num_outputs + 1 rows, the mask last); the image backbones read pixel tokens.
+  vocab_size + 1 rows, the mask last); the image backbones read pixel tokens.
   """
   model = config.model
-  dtype = jnp.dtype(model.dtype)
-  if model.backbone in ("unet", "uvit", "dit") and embed is not None:
+  if model.backbone not in BACKBONES:
+    raise ValueError(f"config.model.backbone={model.backbone!r}; valid: {', '.join(BACKBONES)}")
+  network_class = BACKBONES[model.backbone]
+  fields = {field.name for field in dataclasses.fields(network_class)}
+  options = {key: value for key, value in model.items() if key in fields}
+  options.update(vocab_size=vocab_size, num_classes=num_classes, dtype=jnp.dtype(model.dtype))
+  if "embed" in fields:
+    options["embed"] = embed or layers.SequenceEmbed(
+        vocab_size + 1, model.width, model.embed_dim, embed_init=model.embed_init,
+        dtype=options["dtype"])
+  elif embed is not None:
     raise ValueError(f"config.model.backbone={model.backbone!r} reads pixel tokens; use "
                      "the transformer backbone for this model type")
-  if model.backbone == "unet":
-    return unet.UNet(
-        vocab_size=num_outputs, channels=model.unet_channels,
-        channel_mult=tuple(model.unet_channel_mult), num_res_blocks=model.unet_num_res_blocks,
-        attention_resolutions=tuple(model.unet_attention_resolutions),
-        num_heads=model.num_heads, dropout=model.dropout_rate,
-        token_embed_dim=model.embed_dim or model.unet_channels, cond_dim=model.cond_dim,
-        num_classes=num_classes, norm_groups=model.unet_norm_groups, dtype=dtype,
-        attention_impl=model.attention_impl, custom_kernels=model.custom_kernels)
-  if model.backbone == "uvit":
-    return uvit.UViT(
-        vocab_size=num_outputs, channels=model.unet_channels,
-        channel_mult=tuple(model.unet_channel_mult), num_res_blocks=model.unet_num_res_blocks,
-        dit_width=model.width, dit_depth=model.num_layers, dit_num_heads=model.num_heads,
-        mlp_ratio=model.mlp_ratio, patch_size=model.patch_size, dropout=model.dropout_rate,
-        token_embed_dim=model.embed_dim or model.unet_channels, cond_dim=model.cond_dim,
-        num_classes=num_classes, norm_groups=model.unet_norm_groups, dtype=dtype,
-        attention_impl=model.attention_impl, custom_kernels=model.custom_kernels)
-  if model.backbone == "dit":
-    return dit.DiT(
-        vocab_size=num_outputs, patch_size=model.patch_size, width=model.width,
-        depth=model.num_layers, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
-        dropout=model.dropout_rate, num_classes=num_classes, dtype=dtype,
-        attention_impl=model.attention_impl, custom_kernels=model.custom_kernels)
-  if model.backbone != "transformer":
-    raise ValueError(f"config.model.backbone={model.backbone!r}; valid: transformer, unet, "
-                     "uvit, dit")
-  if embed is None:
-    embed = layers.SequenceEmbed(num_outputs + 1, model.width, model.embed_dim,
-                                 embed_init=model.embed_init, dtype=dtype)
-  return transformer.Transformer(
-      embed=embed, num_outputs=num_outputs, width=model.width,
-      num_layers=model.num_layers, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
-      mlp_multiple_of=model.mlp_multiple_of, mlp_type=model.mlp_type, cond_dim=model.cond_dim,
-      time_conditioning=model.time_conditioning, num_classes=num_classes,
-      dropout_rate=model.dropout_rate, channel_dropout=model.channel_dropout,
-      kernel_init=model.kernel_init, attention_impl=model.attention_impl,
-      remat_policy=model.remat_policy,
-      scan_layers=model.scan_layers, dtype=dtype, custom_kernels=model.custom_kernels)
+  return network_class(**options)
 
 
 class MaskedDiffusion:

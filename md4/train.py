@@ -19,22 +19,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from md4.runtime import checkpointing
-from md4.runtime import compilation_cache
 from md4 import data as data_lib
 from md4 import defaults
-from md4.runtime import errors
 from md4 import likelihood
-from md4.runtime import lock
-from md4.runtime import metric_writers
 from md4 import models
-from md4.runtime import preemption as preemption_lib
-from md4.runtime import progress as progress_lib
 from md4 import sample_quality
 from md4 import samples as samples_lib
+from md4 import trainer as trainer_lib
+from md4.runtime import checkpointing
+from md4.runtime import compilation_cache
+from md4.runtime import errors
+from md4.runtime import lock
+from md4.runtime import metric_writers
+from md4.runtime import preemption as preemption_lib
+from md4.runtime import progress as progress_lib
 from md4.runtime import sharding as sharding_lib
 from md4.runtime import storage
-from md4 import trainer as trainer_lib
 
 Array = jnp.ndarray
 Metrics = dict[str, Array]

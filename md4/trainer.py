@@ -136,17 +136,14 @@ def compile_steps(config: ml_collections.ConfigDict, model: models.Model,
   data_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_sharding)
-  step_fn = functools.partial(train_step, model, tx, config)
-  # Only the transformer constrains its activations (fsdp: md4.runtime.sharding.traced_with_rules);
-  # the image networks' attention kernels, reshaped by DenseGeneral, fail flax's unbox under rules.
-  if config.model.backbone == "transformer":
-    step_fn = sharding_lib.traced_with_rules(config, mesh, step_fn)
-  step = jax.jit(step_fn,
+  # Traced under the mesh's logical-axis rules, the networks' activation constraints apply.
+  with_rules = functools.partial(sharding_lib.traced_with_rules, config, mesh)
+  step = jax.jit(with_rules(functools.partial(train_step, model, tx, config)),
                  in_shardings=(state_sharding, data_sharding, replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  evaluate_step = likelihood.compile_eval_step(model, mesh, state_sharding.ema_params,
+  evaluate_step = likelihood.compile_eval_step(config, model, mesh, state_sharding.ema_params,
                                                config.eval_num_t)
-  sample = jax.jit(functools.partial(sample_from_config, model, config),
+  sample = jax.jit(with_rules(functools.partial(sample_from_config, model, config)),
                    static_argnums=(2, 3), in_shardings=(state_sharding.ema_params, replicated),
                    out_shardings=replicated)
   return Trainer(model, mesh, state_sharding, data_sharding, init, step, evaluate_step, sample)

@@ -14,6 +14,7 @@ import pytest
 import sentencepiece as spm
 
 from md4 import data as data_lib
+from md4.data import document_files
 from md4.data import tokenizer
 from md4.data import tokens
 from tests import helpers
@@ -173,7 +174,7 @@ def test_a_given_model_is_used_and_an_end_of_document_id_added_if_missing(tmp_pa
 def test_document_formats(tmp_path, documents, content, expected):
   path = tmp_path / "corpus"
   path.write_bytes(content.encode("utf-8"))
-  found = list(tokens.iter_documents([path], documents))
+  found = list(document_files.iter_documents([path], documents))
   assert [text for text, _ in found] == expected
   assert sum(consumed for _, consumed in found) == len(content.encode("utf-8"))
 
@@ -204,7 +205,7 @@ def test_openwebtext_archives_parquet_and_arrow_give_the_same_documents(tmp_path
       "openwebtext/urlsf_subset00-1_data.xz": subset(OWT_TEXTS[:3], 0),
       "openwebtext/._urlsf_subset00-1_data.xz": b"resource fork, skipped",
       "openwebtext/urlsf_subset00-2_data.xz": subset(OWT_TEXTS[3:], 3)}))
-  found = list(tokens.iter_documents([tmp_path / "urlsf_subset00.tar"], "openwebtext"))
+  found = list(document_files.iter_documents([tmp_path / "urlsf_subset00.tar"], "openwebtext"))
   assert [text for text, _ in found] == OWT_DOCUMENTS
   assert sum(read for _, read in found) <= (tmp_path / "urlsf_subset00.tar").stat().st_size
 
@@ -219,17 +220,17 @@ def test_openwebtext_archives_parquet_and_arrow_give_the_same_documents(tmp_path
   for name, documents in (("train-00000-of-00001.parquet", "parquet"),
                           ("data-00000-of-00001.arrow", "arrow"),
                           ("file-format.arrow", "arrow")):
-    found = list(tokens.iter_documents([tmp_path / name], documents))
+    found = list(document_files.iter_documents([tmp_path / name], documents))
     assert [text for text, _ in found] == OWT_DOCUMENTS
     # Bytes read, for the progress bar: all of it, but an Arrow stream's few closing bytes.
     assert 0.9 < sum(read for _, read in found) / (tmp_path / name).stat().st_size <= 1
 
   pq.write_table(pa.table({"content": ["x"]}), tmp_path / "other.parquet")
   with pytest.raises(ValueError, match="other.parquet: no column 'text'"):
-    list(tokens.iter_documents([tmp_path / "other.parquet"], "parquet"))
+    list(document_files.iter_documents([tmp_path / "other.parquet"], "parquet"))
   (tmp_path / "truncated.tar").write_bytes((tmp_path / "urlsf_subset00.tar").read_bytes()[:3000])
   with pytest.raises(ValueError, match="truncated.tar: a damaged or truncated archive"):
-    list(tokens.iter_documents([tmp_path / "truncated.tar"], "openwebtext"))
+    list(document_files.iter_documents([tmp_path / "truncated.tar"], "openwebtext"))
 
 
 def test_invalid_options_are_rejected(tmp_path, corpus):
@@ -245,7 +246,7 @@ def test_invalid_options_are_rejected(tmp_path, corpus):
                          tmp_path / "out")
   (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n[1, 2]\n')
   with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON object"):
-    list(tokens.iter_documents([tmp_path / "bad.jsonl"], "jsonl"))
+    list(document_files.iter_documents([tmp_path / "bad.jsonl"], "jsonl"))
   with pytest.raises(ValueError, match="unknown config key 'tokens.kind'"):
     _config(path, tmp_path / "out", kind="markov")
 

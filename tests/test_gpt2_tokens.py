@@ -25,6 +25,7 @@ from md4 import defaults
 from md4 import eval_results
 from md4 import evaluate
 from md4 import train
+from md4.data import document_files
 from md4.data import tokenizer as tokenizer_lib
 from md4.data import tokens
 from md4.data import zero_shot
@@ -74,7 +75,7 @@ def tiktoken_cache(tmp_path, monkeypatch):
 
 def _documents() -> list[str]:
   """The play's speeches, a document each (blank-line separated)."""
-  return [text for text, _ in tokens.iter_documents([SHAKESPEARE], "blank_line")]
+  return [text for text, _ in document_files.iter_documents([SHAKESPEARE], "blank_line")]
 
 
 TEXTS = ["First Citizen:\nBefore we proceed any further, hear me speak.",

@@ -27,16 +27,16 @@ def key(seed: int) -> jax.Array:
 def make(kind: str, num_classes: int = NUM_CLASSES, **overrides) -> nn.Module:
   """A tiny backbone; one instance per configuration, so jit caches are shared."""
   if kind == "unet":
-    kwargs = dict(channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                  attention_resolutions=(4,), num_heads=2, dropout=0.1,
-                  token_embed_dim=4, norm_groups=4)
+    kwargs = dict(unet_channels=8, unet_channel_mult=(1, 2), unet_num_res_blocks=1,
+                  unet_attention_resolutions=(4,), num_heads=2, dropout_rate=0.1,
+                  embed_dim=4, unet_norm_groups=4)
     return unet.UNet(num_classes=num_classes, **(kwargs | overrides))
   if kind == "uvit":
-    kwargs = dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, dit_width=16,
-                  dit_depth=1, dit_num_heads=2, patch_size=2, dropout=0.1,
-                  token_embed_dim=4, cond_dim=8, norm_groups=4)
+    kwargs = dict(unet_channels=8, unet_channel_mult=(1, 2), unet_num_res_blocks=1, width=16,
+                  num_layers=1, num_heads=2, patch_size=2, dropout_rate=0.1,
+                  embed_dim=4, cond_dim=8, unet_norm_groups=4)
     return uvit.UViT(num_classes=num_classes, **(kwargs | overrides))
-  kwargs = dict(patch_size=2, width=16, depth=2, num_heads=2, dropout=0.1,
+  kwargs = dict(patch_size=2, width=16, num_layers=2, num_heads=2, dropout_rate=0.1,
                 token_embed_dim=4, frequency_dim=16)
   return dit.DiT(num_classes=num_classes, **(kwargs | overrides))
 
@@ -201,7 +201,7 @@ def test_dropout_in_train_mode(kind):
 def test_train_mode_without_dropout_equals_eval(kind):
   params = random_params(make(kind))
   z, t, label = inputs()
-  train_out = jitted(kind, dropout=0.0)(params, z, t, label, train=True,
+  train_out = jitted(kind, dropout_rate=0.0)(params, z, t, label, train=True,
                                         rngs={"dropout": key(0)})
   np.testing.assert_allclose(train_out, jitted(kind)(params, z, t, label),
                              rtol=1e-5, atol=1e-6)
@@ -243,9 +243,9 @@ def test_bad_inputs_raise(kind):
 def test_dit_patch_layout():
   """With no blocks, a pixel's logits see only its own p x p patch: changing one
   token changes exactly the logits of the pixels in that patch."""
-  params = random_params(make("dit", depth=0))
+  params = random_params(make("dit", num_layers=0))
   z, t, label = inputs()
-  apply = jitted("dit", depth=0)
+  apply = jitted("dit", num_layers=0)
   base = apply(params, z, t, label)
   changed = apply(params, z.at[:, 5, 2, 1].set((z[:, 5, 2, 1] + 1) % VOCAB),
                   t, label)
@@ -262,16 +262,17 @@ def test_dit_rejects_indivisible_image():
 
 def test_unet_size_checks():
   with pytest.raises(ValueError, match="norm_groups"):
-    param_shapes(make("unet", norm_groups=3))
+    param_shapes(make("unet", unet_norm_groups=3))
   z, t, label = inputs(size=6)
-  model = make("unet", channel_mult=(1, 1, 1))
+  model = make("unet", unet_channel_mult=(1, 1, 1))
   with pytest.raises(ValueError, match="divisible"):
     jax.eval_shape(model.init, jax.random.key(0), z, t, label)
 
 
 def test_unet_without_downsampling():
-  """channel_mult=(1,) (MD4's CIFAR-10 layout) keeps the full resolution."""
-  overrides = dict(channel_mult=(1,), num_res_blocks=2, attention_resolutions=())
+  """unet_channel_mult=(1,) (MD4's CIFAR-10 layout) keeps the full resolution."""
+  overrides = dict(unet_channel_mult=(1,), unet_num_res_blocks=2,
+                   unet_attention_resolutions=())
   names = param_shapes(make("unet", **overrides))
   assert not any("resample" in name for name in names)
   assert sum(name.startswith("up_0_res") for name in names) == 3

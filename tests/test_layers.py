@@ -130,7 +130,7 @@ def test_slot_embed_concatenates_one_table_per_slot(num_slots, projected):
 
 def test_transformer_reads_its_input_through_embed():
   t = jnp.array([0.3, 0.8])
-  make = functools.partial(transformer.Transformer, num_outputs=27, width=32, num_layers=1,
+  make = functools.partial(transformer.Transformer, vocab_size=27, width=32, num_layers=1,
                            num_heads=4)
   ids = jnp.zeros((2, 7, 3), jnp.int32)
   shapes = boxed_shapes(make(embed=layers.SlotEmbed(5, 3, 32)), ids, t)
@@ -146,7 +146,7 @@ def test_mlp_hidden_width_rounds_up():
   assert transformer.mlp_hidden_dim(1024, 8 / 3, 32) == 2752  # int(2730.7) -> 2752.
   assert transformer.mlp_hidden_dim(128, 4.0, 1) == 512
   make = functools.partial(transformer.Transformer, embed=layers.SequenceEmbed(28, 32),
-                           num_outputs=27, width=32, num_layers=1, num_heads=4,
+                           vocab_size=27, width=32, num_layers=1, num_heads=4,
                            mlp_ratio=8 / 3, mlp_multiple_of=16)
   ids, t = jnp.zeros((2, 7), jnp.int32), jnp.zeros((2,))
   assert boxed_shapes(make(), ids, t)["block0/mlp_in/kernel"][0] == (32, 2, 96)
@@ -155,7 +155,7 @@ def test_mlp_hidden_width_rounds_up():
 
 
 def tiny_transformer(**overrides) -> nn.Module:
-  kwargs = dict(embed=layers.SequenceEmbed(28, 32), num_outputs=27, width=32, num_layers=2,
+  kwargs = dict(embed=layers.SequenceEmbed(28, 32), vocab_size=27, width=32, num_layers=2,
                 num_heads=4, cond_dim=8)
   return transformer.Transformer(**(kwargs | overrides))
 
@@ -324,14 +324,14 @@ def test_rotary_rotates_pairs_and_its_gradient_rotates_back():
 BACKBONES = {  # Tiny backbones and their inputs: token ids z, times t [B].
     "transformer": (
         functools.partial(transformer.Transformer, embed=layers.SequenceEmbed(28, 32),
-                          num_outputs=27, width=32, num_layers=2, num_heads=4),
+                          vocab_size=27, width=32, num_layers=2, num_heads=4),
         jnp.arange(2 * 16, dtype=jnp.int32).reshape(2, 16) % 28),
     "unet": (
-        functools.partial(unet.UNet, channels=8, num_res_blocks=1, num_heads=2, dropout=0.0,
-                          token_embed_dim=4, norm_groups=4),
+        functools.partial(unet.UNet, unet_channels=8, unet_num_res_blocks=1, num_heads=2,
+                          embed_dim=4, unet_norm_groups=4),
         jnp.arange(2 * 4 * 4 * 3, dtype=jnp.int32).reshape(2, 4, 4, 3) % 257),
     "dit": (
-        functools.partial(dit.DiT, patch_size=2, width=16, depth=1, num_heads=2,
+        functools.partial(dit.DiT, patch_size=2, width=16, num_layers=1, num_heads=2,
                           token_embed_dim=4, frequency_dim=16),
         jnp.arange(2 * 4 * 4 * 3, dtype=jnp.int32).reshape(2, 4, 4, 3) % 257),
 }

@@ -1,6 +1,7 @@
-"""Documents in the files corpora come in: Arrow tables (parquet, Arrow IPC) and tar archives.
+"""Documents in the files corpora come in: text, jsonl, Arrow tables (parquet, Arrow IPC), tar archives.
 
-Read with pyarrow and the standard library; the `datasets` library is not needed.
+`iter_documents` reads every format of config.tokens.documents. Read with
+pyarrow and the standard library; the `datasets` library is not needed.
 
   parquet   a Hugging Face dataset's parquet shards (e.g. OpenWebText's
             plain_text/train/*.parquet): one document per row of a string column.
@@ -12,11 +13,15 @@ Read with pyarrow and the standard library; the `datasets` library is not needed
             archive order, as the Hugging Face openwebtext builder reads them.
 """
 
+import json
 import pathlib
 import re
 import tarfile
-from typing import Iterator
+from typing import Iterator, Sequence
 
+from md4.data import chars
+
+DOCUMENT_FORMATS = ("line", "blank_line", "file", "jsonl", "parquet", "arrow", "openwebtext")
 _TABLE_BATCH_ROWS = 1024
 _NESTED_ARCHIVES = (".xz", ".tar", ".gz", ".bz2", ".tgz")
 _BLANK_RUNS = re.compile("\n\n\n+")
@@ -121,3 +126,56 @@ def iter_archive(path: pathlib.Path) -> Iterator[tuple[str, int]]:
           read = position
       except (tarfile.TarError, EOFError, OSError) as error:
         raise ValueError(f"{path}: a damaged or truncated archive ({error})") from error
+
+
+def iter_documents(paths: Sequence[pathlib.Path], documents: str
+                   ) -> Iterator[tuple[str, int]]:
+  """(document text, input bytes consumed since the previous one); empty documents skipped."""
+  if documents not in DOCUMENT_FORMATS:
+    raise ValueError(f"tokens.documents must be one of {DOCUMENT_FORMATS}, got {documents!r}")
+  for path in paths:
+    if documents == "file":
+      text = chars.read_text(path)
+      if text.strip():
+        yield text, path.stat().st_size
+      continue
+    if documents in ("parquet", "arrow", "openwebtext"):
+      rows = (iter_archive(path) if documents == "openwebtext"
+              else iter_table(path))
+      consumed = 0
+      for text, read in rows:
+        consumed += read
+        if text.strip():
+          yield text, consumed
+          consumed = 0
+      continue
+    pending, consumed = [], 0
+    with open(path, "rb") as file:
+      for number, raw in enumerate(file, start=1):
+        consumed += len(raw)
+        try:
+          line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+          raise ValueError(f"{path}:{number}: not UTF-8 ({error.reason})") from error
+        if documents == "jsonl":
+          if not line.strip():
+            continue
+          try:
+            text = json.loads(line)["text"]
+          except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: not a JSON object with a 'text' string "
+                             f"({error!r})") from error
+          if text.strip():
+            yield text, consumed
+            consumed = 0
+        elif documents == "line":
+          if line.strip():
+            yield line, consumed
+            consumed = 0
+        elif line.strip():
+          pending.append(line)
+        elif pending:
+          yield "\n".join(pending), consumed
+          pending, consumed = [], 0
+    if pending:
+      yield "\n".join(pending), consumed

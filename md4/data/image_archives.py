@@ -42,9 +42,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from md4.runtime import progress as progress_lib
 from md4.data import text8
 from md4.data import tokenizer as tokenizer_lib
+from md4.runtime import progress as progress_lib
 
 MANIFEST = "manifest.json"
 _FORMAT_VERSION = 1

@@ -27,10 +27,10 @@ import ml_collections
 import numpy as np
 
 from md4 import data as data_lib
-from md4.runtime import progress as progress_lib
 from md4.data import alphabet
 from md4.data import chars
 from md4.data import pipeline
+from md4.runtime import progress as progress_lib
 
 URL = "http://mattmahoney.net/dc/text8.zip"
 FILENAME = "text8.zip"

@@ -2,8 +2,8 @@
 
 `config.tokens.tokenizer` picks one (`load`):
 
-  PATH.model        a SentencePiece model (md4.data.tokens trains one on the
-                    corpus when the option is empty);
+  PATH.model        a SentencePiece model (`train_sentencepiece` trains one on
+                    the corpus when the option is empty);
   PATH.json         a Hugging Face `tokenizers` file, e.g. GPT-2's tokenizer.json;
   tiktoken:NAME     tiktoken's encoding NAME, e.g. tiktoken:gpt2. tiktoken reads
                     its BPE files from its cache ($TIKTOKEN_CACHE_DIR, else
@@ -26,16 +26,24 @@ characters: they are encoded as bytes and decode to the text's own bytes.
 """
 
 import hashlib
+import io
 import json
+import logging
 import os
 import pathlib
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 from google.protobuf import message
+
+from md4.data import document_files
+from md4.runtime import progress as progress_lib
 
 TIKTOKEN_PREFIX = "tiktoken:"
 UNKNOWN_MARK = "\ufffd"
 END_TOKENS = ("<|endoftext|>", "</s>")
+TOKENIZER_TYPES = ("bpe", "unigram")  # SentencePiece's models that md4 trains.
+_UNK_ID, _EOS_ID = 0, 1  # Those of the SentencePiece models md4 trains.
+_MAX_SENTENCE_BYTES = 1 << 14
 # gpt2's local files: (OpenAI's names, Hugging Face's names) for (ranks, merges).
 _GPT2_FILES = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 
@@ -227,3 +235,66 @@ def load(spec: str, tiktoken_dir: str = "") -> Tokenizer:
     return HuggingFace(path)
   raise ValueError(f"tokens.tokenizer={spec!r}: give a SentencePiece .model, a Hugging Face "
                    f"tokenizer .json, or {TIKTOKEN_PREFIX}NAME (e.g. {TIKTOKEN_PREFIX}gpt2)")
+
+
+def train_sentencepiece(paths: Sequence[pathlib.Path], documents: str, *, vocab_size: int,
+                        tokenizer_type: str, max_sentences: int, progress: bool = False) -> bytes:
+  """A SentencePiece model (its file's bytes) trained on the lines of the corpus's documents.
+
+  Ids 0 and 1 are <unk> and </s>; lines SentencePiece would drop (over
+  _MAX_SENTENCE_BYTES) are left out and counted in a warning.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  if tokenizer_type not in TOKENIZER_TYPES:
+    raise ValueError(f"tokens.tokenizer_type must be one of {TOKENIZER_TYPES}, "
+                     f"got {tokenizer_type!r}")
+  if vocab_size < 3:
+    raise ValueError(f"tokens.vocab_size must be >= 3, got {vocab_size}")
+  if max_sentences < 1:
+    raise ValueError(f"tokens.max_training_sentences must be >= 1, got {max_sentences}")
+  total = sum(path.stat().st_size for path in paths)
+  counts = {"kept": 0, "too_long": 0}
+  reading_errors = []  # Some SentencePiece releases end the input at an error, not raising it.
+
+  def sentences() -> Iterator[str]:
+    with progress_lib.bar(total, "training tokenizer", "B", enabled=progress,
+                          unit_scale=True) as bar:
+      try:
+        for document, consumed in document_files.iter_documents(paths, documents):
+          bar.update(consumed)
+          for line in document.split("\n"):
+            if not line.strip():
+              continue
+            if len(line.encode("utf-8")) > _MAX_SENTENCE_BYTES:  # SentencePiece would drop it.
+              counts["too_long"] += 1
+              continue
+            counts["kept"] += 1
+            yield line
+      except Exception as error:  # pylint: disable=broad-except
+        reading_errors.append(error)
+        raise
+
+  model = io.BytesIO()
+  spm.set_random_generator_seed(0)  # Sentence sampling: the same corpus gives the same model.
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
+        model_type=tokenizer_type, character_coverage=0.9995,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        max_sentence_length=_MAX_SENTENCE_BYTES, unk_id=_UNK_ID, eos_id=_EOS_ID,
+        bos_id=-1, pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as error:
+    if reading_errors:
+      raise reading_errors[0]  # pylint: disable=raise-missing-from
+    if not counts["kept"]:
+      raise ValueError(
+          f"the corpus ({len(paths)} file(s), tokens.path) has no line to train a tokenizer on: "
+          f"{counts['too_long']} line(s) longer than {_MAX_SENTENCE_BYTES} bytes, the rest "
+          "empty; give a corpus with text, split long lines, or check tokens.documents "
+          f"(now {documents!r})") from error
+    raise ValueError(f"SentencePiece could not train a {tokenizer_type} model with "
+                     f"tokens.vocab_size={vocab_size} on {len(paths)} file(s): {error}") from error
+  if counts["too_long"]:
+    logging.warning("Tokenizer training left out %d line(s) longer than %d bytes (of %d)",
+                    counts["too_long"], _MAX_SENTENCE_BYTES, counts["too_long"] + counts["kept"])
+  return model.getvalue()

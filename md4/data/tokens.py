@@ -31,34 +31,29 @@ progress bar; `create` runs it when needed in a single-process job.
 """
 
 import dataclasses
-import io
 import json
 import logging
 import os
 import pathlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
 from md4 import data as data_lib
-from md4.runtime import progress as progress_lib
 from md4.data import chars
 from md4.data import document_files
 from md4.data import pipeline
 from md4.data import tokenizer as tokenizer_lib
+from md4.runtime import progress as progress_lib
 
-DOCUMENT_FORMATS = ("line", "blank_line", "file", "jsonl", "parquet", "arrow", "openwebtext")
-TOKENIZER_TYPES = ("bpe", "unigram")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 TOKENS = "tokens.bin"
 DOCUMENT_ENDS = "documents.bin"
 _FORMAT_VERSION = 2
-_UNK_ID, _EOS_ID = 0, 1
 _ENCODE_BATCH_BYTES = 1 << 23
-_MAX_SENTENCE_BYTES = 1 << 14
 
 OPTIONS = {
     "name": "corpus",          # The corpus's name: prepared into <data_dir>/tokens/<name>_<tokenizer>.
@@ -102,119 +97,6 @@ class TokenCorpus:
   rebuilt: bool
 
 
-def iter_documents(paths: Sequence[pathlib.Path], documents: str
-                   ) -> Iterator[tuple[str, int]]:
-  """(document text, input bytes consumed since the previous one); empty documents skipped."""
-  if documents not in DOCUMENT_FORMATS:
-    raise ValueError(f"tokens.documents must be one of {DOCUMENT_FORMATS}, got {documents!r}")
-  for path in paths:
-    if documents == "file":
-      text = chars.read_text(path)
-      if text.strip():
-        yield text, path.stat().st_size
-      continue
-    if documents in ("parquet", "arrow", "openwebtext"):
-      rows = (document_files.iter_archive(path) if documents == "openwebtext"
-              else document_files.iter_table(path))
-      consumed = 0
-      for text, read in rows:
-        consumed += read
-        if text.strip():
-          yield text, consumed
-          consumed = 0
-      continue
-    pending, consumed = [], 0
-    with open(path, "rb") as file:
-      for number, raw in enumerate(file, start=1):
-        consumed += len(raw)
-        try:
-          line = raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as error:
-          raise ValueError(f"{path}:{number}: not UTF-8 ({error.reason})") from error
-        if documents == "jsonl":
-          if not line.strip():
-            continue
-          try:
-            text = json.loads(line)["text"]
-          except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: not a JSON object with a 'text' string "
-                             f"({error!r})") from error
-          if text.strip():
-            yield text, consumed
-            consumed = 0
-        elif documents == "line":
-          if line.strip():
-            yield line, consumed
-            consumed = 0
-        elif line.strip():
-          pending.append(line)
-        elif pending:
-          yield "\n".join(pending), consumed
-          pending, consumed = [], 0
-    if pending:
-      yield "\n".join(pending), consumed
-
-
-def train_tokenizer(paths: Sequence[pathlib.Path], documents: str, model_path: pathlib.Path,
-                    *, vocab_size: int, tokenizer_type: str, max_sentences: int,
-                    progress: bool = False) -> None:
-  """Trains a SentencePiece model on the lines of the corpus and writes it to model_path."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  if tokenizer_type not in TOKENIZER_TYPES:
-    raise ValueError(f"tokens.tokenizer_type must be one of {TOKENIZER_TYPES}, "
-                     f"got {tokenizer_type!r}")
-  if vocab_size < 3:
-    raise ValueError(f"tokens.vocab_size must be >= 3, got {vocab_size}")
-  if max_sentences < 1:
-    raise ValueError(f"tokens.max_training_sentences must be >= 1, got {max_sentences}")
-  total = sum(path.stat().st_size for path in paths)
-  counts = {"kept": 0, "too_long": 0}
-  reading_errors = []  # Some SentencePiece releases end the input at an error, not raising it.
-
-  def sentences() -> Iterator[str]:
-    with progress_lib.bar(total, "training tokenizer", "B", enabled=progress,
-                          unit_scale=True) as bar:
-      try:
-        for document, consumed in iter_documents(paths, documents):
-          bar.update(consumed)
-          for line in document.split("\n"):
-            if not line.strip():
-              continue
-            if len(line.encode("utf-8")) > _MAX_SENTENCE_BYTES:  # SentencePiece would drop it.
-              counts["too_long"] += 1
-              continue
-            counts["kept"] += 1
-            yield line
-      except Exception as error:  # pylint: disable=broad-except
-        reading_errors.append(error)
-        raise
-
-  model = io.BytesIO()
-  spm.set_random_generator_seed(0)  # Sentence sampling: the same corpus gives the same model.
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size,
-        model_type=tokenizer_type, character_coverage=0.9995,
-        input_sentence_size=max_sentences, shuffle_input_sentence=True,
-        max_sentence_length=_MAX_SENTENCE_BYTES, unk_id=_UNK_ID, eos_id=_EOS_ID,
-        bos_id=-1, pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=2)
-  except RuntimeError as error:
-    if reading_errors:
-      raise reading_errors[0]  # pylint: disable=raise-missing-from
-    if not counts["kept"]:
-      raise ValueError(
-          f"the corpus ({len(paths)} file(s), tokens.path) has no line to train a tokenizer on: "
-          f"{counts['too_long']} line(s) longer than {_MAX_SENTENCE_BYTES} bytes, the rest "
-          "empty; give a corpus with text, split long lines, or check tokens.documents "
-          f"(now {documents!r})") from error
-    raise ValueError(f"SentencePiece could not train a {tokenizer_type} model with "
-                     f"tokens.vocab_size={vocab_size} on {len(paths)} file(s): {error}") from error
-  if counts["too_long"]:
-    logging.warning("Tokenizer training left out %d line(s) longer than %d bytes (of %d)",
-                    counts["too_long"], _MAX_SENTENCE_BYTES, counts["too_long"] + counts["kept"])
-  _write_atomic(model_path, model.getvalue())
-
-
 def _write_atomic(path: pathlib.Path, content: bytes) -> None:
   part = path.with_name(path.name + ".part")
   part.write_bytes(content)
@@ -252,7 +134,7 @@ def tokenise(paths: Sequence[pathlib.Path], documents: str,
       num_documents += len(batch)
       bar.update(batch_consumed)
 
-    for document, consumed in iter_documents(paths, documents):
+    for document, consumed in document_files.iter_documents(paths, documents):
       batch.append(document)
       batch_bytes += len(document)
       batch_consumed += consumed
@@ -312,8 +194,8 @@ def _is_current(manifest: dict[str, Any] | None, key: dict[str, Any], folder: pa
 def load_or_build(options: ml_collections.ConfigDict, folder: str | os.PathLike,
                   *, progress: bool = False, allow_build: bool = True) -> TokenCorpus:
   """The prepared corpus in `folder`, rebuilt first if its manifest does not match."""
-  if options.documents not in DOCUMENT_FORMATS:
-    raise ValueError(f"tokens.documents must be one of {DOCUMENT_FORMATS}, "
+  if options.documents not in document_files.DOCUMENT_FORMATS:
+    raise ValueError(f"tokens.documents must be one of {document_files.DOCUMENT_FORMATS}, "
                      f"got {options.documents!r}")
   folder = pathlib.Path(folder).expanduser()
   paths = chars.resolve_paths(options.path, "tokens.path")
@@ -347,9 +229,11 @@ def _build(options: ml_collections.ConfigDict, paths: Sequence[pathlib.Path],
   # The manifest goes first and comes back last: a half-built folder never matches.
   (folder / MANIFEST).unlink(missing_ok=True)
   if given is None:
-    train_tokenizer(paths, options.documents, folder / TOKENIZER,
-                    vocab_size=options.vocab_size, tokenizer_type=options.tokenizer_type,
-                    max_sentences=options.max_training_sentences, progress=progress)
+    model = tokenizer_lib.train_sentencepiece(
+        paths, options.documents, vocab_size=options.vocab_size,
+        tokenizer_type=options.tokenizer_type, max_sentences=options.max_training_sentences,
+        progress=progress)
+    _write_atomic(folder / TOKENIZER, model)
   tokenizer = given or load_tokenizer(options, folder)
   dtype = token_dtype(tokenizer.vocab_size)
   parts = folder / (TOKENS + ".part"), folder / (DOCUMENT_ENDS + ".part")
@@ -443,8 +327,8 @@ def _read_other_text(path: str, corpus: TokenCorpus, documents: str) -> np.ndarr
   """
   location = pathlib.Path(path).expanduser()
   if not location.is_dir():
-    texts = [text for text, _ in iter_documents(chars.resolve_paths(path, "text file"),
-                                                documents)]
+    paths = chars.resolve_paths(path, "text file")
+    texts = [text for text, _ in document_files.iter_documents(paths, documents)]
     return encode_documents(corpus.tokenizer, texts)
   manifest = read_manifest(location, path)
   if manifest["tokenizer_sha256"] != corpus.manifest["tokenizer_sha256"]:

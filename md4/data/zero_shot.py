@@ -120,7 +120,7 @@ def _text_lines(path: pathlib.Path) -> Iterator[str]:
 
 
 def _lambada_rows(path: pathlib.Path) -> Iterator[str]:
-  for text, _ in tokens.iter_documents([path], "jsonl"):
+  for text, _ in document_files.iter_documents([path], "jsonl"):
     yield text
 
 

@@ -168,54 +168,38 @@ class PatchDiT(nn.Module):
     return out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, self.out_features)
 
 
-class DiT(nn.Module):
+class DiT(layers.PixelNetwork):
   """DiT over pixel tokens: z [B, H, W, C] -> logits [B, H, W, C, vocab_size].
 
-  Attributes:
-    vocab_size: token values per channel (256); vocab_size is the mask id.
+  Attributes (and those of `layers.PixelNetwork`), named as the config.model keys:
     patch_size: p; H and W must be multiples of p (H/p * W/p positions).
     width: transformer width (a multiple of 4 and of num_heads).
-    depth: number of DiT blocks.
+    num_layers: number of DiT blocks.
     num_heads: attention heads.
     mlp_ratio: MLP hidden width / width.
-    dropout: dropout in the blocks (train=True only; see `DiTBlock`).
+  Not config keys:
     token_embed_dim: width of each channel's token embedding.
     frequency_dim: number of sinusoidal time features.
-    num_classes: class labels 0..num_classes-1, null id num_classes;
-      0 = unconditional.
-    dtype: compute dtype (parameters stay float32).
-    attention_impl: "" (cuDNN on GPU in half precision, else XLA), "xla" or "cudnn".
-    custom_kernels: the custom VJPs and Pallas kernel of `kernels`; False: library ops.
   """
 
-  vocab_size: int = 256
   patch_size: int = 4
   width: int = 768
-  depth: int = 12
+  num_layers: int = 12
   num_heads: int = 12
   mlp_ratio: float = 4.0
-  dropout: float = 0.0
   token_embed_dim: int = 64
   frequency_dim: int = 256
-  num_classes: int = 0
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = ""
-  custom_kernels: bool = True
 
   @nn.compact
-  def __call__(self, z: Array, t: Array, label: Array | None = None, *,
-               train: bool = False) -> Array:
-    """Logits float32 [B, H, W, C, vocab_size] for tokens z, times t [B]."""
-    layers.check_inputs(z, t, label, vocab_size=self.vocab_size,
-                        num_classes=self.num_classes)
+  def logits(self, z: Array, t: Array, label: Array | None, train: bool) -> Array:
     batch, height, width, image_channels = z.shape
     cond = layers.ConditionEmbed(self.width, frequency_dim=self.frequency_dim,
                                  num_classes=self.num_classes, dtype=self.dtype,
                                  name="condition")(t, label)
     h = layers.TokenEmbed(self.vocab_size, self.token_embed_dim, dtype=self.dtype,
                           name="token_embed")(z)
-    body = PatchDiT(self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio,
-                    self.dropout, image_channels * self.vocab_size, dtype=self.dtype,
+    body = PatchDiT(self.patch_size, self.width, self.num_layers, self.num_heads, self.mlp_ratio,
+                    self.dropout_rate, image_channels * self.vocab_size, dtype=self.dtype,
                     attention_impl=self.attention_impl, custom_kernels=self.custom_kernels)
     # Its parameters sit at this module's top level, as if its layers were this module's.
     nn.share_scope(self, body)

@@ -265,6 +265,40 @@ class ConditionEmbed(nn.Module):
     return h + label_table(label)
 
 
+class Projection(nn.Module):
+  """x [..., *in] -> [..., *features] over x's last num_in_axes axes, plus a bias [*features].
+
+  nn.DenseGeneral's parameters, but the kernel [*in, *features] is drawn and
+  annotated at the shape it is stored in: nn.DenseGeneral draws it flattened
+  to 2-D, where the names of its axes fail under a mesh's logical-axis rules.
+  kernel_init: None for default_init (fan-in over the in axes), else an init.
+  """
+
+  features: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  num_in_axes: int = 1
+  kernel_init: Callable | None = None
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.num_in_axes:]
+    in_axes = tuple(range(self.num_in_axes))
+    out_axes = tuple(range(self.num_in_axes, self.num_in_axes + len(self.features)))
+    init = self.kernel_init or nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=in_axes, out_axis=out_axes)
+    kernel = self.param("kernel", partitioned(init, *self.kernel_axes),
+                        in_shape + self.features, jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), self.num_in_axes)
+    if not self.use_bias:
+      return y
+    bias = self.param("bias", partitioned(nn.initializers.zeros,
+                                          *self.kernel_axes[self.num_in_axes:]),
+                      self.features, jnp.float32)
+    return y + bias.astype(self.dtype)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention over x [B, N, D] -> [B, N, D].
 
@@ -290,21 +324,42 @@ class SelfAttention(nn.Module):
       raise ValueError(f"num_heads={self.num_heads} must divide the attention "
                        f"width {width}")
     head_dim = width // self.num_heads
-
-    def projection(name: str) -> Array:
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim), dtype=self.dtype,
-          kernel_init=partitioned(default_init(), "embed", "heads", "head_dim"),
-          bias_init=partitioned(nn.initializers.zeros, "heads", "head_dim"),
-          name=name)(x)
-
-    q, k, v = projection("query"), projection("key"), projection("value")
+    q, k, v = (Projection((self.num_heads, head_dim), ("embed", "heads", "head_dim"),
+                          dtype=self.dtype, name=name)(x) for name in ("query", "key", "value"))
     h = kernels.dot_product_attention(  # [B, N, heads, head_dim]
         q, k, v, self.attention_impl, custom_kernels=self.custom_kernels)
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
-        kernel_init=partitioned(
-            nn.initializers.zeros if self.zero_init_out else default_init(),
-            "heads", "head_dim", "embed"),
-        bias_init=partitioned(nn.initializers.zeros, "embed"),
-        name="out")(h)
+    return Projection((width,), ("heads", "head_dim", "embed"), num_in_axes=2,
+                      kernel_init=nn.initializers.zeros if self.zero_init_out else None,
+                      use_bias=self.out_bias, dtype=self.dtype, name="out")(h)
+
+
+class PixelNetwork(nn.Module):
+  """What the image backbones share: z [B, H, W, C], t [B], label -> logits [B, H, W, C, V].
+
+  Subclasses implement `logits`; the inputs are checked first (`check_inputs`).
+  Their fields carry the names of the config.model keys they read.
+
+  Attributes:
+    vocab_size: token values per channel (256); vocab_size is the mask id.
+    num_classes: class labels 0..num_classes-1, null id num_classes; 0 = unconditional.
+    dropout_rate: dropout in the blocks (train=True only).
+    dtype: compute dtype (parameters stay float32).
+    attention_impl: "" (cuDNN on GPU in half precision, else XLA), "xla" or "cudnn".
+    custom_kernels: the custom VJPs and Pallas kernel of `kernels`; False: library ops.
+  """
+
+  vocab_size: int = 256
+  num_classes: int = 0
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: str = ""
+  custom_kernels: bool = True
+
+  def __call__(self, z: Array, t: Array, label: Array | None = None, *,
+               train: bool = False) -> Array:
+    """Logits float32 [B, H, W, C, vocab_size] for tokens z, times t [B]."""
+    check_inputs(z, t, label, vocab_size=self.vocab_size, num_classes=self.num_classes)
+    return self.logits(z, t, label, train)
+
+  def logits(self, z: Array, t: Array, label: Array | None, train: bool) -> Array:
+    raise NotImplementedError

@@ -3,7 +3,7 @@
 Reads input ids z through the embedding module the caller gives it (ids
 [B, L] by `layers.SequenceEmbed`, positions of K slots [B, L, K] by
 `layers.SlotEmbed`), the time t [B] and an optional class label [B]; returns
-logits [B, L, num_outputs]. Time and class condition every block through
+logits [B, L, vocab_size]. Time and class condition every block through
 adaLN-zero from a cond_dim-wide vector; positions through rotary embeddings.
 Every parameter carries logical axis names ("vocab", "embed", "heads",
 "head_dim", "mlp", "layers") for the mesh rules.
@@ -194,12 +194,12 @@ class ScannedBlock(Block):
 
 
 class Transformer(nn.Module):
-  """Transformer over ids z [B, L, ...], t [B] -> logits [B, L, num_outputs].
+  """Transformer over ids z [B, L, ...], t [B] -> logits [B, L, vocab_size].
 
-  Attributes:
+  Attributes (named as the config.model keys where config.model has them):
     embed: the module mapping the ids z to embeddings [B, L, width], e.g.
       `layers.SequenceEmbed` or `layers.SlotEmbed`; its parameters sit under "embed".
-    num_outputs: logits per position.
+    vocab_size: logits per position (the token values).
     mlp_type: "swiglu", "geglu", "glu" (gated by silu, gelu, sigmoid) or "gelu".
     mlp_ratio, mlp_multiple_of: the MLP's hidden width is int(mlp_ratio * width)
       rounded up to a multiple of mlp_multiple_of.
@@ -220,7 +220,7 @@ class Transformer(nn.Module):
   """
 
   embed: nn.Module
-  num_outputs: int
+  vocab_size: int
   width: int = 768
   num_layers: int = 12
   num_heads: int = 12
@@ -295,10 +295,10 @@ class Transformer(nn.Module):
     self.sow(FEATURES, "output_input", x)
     # The output width is padded to a multiple of 128 (50257 -> 50304): matmuls with odd
     # widths miss the GPU's fast kernels, and the padded axis can be sharded.
-    padded_outputs = -(-self.num_outputs // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT
+    padded_outputs = -(-self.vocab_size // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT
     logits = nn.Dense(padded_outputs, use_bias=False, dtype=self.dtype, name="output",
                       kernel_init=part(nn.initializers.zeros_init(), ("embed", "vocab")))(x)
-    return logits[..., :self.num_outputs].astype(jnp.float32)
+    return logits[..., :self.vocab_size].astype(jnp.float32)
 
 
 def output_logits(params: dict, features: Array, num_outputs: int, dtype: Dtype) -> Array:

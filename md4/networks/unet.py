@@ -73,15 +73,15 @@ def check_levels(channels: int, channel_mult: Sequence[int], norm_groups: int, h
                  width: int) -> None:
   """Raises ValueError unless norm_groups divides every level's width and H, W halve at each."""
   if not channel_mult:
-    raise ValueError("channel_mult must have at least one level")
+    raise ValueError("unet_channel_mult must have at least one level")
   for mult in channel_mult:
     if (channels * mult) % norm_groups:
-      raise ValueError(f"norm_groups={norm_groups} must divide every level "
-                       f"width channels * channel_mult = {channels * mult}")
+      raise ValueError(f"unet_norm_groups={norm_groups} must divide every level's "
+                       f"width unet_channels * unet_channel_mult = {channels * mult}")
   factor = 2**(len(channel_mult) - 1)
   if height % factor or width % factor:
     raise ValueError(f"z's H x W = {height} x {width} must be divisible by "
-                     f"{factor} for channel_mult={tuple(channel_mult)}")
+                     f"{factor} for unet_channel_mult={tuple(channel_mult)}")
 
 
 class ResBlock(nn.Module):
@@ -128,69 +128,64 @@ class AttentionBlock(nn.Module):
     return x + h.reshape(x.shape)
 
 
-class UNet(nn.Module):
-  """U-Net over pixel tokens: z [B, H, W, C] -> logits [B, H, W, C, vocab_size].
+class Levels(layers.PixelNetwork):
+  """The convolutional levels' fields and input stem, which the U-Net and the U-ViT share.
 
-  Attributes:
-    vocab_size: token values per channel (256); vocab_size is the mask id.
-    channels: base width; level i has channels * channel_mult[i].
-    channel_mult: one entry per resolution level (len 1 = no downsampling).
-    num_res_blocks: res blocks per level on the way down (one more going up).
-    attention_resolutions: spatial sizes (H) after whose res blocks attention
-      is added; the middle always has one attention block.
-    num_heads: attention heads.
-    dropout: dropout rate inside the res blocks (train=True only).
-    token_embed_dim: width of each channel's token embedding.
+  Attributes (and those of `layers.PixelNetwork`), named as the config.model keys:
+    unet_channels: base width; level i has unet_channels * unet_channel_mult[i].
+    unet_channel_mult: one entry per resolution level (len 1 = no downsampling).
+    unet_num_res_blocks: res blocks per level on the way down (one more going up).
+    unet_norm_groups: GroupNorm groups; must divide every level's width.
+    embed_dim: width of each channel's token embedding (0: unet_channels).
     cond_dim: width of the time/label conditioning vector (sinusoidal [cond_dim]
       -> Dense(4 cond_dim) -> swish -> Dense(cond_dim)).
-    num_classes: class labels 0..num_classes-1, null id num_classes;
-      0 = unconditional.
-    norm_groups: GroupNorm groups; must divide every level's width.
-    dtype: compute dtype (parameters stay float32).
-    attention_impl: "" (cuDNN on GPU in half precision, else XLA), "xla" or "cudnn".
-    custom_kernels: the custom VJPs and Pallas kernel of `kernels`; False: library ops.
   """
 
-  vocab_size: int = 256
-  channels: int = 128
-  channel_mult: Sequence[int] = (1,)
-  num_res_blocks: int = 32
-  attention_resolutions: Sequence[int] = ()
-  num_heads: int = 1
-  dropout: float = 0.1
-  token_embed_dim: int = 128
+  unet_channels: int = 128
+  unet_channel_mult: Sequence[int] = (1,)
+  unet_num_res_blocks: int = 32
+  unet_norm_groups: int = 32
+  embed_dim: int = 0
   cond_dim: int = 128
-  num_classes: int = 0
-  norm_groups: int = 32
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = ""
-  custom_kernels: bool = True
 
-  @nn.compact
-  def __call__(self, z: Array, t: Array, label: Array | None = None, *,
-               train: bool = False) -> Array:
-    """Logits float32 [B, H, W, C, vocab_size] for tokens z, times t [B]."""
-    layers.check_inputs(z, t, label, vocab_size=self.vocab_size,
-                        num_classes=self.num_classes)
-    _, height, width, image_channels = z.shape
-    check_levels(self.channels, self.channel_mult, self.norm_groups, height, width)
-    groups, dtype, custom = self.norm_groups, self.dtype, self.custom_kernels
-
+  def stem(self, z: Array, t: Array, label: Array | None) -> tuple[Array, Array]:
+    """(conditioning vector [B, cond_dim], the first level's input [B, H, W, unet_channels])."""
+    _, height, width, _ = z.shape
+    check_levels(self.unet_channels, self.unet_channel_mult, self.unet_norm_groups, height,
+                 width)
     cond = layers.ConditionEmbed(self.cond_dim, frequency_dim=self.cond_dim,
                                  hidden_dim=4 * self.cond_dim,
-                                 num_classes=self.num_classes, dtype=dtype,
+                                 num_classes=self.num_classes, dtype=self.dtype,
                                  name="condition")(t, label)
+    h = layers.TokenEmbed(self.vocab_size, self.embed_dim or self.unet_channels,
+                          dtype=self.dtype, name="token_embed")(z)
+    return cond, conv3x3(self.unet_channels, self.dtype, "conv_in")(h)
 
-    h = layers.TokenEmbed(self.vocab_size, self.token_embed_dim, dtype=dtype,
-                          name="token_embed")(z)
-    h = conv3x3(self.channels, dtype, "conv_in")(h)
+
+class UNet(Levels):
+  """U-Net over pixel tokens: z [B, H, W, C] -> logits [B, H, W, C, vocab_size].
+
+  Attributes (and those of `Levels`), named as the config.model keys:
+    unet_attention_resolutions: spatial sizes (H) after whose res blocks
+      attention is added; the middle always has one attention block.
+    num_heads: attention heads.
+  """
+
+  unet_attention_resolutions: Sequence[int] = ()
+  num_heads: int = 1
+
+  @nn.compact
+  def logits(self, z: Array, t: Array, label: Array | None, train: bool) -> Array:
+    channels, channel_mult = self.unet_channels, self.unet_channel_mult
+    groups, dtype, custom = self.unet_norm_groups, self.dtype, self.custom_kernels
+    cond, h = self.stem(z, t, label)
     skips = [h]
-    last_level = len(self.channel_mult) - 1
-    for level, mult in enumerate(self.channel_mult):
-      for i in range(self.num_res_blocks):
-        h = ResBlock(self.channels * mult, groups, self.dropout, dtype,
+    last_level = len(channel_mult) - 1
+    for level, mult in enumerate(channel_mult):
+      for i in range(self.unet_num_res_blocks):
+        h = ResBlock(channels * mult, groups, self.dropout_rate, dtype,
                      name=f"down_{level}_res_{i}")(h, cond, train)
-        if h.shape[1] in self.attention_resolutions:
+        if h.shape[1] in self.unet_attention_resolutions:
           h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl, custom,
                              name=f"down_{level}_attn_{i}")(h)
         skips.append(h)
@@ -198,23 +193,23 @@ class UNet(nn.Module):
         h = conv3x3(h.shape[-1], dtype, f"down_{level}_resample", stride=2)(h)
         skips.append(h)
 
-    h = ResBlock(h.shape[-1], groups, self.dropout, dtype, name="mid_res_0")(
+    h = ResBlock(h.shape[-1], groups, self.dropout_rate, dtype, name="mid_res_0")(
         h, cond, train)
     h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl, custom,
                        name="mid_attn")(h)
-    h = ResBlock(h.shape[-1], groups, self.dropout, dtype, name="mid_res_1")(
+    h = ResBlock(h.shape[-1], groups, self.dropout_rate, dtype, name="mid_res_1")(
         h, cond, train)
 
-    for level in reversed(range(len(self.channel_mult))):
-      for i in range(self.num_res_blocks + 1):
+    for level in reversed(range(len(channel_mult))):
+      for i in range(self.unet_num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = ResBlock(self.channels * self.channel_mult[level], groups,
-                     self.dropout, dtype, name=f"up_{level}_res_{i}")(h, cond, train)
-        if h.shape[1] in self.attention_resolutions:
+        h = ResBlock(channels * channel_mult[level], groups,
+                     self.dropout_rate, dtype, name=f"up_{level}_res_{i}")(h, cond, train)
+        if h.shape[1] in self.unet_attention_resolutions:
           h = AttentionBlock(self.num_heads, groups, dtype, self.attention_impl, custom,
                              name=f"up_{level}_attn_{i}")(h)
       if level != 0:
         h = conv3x3(h.shape[-1], dtype, f"up_{level}_resample")(upsample(h))
 
     h = nn.swish(group_norm(groups, dtype, "norm_out")(h))
-    return logit_head(h, image_channels, self.vocab_size)
+    return logit_head(h, z.shape[-1], self.vocab_size)

@@ -22,8 +22,6 @@ has no dropout on attention probabilities (fused attention kernels have
 none), and the logit head runs in float32.
 """
 
-from typing import Sequence
-
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -87,89 +85,52 @@ class ResBlock(nn.Module):
     return x + h
 
 
-class UViT(nn.Module):
+class UViT(unet.Levels):
   """U-ViT over pixel tokens: z [B, H, W, C] -> logits [B, H, W, C, vocab_size].
 
-  Attributes:
-    vocab_size: token values per channel (256); vocab_size is the mask id.
-    channels: base width; level i has channels * channel_mult[i].
-    channel_mult: one entry per resolution level (len 1 = no downsampling).
-    num_res_blocks: res blocks per level on the way down (one more going up).
-    dit_width, dit_depth, dit_num_heads, mlp_ratio: the middle DiT's width,
-      blocks, heads and MLP hidden width / dit_width.
+  Attributes (and those of `unet.Levels`), named as the config.model keys:
+    width, num_layers, num_heads, mlp_ratio: the middle DiT's width, blocks,
+      heads and MLP hidden width / width.
     patch_size: the DiT's patch side, at the lowest level.
-    dropout: dropout rate in the res blocks and the DiT (train=True only).
-    token_embed_dim: width of each channel's token embedding.
-    cond_dim: width of the time/label conditioning vector.
-    num_classes: class labels 0..num_classes-1, null id num_classes;
-      0 = unconditional.
-    norm_groups: GroupNorm groups; must divide every level's width.
-    dtype: compute dtype (parameters stay float32).
-    attention_impl: "" (cuDNN on GPU in half precision, else XLA), "xla" or "cudnn".
-    custom_kernels: the custom VJPs and Pallas kernel of `kernels`; False: library ops.
   """
 
-  vocab_size: int = 256
-  channels: int = 256
-  channel_mult: Sequence[int] = (1,)
-  num_res_blocks: int = 8
-  dit_width: int = 768
-  dit_depth: int = 20
-  dit_num_heads: int = 12
+  width: int = 768
+  num_layers: int = 20
+  num_heads: int = 12
   mlp_ratio: float = 4.0
   patch_size: int = 2
-  dropout: float = 0.1
-  token_embed_dim: int = 256
-  cond_dim: int = 256
-  num_classes: int = 0
-  norm_groups: int = 32
-  dtype: layers.Dtype = jnp.float32
-  attention_impl: str = ""
-  custom_kernels: bool = True
 
   @nn.compact
-  def __call__(self, z: Array, t: Array, label: Array | None = None, *,
-               train: bool = False) -> Array:
-    """Logits float32 [B, H, W, C, vocab_size] for tokens z, times t [B]."""
-    layers.check_inputs(z, t, label, vocab_size=self.vocab_size,
-                        num_classes=self.num_classes)
-    _, height, width, image_channels = z.shape
-    unet.check_levels(self.channels, self.channel_mult, self.norm_groups, height, width)
-    groups, dtype = self.norm_groups, self.dtype
-
-    cond = layers.ConditionEmbed(self.cond_dim, frequency_dim=self.cond_dim,
-                                 hidden_dim=4 * self.cond_dim,
-                                 num_classes=self.num_classes, dtype=dtype,
-                                 name="condition")(t, label)
-    h = layers.TokenEmbed(self.vocab_size, self.token_embed_dim, dtype=dtype,
-                          name="token_embed")(z)
-    h = unet.conv3x3(self.channels, dtype, "conv_in")(h)
+  def logits(self, z: Array, t: Array, label: Array | None, train: bool) -> Array:
+    channels, channel_mult = self.unet_channels, self.unet_channel_mult
+    groups, dtype, dropout = self.unet_norm_groups, self.dtype, self.dropout_rate
+    cond, h = self.stem(z, t, label)
     skips = [h]
-    last_level = len(self.channel_mult) - 1
-    for level, mult in enumerate(self.channel_mult):
-      for i in range(self.num_res_blocks):
-        h = ResBlock(self.channels * mult, groups, self.dropout, dtype=dtype,
+    last_level = len(channel_mult) - 1
+    for level, mult in enumerate(channel_mult):
+      for i in range(self.unet_num_res_blocks):
+        h = ResBlock(channels * mult, groups, dropout, dtype=dtype,
                      name=f"down_{level}_res_{i}")(h, cond, train)
         skips.append(h)
       if level != last_level:
-        h = ResBlock(None, groups, self.dropout, "down", dtype,
+        h = ResBlock(None, groups, dropout, "down", dtype,
                      name=f"down_{level}_resample")(h, cond, train)
         skips.append(h)
 
     h = dit.PatchDiT(
-        self.patch_size, self.dit_width, self.dit_depth, self.dit_num_heads, self.mlp_ratio,
-        self.dropout, h.shape[-1], learned_positions=True, attention_out_bias=False,
+        self.patch_size, self.width, self.num_layers, self.num_heads, self.mlp_ratio,
+        dropout, h.shape[-1], learned_positions=True, attention_out_bias=False,
         dtype=dtype, out_dtype=dtype, out_axis="conv_out", attention_impl=self.attention_impl,
         custom_kernels=self.custom_kernels, name="middle")(h, nn.swish(cond), train)
 
-    for level in reversed(range(len(self.channel_mult))):
-      for i in range(self.num_res_blocks + 1):
+    for level in reversed(range(len(channel_mult))):
+      for i in range(self.unet_num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = ResBlock(self.channels * self.channel_mult[level], groups, self.dropout,
+        h = ResBlock(channels * channel_mult[level], groups, dropout,
                      dtype=dtype, name=f"up_{level}_res_{i}")(h, cond, train)
       if level != 0:
-        h = ResBlock(None, groups, self.dropout, "up", dtype,
+        h = ResBlock(None, groups, dropout, "up", dtype,
                      name=f"up_{level}_resample")(h, cond, train)
 
     h = nn.swish(CondGroupNorm(groups, dtype, name="norm_out")(h, cond))
-    return unet.logit_head(h, image_channels, self.vocab_size)
+    return unet.logit_head(h, z.shape[-1], self.vocab_size)

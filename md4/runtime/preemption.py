@@ -27,8 +27,8 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 
-from md4.runtime.errors import PREEMPTED_EXIT_CODE
 from md4.runtime.errors import Preempted
+from md4.runtime.errors import PREEMPTED_EXIT_CODE
 
 # The key JAX's preemption sync manager sets in the coordination service on a notice.
 _NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
