@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from md4 import defaults
 from md4.networks import dit
 from md4.networks import layers
 from md4.networks import unet
 from md4.networks import uvit
+from md4.runtime import sharding
 
 VOCAB = 256
 NUM_CLASSES = 3
@@ -124,6 +126,19 @@ def test_every_param_has_logical_axis_names(kind):
     assert set(named) <= set(layers.AXIS_NAMES), box.names
     assert len(named) == len(set(named)), box.names
     assert box.value.dtype == jnp.float32
+
+
+def test_init_and_apply_run_under_the_logical_axis_rules(kind):
+  """The compiled steps trace the network under the mesh's rules (`traced_with_rules`): there
+  each parameter's names must fit the shape its init draws (a kernel drawn flattened to 2-D,
+  as nn.DenseGeneral draws it, with 3 names fails)."""
+  config = defaults.get_config()
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  model, (z, t, label) = make(kind), inputs()
+  init = sharding.traced_with_rules(config, mesh, lambda: model.init(key(0), z, t, label))
+  params = nn.meta.unbox(jax.eval_shape(init))
+  apply = sharding.traced_with_rules(config, mesh, lambda p: model.apply(p, z, t, label))
+  assert jax.eval_shape(apply, params).shape == (BATCH, SIZE, SIZE, 3, VOCAB)
 
 
 def test_label_none_equals_null_label(kind):
