@@ -102,9 +102,9 @@ class UViT(unet.Levels):
 
   @nn.compact
   def logits(self, z: Array, t: Array, label: Array | None, train: bool) -> Array:
-    channels, channel_mult = self.unet_channels, self.unet_channel_mult
     groups, dtype, dropout = self.unet_norm_groups, self.dtype, self.dropout_rate
     cond, h = self.stem(z, t, label)
+    channels, channel_mult = self.unet_channels, self.unet_channel_mult
     skips = [h]
     last_level = len(channel_mult) - 1
     for level, mult in enumerate(channel_mult):
