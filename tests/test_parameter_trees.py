@@ -53,3 +53,10 @@ def parameter_tree(case: str) -> list[str]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_parameter_names_and_shapes_are_those_checkpoints_hold(case):
   assert parameter_tree(case) == json.loads(TREES.read_text())[case]
+
+
+def test_an_unknown_backbone_is_named_with_the_valid_ones():
+  config = defaults.get_config()
+  config.model.backbone = "resnet"
+  with pytest.raises(ValueError, match=r"backbone='resnet'; valid: transformer, unet, uvit, dit"):
+    models.build_network(config, 27, 0)
