@@ -108,7 +108,7 @@ def build_network(config: ml_collections.ConfigDict, vocab_size: int, num_classe
   options = {key: value for key, value in model.items() if key in fields}
   options.update(vocab_size=vocab_size, num_classes=num_classes, dtype=jnp.dtype(model.dtype))
   if "embed" in fields:
-    options["embed"] = embed or layers.SequenceEmbed(
+    options["embed"] = embed if embed is not None else layers.SequenceEmbed(
         vocab_size + 1, model.width, model.embed_dim, embed_init=model.embed_init,
         dtype=options["dtype"])
   elif embed is not None:
