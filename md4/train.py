@@ -286,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if workdir_lock is not None:
         cleanup.callback(workdir_lock.release)
         preemption.on_exit(workdir_lock.release)
-      dataset, trainer = trainer_lib.build(config)
+      dataset, trainer = trainer_lib.build(config, for_training=True)
       rng_init, rng_train, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed), 3)
       checkpoints = checkpointing.manager(config, workdir)
       cleanup.callback(checkpoints.close)
@@ -307,6 +307,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     cleanup.callback(wait_for_saves)
     preemption.on_exit(wait_for_saves)
+    saved_step = step  # Restored, or the start: nothing to save.
+
+    def save_trained_steps():
+      """On a notice while reading a batch: the steps trained since the last save.
+
+      The data position is the one before the batch: grain advances it only
+      when it returns the batch.
+      """
+      if saved_step != step:
+        writer.flush()
+        checkpointing.save(checkpoints, state, dataset.train, config)
+
+    preemption.on_exit(save_trained_steps)  # Runs before wait_for_saves.
     logging.info("Training %s on %s from step %d to %d on mesh %s", config.model_type,
                  config.dataset, step, config.num_train_steps, dict(trainer.mesh.shape))
 
@@ -314,7 +327,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     history: list[tuple[int, Metrics]] = []
     compiled = False
     while step < config.num_train_steps:
-      batch = sharding_lib.global_batch(next(dataset.train), trainer.batch_sharding)
+      # A notice while a batch is read (the first may take minutes) exits at once, saving
+      # what is unsaved; several processes could not agree on that step, so they wait.
+      with (preemption.exits_at_once("reading a batch")
+            if jax.process_count() == 1 or saved_step == step else contextlib.nullcontext()):
+        batch = next(dataset.train)
+      batch = sharding_lib.global_batch(batch, trainer.batch_sharding)
       if compiled:
         state, metrics = trainer.train_step(state, batch, rng_train)
       else:
@@ -352,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         with progress.apart():
           writer.flush()
           checkpointing.save(checkpoints, state, dataset.train, config)
+        saved_step = step
       if preempted:
         with progress.apart():
           wait_for_saves()
