@@ -171,7 +171,7 @@ def test_sigterm_in_the_final_scores_is_finished_by_the_rerun_and_a_finished_run
   records = [json.loads(line) for line in metrics.read_text().splitlines()]
   assert metrics.read_text().startswith(evaluation)  # The evaluation is not redone.
   assert sum("eval_bits_per_token" in record for record in records) == 1
-  assert sum("samples/transition_kl_bits" in record for record in records) == 1
+  assert sum("samples/kl" in record for record in records) == 1
   assert (tmp_path / "samples" / "step_2.npy").exists()
   assert (tmp_path / "curves.png").exists()
 
