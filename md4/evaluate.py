@@ -190,7 +190,7 @@ def nelbo_per_sequence(checkpoint: Checkpoint, batches: Iterator[Batch], *, num_
 
 
 def check_split(split: str, num_batches: int) -> None:
-  """Raises ValueError unless split is one of SPLITS, with num_batches >= 1 for the endless train."""
+  """Raises ValueError unless split is one of SPLITS (with num_batches >= 1 for "train")."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r}; valid: {SPLITS}")
   if split == "train" and num_batches < 1:
@@ -270,7 +270,7 @@ def infill_template(checkpoint: Checkpoint, template: str) -> tuple[np.ndarray, 
 
 def check_sampling(num_samples: int | None, steps: int | None, grid: str | None,
                    top_p: float | None) -> None:
-  """Raises ValueError naming a bad sampling setting; None (the config's, checked with it) passes."""
+  """Raises ValueError naming a bad sampling setting; None (the config's value) passes."""
   if num_samples is not None and num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   if steps is not None or grid is not None:  # time_grid raises naming a bad steps or grid.
@@ -366,7 +366,7 @@ def zero_shot_sections(checkpoint: Checkpoint, spec: str, *, num_t: int = 8,
 
 
 def check_options(options: Options) -> None:
-  """Raises ValueError naming a bad option that needs no checkpoint to judge: before restoring one."""
+  """Raises ValueError naming a bad option that needs no checkpoint: run checks before restoring."""
   check_split(options.split, options.num_eval_batches)
   if not options.nelbo and not options.sample:
     raise ValueError("nothing to do: nelbo and sample are both off")

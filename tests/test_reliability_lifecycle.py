@@ -20,6 +20,7 @@ from md4 import evaluate
 from md4 import memory
 from md4.data import alphabet
 from md4.runtime.errors import PREEMPTED_EXIT_CODE
+from tests import helpers
 from tests.test_reliability import environment
 from tests.test_reliability import main_command
 from tests.test_reliability import REPO
@@ -118,14 +119,7 @@ def test_sigterm_while_preparing_exits_at_once_leaving_no_corpus_taken_for_whole
   rng = np.random.default_rng(0)
   lines = "\n".join(" ".join(rng.choice(words, size=12)) for _ in range(2000)) + "\n"
   (tmp_path / "corpus.txt").write_text(lines * 400)  # 56 MB: tens of seconds to prepare.
-  (tmp_path / "config.py").write_text(f"""
-from md4 import defaults
-def get_config():
-  config = defaults.get_config()
-  config.update(dataset="tokens", data_dir={str(tmp_path / "out")!r}, seq_len=16, batch_size=4)
-  config.tokens.update(path={str(tmp_path / "corpus.txt")!r}, vocab_size=40)
-  return config
-""")
+  helpers.write_tokens_config(tmp_path)
   log = tmp_path / "stderr.log"
   process = start([sys.executable, "-m", "md4.data.prepare", f"--config={tmp_path / 'config.py'}"],
                   log)
