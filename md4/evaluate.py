@@ -56,6 +56,7 @@ from md4 import sample_quality
 from md4 import samplers
 from md4 import samples as samples_lib
 from md4 import trainer as trainer_lib
+from md4.data import alphabet
 from md4.data import pipeline
 from md4.data import tokens
 from md4.data import zero_shot
@@ -144,6 +145,14 @@ def load_config(workdir: str | os.PathLike,
   return step, defaults.validate(config)
 
 
+def check_overrides(batch_size: int | None, dtype: str | None) -> None:
+  """Raises ValueError naming a bad batch_size or dtype of `restore` (None: the config's)."""
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if dtype is not None and dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
+
+
 def restore(workdir: str | os.PathLike, step: int | None = None,
             batch_size: int | None = None, dtype: str | None = None) -> Checkpoint:
   """The EMA parameters of checkpoint `step` (default: the latest) of workdir.
@@ -155,13 +164,10 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
   workdir = epath.Path(workdir).expanduser()
   step, config = load_config(workdir, step)
   compilation_cache.enable(config)
+  check_overrides(batch_size, dtype)
   if batch_size is not None:
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     config.batch_size = batch_size
   if dtype is not None:
-    if dtype not in DTYPES:
-      raise ValueError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
     config.model.dtype = dtype
   # Training's antithetic times over the tiled batch are what stratify the times.
   config.antithetic_time_sampling = True
@@ -183,14 +189,19 @@ def nelbo_per_sequence(checkpoint: Checkpoint, batches: Iterator[Batch], *, num_
                                        num_batches=num_batches, seed=seed)
 
 
-def split_batches(checkpoint: Checkpoint, split: str, num_batches: int) -> Iterator[Batch]:
-  """Batches of the config's dataset: its held-out split, or (num_batches of) training data."""
+def check_split(split: str, num_batches: int) -> None:
+  """Raises ValueError unless split is one of SPLITS (with num_batches >= 1 for "train")."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r}; valid: {SPLITS}")
+  if split == "train" and num_batches < 1:
+    raise ValueError("split='train' is endless: give num_eval_batches >= 1")
+
+
+def split_batches(checkpoint: Checkpoint, split: str, num_batches: int) -> Iterator[Batch]:
+  """Batches of the config's dataset: its held-out split, or (num_batches of) training data."""
+  check_split(split, num_batches)
   if split == "eval":
     return checkpoint.dataset.eval_batches()
-  if num_batches < 1:
-    raise ValueError("split='train' is endless: give num_eval_batches >= 1")
   return (next(checkpoint.dataset.train) for _ in range(num_batches))
 
 
@@ -212,13 +223,19 @@ def text_file_batches(checkpoint: Checkpoint, path: str) -> Iterator[Batch]:
   return pipeline.eval_iterator_fn(source, config.batch_size)()
 
 
-def encode(checkpoint: Checkpoint, text: str, what: str) -> np.ndarray:
-  """Token ids int32 [n] of prompt text; `what` names the flag in errors."""
+def encode(checkpoint: Checkpoint, text: str, what: str, offset: int = 0) -> np.ndarray:
+  """Token ids int32 [n] of prompt text; `what` names the flag in errors.
+
+  offset: where text starts in the flag's value, so that an error names the
+  character's offset in what the user gave.
+  """
   if checkpoint.dataset.encode is None:
     raise ValueError(f"{what} takes text; this model was trained on "
                      f"{checkpoint.config.dataset!r} ({checkpoint.dataset.modality})")
   try:
     return checkpoint.dataset.encode(text)
+  except alphabet.OutsideAlphabetError as error:
+    raise ValueError(f"{what}: {error.moved(offset)}") from error
   except ValueError as error:
     raise ValueError(f"{what}: {error}") from error
 
@@ -232,14 +249,17 @@ def infill_template(checkpoint: Checkpoint, template: str) -> tuple[np.ndarray, 
   """
   length = checkpoint.model.num_tokens
   ids, given = [], []
+  offset = 0  # Of the piece in template.
   for index, piece in enumerate(template.split(INFILL_BLANK)):
     if index > 0:
       ids.append(0)
       given.append(False)
+      offset += len(INFILL_BLANK)
     if piece:
-      piece_ids = encode(checkpoint, piece, "infill")
+      piece_ids = encode(checkpoint, piece, "infill", offset)
       ids.extend(piece_ids.tolist())
       given.extend([True] * len(piece_ids))
+    offset += len(piece)
   if len(ids) > length:
     raise ValueError(f"infill template makes {len(ids)} positions, more than the model's "
                      f"{length}")
@@ -248,16 +268,24 @@ def infill_template(checkpoint: Checkpoint, template: str) -> tuple[np.ndarray, 
           np.asarray(given + [False] * padding, np.bool_))
 
 
+def check_sampling(num_samples: int | None, steps: int | None, grid: str | None,
+                   top_p: float | None) -> None:
+  """Raises ValueError naming a bad sampling setting; None (the config's value) passes."""
+  if num_samples is not None and num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  if steps is not None or grid is not None:  # time_grid raises naming a bad steps or grid.
+    samplers.engine.time_grid(1 if steps is None else steps,
+                              samplers.engine.DEFAULT_GRID if grid is None else grid)
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int, steps: int,
              grid: str, top_p: float, prefix: str | None = None,
              infill: str | None = None, sampler: str | None = None,
              sampler_options: dict[str, Any] | None = None) -> models.Samples:
   """Samples with the EMA parameters; prefix, infill and the sampler as in `Options`."""
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  samplers.engine.time_grid(steps, grid)  # Raises ValueError naming a bad steps or grid.
-  if not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  check_sampling(num_samples, steps, grid, top_p)
   conditions = {}
   if prefix is not None:
     prefix_ids = encode(checkpoint, prefix, "prefix")
@@ -338,16 +366,31 @@ def zero_shot_sections(checkpoint: Checkpoint, spec: str, *, num_t: int = 8,
   return sections
 
 
+def check_options(options: Options) -> None:
+  """Raises ValueError naming a bad option that needs no checkpoint: run checks before restoring."""
+  check_split(options.split, options.num_eval_batches)
+  if not options.nelbo and not options.sample:
+    raise ValueError("nothing to do: nelbo and sample are both off")
+  if options.text_file and options.zero_shot:
+    raise ValueError("give text_file or zero_shot, not both")
+  if options.zero_shot:
+    zero_shot.parse(options.zero_shot)
+  likelihood.check_num_t(options.num_t)
+  check_overrides(options.batch_size, options.dtype)
+  check_sampling(options.num_samples, options.steps, options.grid, options.top_p)
+  sampler_options = parse_sampler_options(options.sampler_options)
+  if options.sampler is not None:
+    samplers.options(options.sampler, sampler_options)
+  judge_lib.check_convention(options.judge_convention)
+
+
 def run(options: Options) -> dict[str, Any]:
   """What `python -m md4.evaluate` runs; returns the results.
 
   NELBO on options.text_file, else the config's split; then, with sample,
   samples. Results are merged into OUT/results_step_<N>.json.
   """
-  if options.split not in SPLITS:
-    raise ValueError(f"split={options.split!r}; valid: {SPLITS}")
-  if not options.nelbo and not options.sample:
-    raise ValueError("nothing to do: nelbo and sample are both off")
+  check_options(options)
   checkpoint = restore(options.workdir, options.step, options.batch_size, options.dtype)
   config, dataset = checkpoint.config, checkpoint.dataset
   out_dir = (epath.Path(options.output_dir).expanduser() if options.output_dir
@@ -355,8 +398,6 @@ def run(options: Options) -> dict[str, Any]:
   results = {"workdir": str(checkpoint.workdir), "step": checkpoint.step,
              "model_type": config.model_type, "dataset": config.dataset, "nelbo": {}}
   if options.nelbo and options.zero_shot:
-    if options.text_file:
-      raise ValueError("give text_file or zero_shot, not both")
     results["nelbo"].update(zero_shot_sections(checkpoint, options.zero_shot,
                                                num_t=options.num_t, seed=options.seed))
   elif options.nelbo:

@@ -235,6 +235,12 @@ CONVENTIONS = {"mdlm": mdlm_chunks, "duo": mdlm_chunks, "md4": md4_chunks}
 DEFAULT_CONVENTION = "mdlm"
 
 
+def check_convention(convention: str) -> None:
+  """Raises ValueError unless convention is a key of CONVENTIONS."""
+  if convention not in CONVENTIONS:
+    raise ValueError(f"judge convention={convention!r}; valid: {sorted(CONVENTIONS)}")
+
+
 def generative_perplexity(judge: Judge, samples: list[list[str]],
                           convention: str = DEFAULT_CONVENTION, batch_size: int = 8,
                           max_length: int | None = None) -> dict[str, Any]:
@@ -250,8 +256,7 @@ def generative_perplexity(judge: Judge, samples: list[list[str]],
     max_length: judge ids kept per sample by MDLM and DUO (their
       config.model.length); None: the judge's context.
   """
-  if convention not in CONVENTIONS:
-    raise ValueError(f"judge convention={convention!r}; valid: {sorted(CONVENTIONS)}")
+  check_convention(convention)
   max_length = judge.config.context if max_length is None else max_length
   chunks = CONVENTIONS[convention](judge, samples, batch_size, max_length)
   if not chunks:

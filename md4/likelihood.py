@@ -47,13 +47,18 @@ def eval_step(model: models.Model, batch_sharding: jax.sharding.NamedSharding, n
   return model.loss(params, tiled, rng, False).nelbo.reshape(num_t, -1).mean(axis=0)
 
 
+def check_num_t(num_t: int) -> None:
+  """Raises ValueError unless num_t (stratified times per sequence) is an int >= 1."""
+  if isinstance(num_t, bool) or not isinstance(num_t, int) or num_t < 1:
+    raise ValueError(f"num_t must be an int >= 1, got {num_t!r}")
+
+
 def compile_eval_step(config: ml_collections.ConfigDict, model: models.Model,
                       mesh: jax.sharding.Mesh, params_sharding: Any,
                       num_t: int) -> Callable[[Any, dict[str, Array], Array], Array]:
   """eval_step jitted under the config's logical-axis rules: (params, global batch [B, ...],
   rng) -> NELBO nats [B], replicated."""
-  if isinstance(num_t, bool) or not isinstance(num_t, int) or num_t < 1:
-    raise ValueError(f"num_t must be an int >= 1, got {num_t!r}")
+  check_num_t(num_t)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   step = functools.partial(eval_step, model, batch_sharding, num_t)
   return jax.jit(sharding_lib.traced_with_rules(config, mesh, step),

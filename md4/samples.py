@@ -14,6 +14,7 @@ import numpy as np
 
 from md4 import data as data_lib
 from md4 import visualize
+from md4.runtime import storage
 
 
 def unused_name(folder: epath.Path, name: str) -> str:
@@ -41,6 +42,7 @@ def write(folder: epath.Path, name: str, tokens: np.ndarray, dataset: data_lib.D
     written.append(folder / f"{name}.txt")
   buffer = io.BytesIO()
   np.save(buffer, np.asarray(tokens))
-  (folder / f"{name}.npy").write_bytes(buffer.getvalue())
+  # Written last and whole: its presence says the samples are complete (md4.train.finish).
+  storage.write_whole(folder / f"{name}.npy", buffer.getvalue())
   written.append(folder / f"{name}.npy")
   return [str(path) for path in written]

@@ -81,6 +81,67 @@ def write_samples(config: ml_collections.ConfigDict, trainer: trainer_lib.Traine
     writer.write_sample_files(step, written)
 
 
+def timed_evaluation(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer, params: Any,
+                     dataset: data_lib.Dataset, step: int, writer: metric_writers.MetricWriter,
+                     preemption: preemption_lib.Preemption) -> dict[str, float]:
+  """evaluate at step, written with the seconds it took; a notice while evaluating exits."""
+  start = time.perf_counter()
+  with preemption.exits_at_once("evaluating"):
+    eval_metrics = evaluate(config, trainer, params, dataset, config.seed)
+  writer.write_scalars(step, {**eval_metrics, "eval_seconds": time.perf_counter() - start})
+  return eval_metrics
+
+
+def timed_samples(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer, params: Any,
+                  dataset: data_lib.Dataset, workdir: epath.Path, step: int, rng_sample: Array,
+                  writer: metric_writers.MetricWriter,
+                  preemption: preemption_lib.Preemption) -> None:
+  """write_samples at step, with the rng of the step, logging the time it took; a notice exits."""
+  start = time.perf_counter()
+  with preemption.exits_at_once("sampling"):
+    write_samples(config, trainer, params, dataset, workdir, step,
+                  jax.random.fold_in(rng_sample, step), writer)
+  logging.info("step %d: sampled in %.2f s", step, time.perf_counter() - start)
+
+
+def written_at(metrics_path: epath.Path, step: int) -> dict[str, float]:
+  """The metrics.jsonl values written at step, merged over its lines ({} without the file)."""
+  written = {}
+  if metrics_path.exists():
+    for line in metrics_path.read_text().splitlines():
+      record = json.loads(line)
+      if record.pop("step") == step:
+        written.update(record)
+  return written
+
+
+def finish(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer, params: Any,
+           dataset: data_lib.Dataset, workdir: epath.Path, step: int, rng_sample: Array,
+           writer: metric_writers.MetricWriter,
+           preemption: preemption_lib.Preemption) -> dict[str, float]:
+  """The last step's evaluation, sample scores and samples, each unless the workdir has it.
+
+  A resumed run so finishes what an interrupted one left, and a finished run
+  re-run only reads its results. An evaluation or the scores are done when
+  metrics.jsonl has their line at step, the samples when samples/step_<N>.npy
+  (written last) exists. Returns the evaluation's metrics and the scores.
+  """
+  written = written_at(writer.jsonl_path, step)
+  if "eval_bits_per_token" not in written:
+    written.update(timed_evaluation(config, trainer, params, dataset, step, writer, preemption))
+  wants_scores = config.num_quality_samples and dataset.known_source is not None
+  if wants_scores and not any(name.startswith("samples/") for name in written):
+    # A line of their own: the bound is written before the (slower) sampling starts.
+    with preemption.exits_at_once("sampling"):
+      scores = sample_scores(config, trainer, params, dataset, jax.random.split(rng_sample)[0])
+    writer.write_scalars(step, scores)
+    written.update(scores)
+  if not (workdir / "samples" / f"step_{step}.npy").exists():
+    timed_samples(config, trainer, params, dataset, workdir, step, rng_sample, writer, preemption)
+  return {name: float(value) for name, value in written.items()
+          if name.startswith(("eval_", "data_", "samples/")) and name != "eval_seconds"}
+
+
 def sample_scores(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer, params: Any,
                   dataset: data_lib.Dataset, rng: Array) -> dict[str, float]:
   """md4.sample_quality's scores of config.num_quality_samples samples, keys prefixed "samples/"."""
@@ -217,7 +278,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = storage.workdir_path(workdir)
   is_main = jax.process_index() == 0
   preemption = preemption_lib.Preemption()
-  eval_metrics: dict[str, float] = {}
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(preemption.close)
     with preemption.exits_at_once("starting"):
@@ -226,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if workdir_lock is not None:
         cleanup.callback(workdir_lock.release)
         preemption.on_exit(workdir_lock.release)
-      dataset, trainer = trainer_lib.build(config)
+      dataset, trainer = trainer_lib.build(config, for_training=True)
       rng_init, rng_train, rng_sample = jax.random.split(jax.random.PRNGKey(config.seed), 3)
       checkpoints = checkpointing.manager(config, workdir)
       cleanup.callback(checkpoints.close)
@@ -247,6 +307,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     cleanup.callback(wait_for_saves)
     preemption.on_exit(wait_for_saves)
+    saved_step = step  # Restored, or the start: nothing to save.
+
+    def save_trained_steps():
+      """On a notice while reading a batch: the steps trained since the last save.
+
+      The data position is the one before the batch: grain advances it only
+      when it returns the batch.
+      """
+      if saved_step != step:
+        writer.flush()
+        checkpointing.save(checkpoints, state, dataset.train, config)
+
+    preemption.on_exit(save_trained_steps)  # Runs before wait_for_saves.
     logging.info("Training %s on %s from step %d to %d on mesh %s", config.model_type,
                  config.dataset, step, config.num_train_steps, dict(trainer.mesh.shape))
 
@@ -254,7 +327,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     history: list[tuple[int, Metrics]] = []
     compiled = False
     while step < config.num_train_steps:
-      batch = sharding_lib.global_batch(next(dataset.train), trainer.batch_sharding)
+      # A notice while a batch is read (the first may take minutes) exits at once, saving
+      # what is unsaved; several processes could not agree on that step, so they wait.
+      with (preemption.exits_at_once("reading a batch")
+            if jax.process_count() == 1 or saved_step == step else contextlib.nullcontext()):
+        batch = next(dataset.train)
+      batch = sharding_lib.global_batch(batch, trainer.batch_sharding)
       if compiled:
         state, metrics = trainer.train_step(state, batch, rng_train)
       else:
@@ -280,8 +358,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info("step %d/%d  %.2f steps/s  ETA %s", step, config.num_train_steps,
                      steps_per_sec, format_duration(eta))
         history = []
-      evaluating = step % config.eval_every_steps == 0 or last
-      sampling = step % config.sample_every_steps == 0 or last
+      # The last step's evaluation and samples are `finish`'s.
+      evaluating = step % config.eval_every_steps == 0 and not last
+      sampling = step % config.sample_every_steps == 0 and not last
       preempted = preemption.reached(step)
       # Saved before evaluating or sampling, so that a notice during either loses nothing.
       if (step % config.checkpoint_every_steps == 0 or last or evaluating or sampling
@@ -291,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         with progress.apart():
           writer.flush()
           checkpointing.save(checkpoints, state, dataset.train, config)
+        saved_step = step
       if preempted:
         with progress.apart():
           wait_for_saves()
@@ -299,23 +379,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise errors.Preempted(
             f"Preempted at step {step}: checkpoint saved in {checkpoints.directory}")
       if evaluating:
-        start = time.perf_counter()
-        with preemption.exits_at_once("evaluating"), progress.apart():
-          eval_metrics = evaluate(config, trainer, state.ema_params, dataset, config.seed)
-        writer.write_scalars(step, {**eval_metrics, "eval_seconds": time.perf_counter() - start})
-        if last and config.num_quality_samples and dataset.known_source is not None:
-          # A line of their own: the bound is written before the (slower) sampling starts.
-          with preemption.exits_at_once("sampling"), progress.apart():
-            scores = sample_scores(config, trainer, state.ema_params, dataset,
-                                   jax.random.split(rng_sample)[0])
-          writer.write_scalars(step, scores)
-          eval_metrics.update(scores)
+        with progress.apart():
+          timed_evaluation(config, trainer, state.ema_params, dataset, step, writer, preemption)
       if sampling:
-        start = time.perf_counter()
-        with preemption.exits_at_once("sampling"), progress.apart():
-          write_samples(config, trainer, state.ema_params, dataset, workdir, step,
-                        jax.random.fold_in(rng_sample, step), writer)
-        logging.info("step %d: sampled in %.2f s", step, time.perf_counter() - start)
+        with progress.apart():
+          timed_samples(config, trainer, state.ema_params, dataset, workdir, step, rng_sample,
+                        writer, preemption)
+    # Also when resumed at the last step: what the interrupted run left, or the summary only.
+    eval_metrics = finish(config, trainer, state.ema_params, dataset, workdir, step, rng_sample,
+                          writer, preemption)
     if is_main:
       writer.write_curves(step, f"{config.model_type} on {config.dataset}")
     with preemption.exits_at_once("finishing the last save"):

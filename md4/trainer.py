@@ -18,6 +18,7 @@ import optax
 
 from md4 import data as data_lib
 from md4 import likelihood
+from md4 import memory
 from md4 import models
 from md4 import samplers
 from md4.runtime import sharding as sharding_lib
@@ -107,18 +108,24 @@ class Trainer:
   sample: Any
 
 
-def build(config: ml_collections.ConfigDict,
-          devices: list[jax.Device] | None = None) -> tuple[data_lib.Dataset, Trainer]:
+def build(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None,
+          for_training: bool = False) -> tuple[data_lib.Dataset, Trainer]:
   """(the config's data source, its trainer) on a mesh of devices (default: all).
 
   Raises ValueError before anything compiles when the batch does not split
-  over the mesh.
+  over the mesh, and, for_training, when the first training step would not
+  fit in memory (`md4.memory`).
   """
   mesh = sharding_lib.make_mesh(config, devices)
   sharding_lib.check_batch(config, mesh)
   dataset = data_lib.create(config)
   model = models.create(config, dataset.vocab_size, dataset.example_shape, dataset.num_classes)
-  return dataset, compile_steps(config, model, mesh)
+  if for_training:
+    memory.check_training(config, dataset, mesh)
+  trainer = compile_steps(config, model, mesh)
+  if for_training:
+    memory.check_training(config, dataset, mesh, trainer)
+  return dataset, trainer
 
 
 def compile_steps(config: ml_collections.ConfigDict, model: models.Model,

@@ -29,3 +29,15 @@ def load_benchmark(name: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def write_tokens_config(folder: pathlib.Path) -> None:
+  """folder/config.py: a 40-piece corpus of folder/corpus.txt, prepared into folder/out."""
+  (folder / "config.py").write_text(f"""
+from md4 import defaults
+def get_config():
+  config = defaults.get_config()
+  config.update(dataset="tokens", data_dir={str(folder / "out")!r}, seq_len=16, batch_size=4)
+  config.tokens.update(path={str(folder / "corpus.txt")!r}, vocab_size=40)
+  return config
+""")

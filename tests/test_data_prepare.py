@@ -45,14 +45,7 @@ def test_tokens_builds_once_from_the_command_line(tmp_path):
   rng = np.random.default_rng(0)
   (tmp_path / "corpus.txt").write_text(
       "\n".join(" ".join(rng.choice(words, size=8)) for _ in range(200)))
-  (tmp_path / "config.py").write_text(f"""
-from md4 import defaults
-def get_config():
-  config = defaults.get_config()
-  config.update(dataset="tokens", data_dir={str(tmp_path / "out")!r}, seq_len=16, batch_size=4)
-  config.tokens.update(path={str(tmp_path / "corpus.txt")!r}, vocab_size=40)
-  return config
-""")
+  helpers.write_tokens_config(tmp_path)
   command = [sys.executable, "-m", "md4.data.prepare", f"--config={tmp_path / 'config.py'}"]
   first = json.loads(subprocess.run(command, check=True, capture_output=True, text=True)
                      .stdout.strip().splitlines()[-1])

@@ -22,15 +22,28 @@ def encode_bytes(raw: bytes) -> np.ndarray:
   return ids.astype(np.uint8)
 
 
+class OutsideAlphabetError(ValueError):
+  """A character of a text that is not in the alphabet, at `offset` in the text."""
+
+  def __init__(self, character: str, offset: int):
+    super().__init__(f"character {character!r} at offset {offset} is not in the text8 "
+                     f"alphabet {ALPHABET!r}")
+    self.character = character
+    self.offset = offset
+
+  def moved(self, by: int) -> "OutsideAlphabetError":
+    """The same error in a text where this one's text starts at offset `by`."""
+    return OutsideAlphabetError(self.character, self.offset + by)
+
+
 def encode(text: str) -> np.ndarray:
-  """Maps text already in the alphabet to ids uint8 [N]; raises naming the first other character
-  and its offset in text."""
+  """Maps text already in the alphabet to ids uint8 [N]; raises OutsideAlphabetError naming the
+  first other character and its offset in text."""
   try:
     return encode_bytes(text.encode("utf-8"))
   except ValueError:
     position = next(i for i, char in enumerate(text) if char not in ALPHABET)
-    raise ValueError(f"character {text[position]!r} at offset {position} is not in the text8 "
-                     f"alphabet {ALPHABET!r}") from None
+    raise OutsideAlphabetError(text[position], position) from None
 
 
 def decode(ids: np.ndarray) -> str:

@@ -19,7 +19,7 @@ Batch = dict[str, np.ndarray]
 
 # Threads that read batches ahead of the consumer, and how many batches they may hold.
 _READ_THREADS = 4
-_PREFETCH_BATCHES = 8
+PREFETCH_BATCHES = 8
 _ENDLESS = 2**62  # Training steps in an "endless" iterator.
 
 
@@ -100,7 +100,7 @@ def local_batch_size(batch_size: int) -> int:
 
 def _read_options() -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=_READ_THREADS,
-                           prefetch_buffer_size=_PREFETCH_BATCHES)
+                           prefetch_buffer_size=PREFETCH_BATCHES)
 
 
 class _GlobalOrder:

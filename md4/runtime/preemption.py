@@ -45,7 +45,8 @@ def _barrier() -> None:
 class Preemption:
   """Watches for the preemption notice; see the module docstring."""
 
-  def __init__(self):
+  def __init__(self, num_processes: int | None = None):
+    """num_processes: None asks JAX, which starts its backends; a command without JAX gives 1."""
     self._notice = threading.Event()
     self._lock = threading.Lock()
     self._exit_sections: list[str] = []
@@ -53,7 +54,7 @@ class Preemption:
     self._previous_handler = None
     self._wakeup = None
     self._closed = threading.Event()
-    if jax.process_count() == 1:
+    if (jax.process_count() if num_processes is None else num_processes) == 1:
       read_fd, write_fd = os.pipe()
       os.set_blocking(write_fd, False)
       self._wakeup = (read_fd, write_fd)
