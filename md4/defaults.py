@@ -121,6 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_quality_samples = 256
   config.num_montage_frames = 8
   config.check_nans = True
+  # (first, last): a jax.profiler trace of training steps first..last into WORKDIR/profile
+  # (md4.runtime.profiler); () is off. Step 1 includes compiling: start later to leave it out.
+  config.profile_steps = ()
   # Persistent compilation cache (md4.runtime.compilation_cache): a folder or gs:// path; "" is off.
   config.compilation_cache_dir = "~/.cache/md4/jax_compilation_cache"
   return config
@@ -195,6 +198,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
                      f"config.grad_accum_steps={config.grad_accum_steps}")
+  profile_steps = tuple(config.profile_steps)
+  if profile_steps and not (len(profile_steps) == 2 and all(type(s) is int for s in profile_steps)
+                            and 1 <= profile_steps[0] <= profile_steps[1]):
+    raise ValueError(f"config.profile_steps must be () or (first, last) with 1 <= first <= "
+                     f"last, got {profile_steps}")
   if not config.optimizer.learning_rate > 0:
     raise ValueError(f"config.optimizer.learning_rate must be > 0, got "
                      f"{config.optimizer.learning_rate}")

@@ -280,12 +280,28 @@ def check_sampling(num_samples: int | None, steps: int | None, grid: str | None,
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int, steps: int,
-             grid: str, top_p: float, prefix: str | None = None,
-             infill: str | None = None, sampler: str | None = None,
+def sample_settings(config: ml_collections.ConfigDict, num_samples: int | None = None,
+                    steps: int | None = None, grid: str | None = None,
+                    top_p: float | None = None) -> dict[str, Any]:
+  """{"num_samples", "steps", "grid", "top_p"}: each value given, else the config's."""
+  configured = {"num_samples": config.num_samples, "steps": config.sample_steps,
+                "grid": config.sample_grid, "top_p": config.sample_top_p}
+  given = {"num_samples": num_samples, "steps": steps, "grid": grid, "top_p": top_p}
+  return {key: configured[key] if given[key] is None else given[key] for key in configured}
+
+
+def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int | None = None,
+             steps: int | None = None, grid: str | None = None, top_p: float | None = None,
+             prefix: str | None = None, infill: str | None = None, sampler: str | None = None,
              sampler_options: dict[str, Any] | None = None) -> models.Samples:
-  """Samples with the EMA parameters; prefix, infill and the sampler as in `Options`."""
-  check_sampling(num_samples, steps, grid, top_p)
+  """Samples with the EMA parameters; prefix, infill and the sampler as in `Options`.
+
+  num_samples, steps, grid and top_p default to the checkpoint's config (`sample_settings`).
+  """
+  settings = sample_settings(checkpoint.config, num_samples, steps, grid, top_p)
+  check_sampling(**settings)
+  num_samples, steps, grid, top_p = (settings["num_samples"], settings["steps"],
+                                     settings["grid"], settings["top_p"])
   conditions = {}
   if prefix is not None:
     prefix_ids = encode(checkpoint, prefix, "prefix")
@@ -417,12 +433,8 @@ def run(options: Options) -> dict[str, Any]:
       section["data_entropy_bits_per_token"] = dataset.entropy_bits_per_token
     results["nelbo"][name] = section
   if options.sample:
-    given = {"num_samples": options.num_samples, "steps": options.steps,
-             "grid": options.grid, "top_p": options.top_p}
-    configured = {"num_samples": config.num_samples, "steps": config.sample_steps,
-                          "grid": config.sample_grid, "top_p": config.sample_top_p}
-    settings = {key: configured[key] if value is None else value
-                for key, value in given.items()}
+    settings = sample_settings(config, options.num_samples, options.steps, options.grid,
+                               options.top_p)
     rng = jax.random.fold_in(jax.random.PRNGKey(options.seed), checkpoint.step)
     sampler_name, sampler_options = models.configured_sampler(
         config, options.sampler, parse_sampler_options(options.sampler_options))

@@ -32,6 +32,7 @@ from md4.runtime import errors
 from md4.runtime import lock
 from md4.runtime import metric_writers
 from md4.runtime import preemption as preemption_lib
+from md4.runtime import profiler as profiler_lib
 from md4.runtime import progress as progress_lib
 from md4.runtime import sharding as sharding_lib
 from md4.runtime import storage
@@ -324,6 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  config.dataset, step, config.num_train_steps, dict(trainer.mesh.shape))
 
     progress = Progress(step)
+    profiler = profiler_lib.StepProfiler(config.profile_steps, workdir)
+    cleanup.callback(profiler.close)
     history: list[tuple[int, Metrics]] = []
     compiled = False
     while step < config.num_train_steps:
@@ -334,11 +337,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         batch = next(dataset.train)
       batch = sharding_lib.global_batch(batch, trainer.batch_sharding)
       if compiled:
-        state, metrics = trainer.train_step(state, batch, rng_train)
+        state, metrics = profiler.run(step + 1, trainer.train_step, state, batch, rng_train)
       else:
         with preemption.exits_at_once("compiling the train step"), progress.apart():
           start = time.perf_counter()
-          state, metrics = trainer.train_step(state, batch, rng_train)
+          state, metrics = profiler.run(step + 1, trainer.train_step, state, batch, rng_train)
           jax.block_until_ready(metrics)
           logging.info("Compiled the train step in %.2f s (its first run included)",
                        time.perf_counter() - start)

@@ -63,7 +63,7 @@ def quiet() -> Iterator[list[BaseException]]:
     else:
       unraisablehook(unraisable)
 
-  orbax_logger.setLevel(logging.FATAL + 1)
+  orbax_logger.setLevel(python_logging.CRITICAL + 1)  # Python levels: absl.logging.FATAL is -3.
   asyncio_logger.addFilter(records)
   sys.unraisablehook = filtered
   try:
