@@ -10,9 +10,6 @@ in nats per token, at steps 2 to 1024 (from 6 steps on, ordered unmasking
 reveals the chain's 6 positions one at a time).
 """
 
-import json
-import sys
-
 from absl import app
 from absl import flags
 
@@ -27,12 +24,8 @@ def main(argv):
   chain = oracle_chain.Chain()
   rows = oracle_chain.measured("exact", lambda sampler: STEPS, lambda sampler, options, steps: {
       "kl_nats_per_token": chain.kl(chain.law(sampler, steps, options))})
-  oracle_chain.print_table(rows, lambda row: f"{row['kl_nats_per_token']:.2e}")
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      json.dump({"command": " ".join(["python"] + sys.argv), "vocab": oracle_chain.VOCAB,
-                 "length": oracle_chain.LENGTH, "defaults": oracle_chain.defaults(),
-                 "rows": rows}, f, indent=1)
+  oracle_chain.report(rows, lambda row: f"{row['kl_nats_per_token']:.2e}", _OUTPUT.value,
+                      vocab=oracle_chain.VOCAB, length=oracle_chain.LENGTH)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ network calls spent.
 """
 
 import functools
-import json
-import sys
 
 from absl import app
 from absl import flags
@@ -26,7 +24,6 @@ import numpy as np
 import oracle_chain
 from md4 import evaluate
 from md4 import sample_quality
-from md4 import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py",
                                           "Config to train when --workdir has no checkpoint.")
@@ -46,20 +43,12 @@ def scores(checkpoint: evaluate.Checkpoint, sampler: str, options: dict, steps: 
 
 def main(argv):
   del argv
-  try:
-    checkpoint = evaluate.restore(_WORKDIR.value)
-  except (ValueError, FileNotFoundError):
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    checkpoint = evaluate.restore(_WORKDIR.value)
+  checkpoint = oracle_chain.quickstart_checkpoint(_CONFIG.value, _WORKDIR.value)
   rows = oracle_chain.measured(
       "quickstart", lambda sampler: STEPS + ((128,) if sampler == "remdm" else ()),
       functools.partial(scores, checkpoint))
-  oracle_chain.print_table(rows, lambda row: f"{row['kl']:.2f} ± {row['kl_stderr']:.2f}")
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      json.dump({"command": " ".join(["python"] + sys.argv), "step": checkpoint.step,
-                 "num_samples": _NUM_SAMPLES.value, "defaults": oracle_chain.defaults(),
-                 "rows": rows}, f, indent=1)
+  oracle_chain.report(rows, lambda row: f"{row['kl']:.2f} ± {row['kl_stderr']:.2f}",
+                      _OUTPUT.value, step=checkpoint.step, num_samples=_NUM_SAMPLES.value)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ the exact laws of the samplers' outputs on it, and the sampler options measured.
 
 V = 4 symbols, Dirichlet(1) rows, seed 0, started at its stationary law, on
 L = 6 positions; a sampler's state is one of the (V + 1)^L sequences of
-values and masks (mask id V), linear schedule, uniform grid. `Chain.law`
+values and masks (mask id V), linear schedule, uniform grid. Also what the
+option benchmarks share: their candidates, rows, report and the quick-start
+checkpoint. `Chain.law`
 propagates the law of a sampler's state exactly as its code runs: ordered
 unmasking draws x_hat at every masked position of the current block and
 reveals the k of highest score, summed over the V^m joint draws
@@ -12,21 +14,27 @@ maskgit: log p + g Gumbel, whose top k is Plackett-Luce sampling without
 replacement with weights p^(1/g); random: a uniform k-subset), and every
 position with p(x_hat) >= threshold; ReMDM reveals and remasks each position
 independently at `remdm.remdm_schedule`'s rates, its last step filling what
-is still masked with the most likely value.
+is still masked with the most likely value. Also what the option
+benchmarks share: their candidates, rows and report, and the quick-start
+checkpoint (grid_quickstart.py's too).
 """
 
 import functools
 import itertools
 import json
 import math
+import sys
 from typing import Callable
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from scipy import sparse
 
+from md4 import evaluate
 from md4 import samplers
 from md4 import schedule as schedule_lib
+from md4 import train
 from md4.data import synthetic
 from md4.samplers import engine
 from md4.samplers import ordered
@@ -297,7 +305,9 @@ def measured(stage: str, steps: Callable[[str], tuple[int, ...]],
   return rows
 
 
-def print_table(rows: list[dict], cell) -> None:
+def report(rows: list[dict], cell: Callable[[dict], str], output: str | None, **fields) -> None:
+  """Prints rows as a table of cell(row) by option value and steps; writes the JSON to output
+  (the command, fields, the defaults measured around and the rows) when given."""
   steps = sorted({row["steps"] for row in rows})
   print("\n| sampler | option | value | " + " | ".join(f"T = {t}" for t in steps) + " |")
   print("| --- | --- | --- |" + " --- |" * len(steps))
@@ -305,3 +315,16 @@ def print_table(rows: list[dict], cell) -> None:
     by_steps = {row["steps"]: cell(row) for row in group}
     print(f"| {' | '.join(map(str, key))} | "
           + " | ".join(by_steps.get(t, "–") for t in steps) + " |")
+  if output:
+    with open(output, "w") as f:
+      json.dump({"command": " ".join(["python"] + sys.argv), **fields, "defaults": defaults(),
+                 "rows": rows}, f, indent=1)
+
+
+def quickstart_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> evaluate.Checkpoint:
+  """The checkpoint in workdir, trained there from config first if there is none."""
+  try:
+    return evaluate.restore(workdir)
+  except (ValueError, FileNotFoundError):
+    train.train_and_evaluate(config, workdir)
+    return evaluate.restore(workdir)
