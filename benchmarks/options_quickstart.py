@@ -6,9 +6,9 @@ Trains configs/quickstart.py in --workdir unless a checkpoint is there, then
 varies every option of maskgit, llada, blocks and remdm in
 `oracle_chain.CANDIDATES` alone, the others at their registered defaults:
 --num_samples samples per cell on the uniform grid, seed 0, at steps 8 and
-32, remdm (whose remasking is meant for many steps) also 128; not more: on
-the shared 2-core machine those runs took too long. Scored
-against the synthetic source's true law (`md4.sample_quality`): transition
+32, remdm (whose remasking is meant for many steps) also 128 (more steps
+took too long on the shared 2-core machine), scored against the synthetic
+source's true law (`md4.sample_quality`): transition
 KL and log-likelihood in bits per token with standard errors, and the
 network calls spent.
 """
@@ -34,6 +34,7 @@ STEPS = (8, 32)
 
 
 def scores(checkpoint: evaluate.Checkpoint, sampler: str, options: dict, steps: int) -> dict:
+  """The scores of the checkpoint's samples by sampler with options in steps."""
   drawn = checkpoint.model.sample(checkpoint.params, jax.random.PRNGKey(0), _NUM_SAMPLES.value,
                                   steps=steps, grid="uniform", sampler=sampler, **options)
   scored = sample_quality.scores(np.asarray(drawn.tokens), checkpoint.dataset)
