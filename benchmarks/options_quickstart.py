@@ -8,9 +8,8 @@ varies every option of maskgit, llada, blocks and remdm in
 --num_samples samples per cell on the uniform grid, seed 0, at steps 8 and
 32, remdm (whose remasking is meant for many steps) also 128 (more steps
 took too long on the shared 2-core machine), scored against the synthetic
-source's true law (`md4.sample_quality`): transition
-KL and log-likelihood in bits per token with standard errors, and the
-network calls spent.
+source's true law (`md4.sample_quality`): transition KL and log-likelihood
+in bits per token with standard errors, and the network calls spent.
 """
 
 import functools
