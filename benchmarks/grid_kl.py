@@ -23,21 +23,13 @@ from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
+import oracle_chain
 from md4 import sampler
 from md4 import schedule as schedule_lib
-from md4.data import synthetic
 
 _OUTPUT = flags.DEFINE_string("output", None, "Also writes the JSON there.")
-VOCAB, LENGTH = 4, 6
+VOCAB, LENGTH = oracle_chain.VOCAB, oracle_chain.LENGTH
 STEPS = (8, 16, 32, 64, 128, 256, 512, 1024)
-
-
-def chain_law() -> tuple[np.ndarray, np.ndarray]:
-  """(sequences int [V^L, L], their probabilities [V^L]) of the chain."""
-  chain = synthetic.MarkovChain(VOCAB, 1, 1.0, 0)
-  x = np.array(list(itertools.product(range(VOCAB), repeat=LENGTH)))
-  log_p = chain.known_source().log_prob(x)
-  return x, np.exp(log_p)
 
 
 def transitions(x: np.ndarray, p: np.ndarray):
@@ -49,12 +41,7 @@ def transitions(x: np.ndarray, p: np.ndarray):
   index (masked positions at their most likely value).
   """
   mask = VOCAB
-  states = np.array(list(itertools.product(range(VOCAB + 1), repeat=LENGTH)))
-  consistent = np.all((states[:, None, :] == x[None]) | (states[:, None, :] == mask), axis=-1)
-  joint = consistent * p[None]  # [S, V^L]
-  onehot = (x[:, :, None] == np.arange(VOCAB)).reshape(len(x), -1)  # [V^L, L V]
-  posterior = (joint @ onehot).reshape(len(states), LENGTH, VOCAB)
-  posterior /= posterior.sum(axis=-1, keepdims=True)
+  states, posterior = oracle_chain.state_posteriors(x, p)
   index = {tuple(state): i for i, state in enumerate(states)}
   source, target, stay, reveal, prob = [], [], [], [], []
   for i, state in enumerate(states):
@@ -91,7 +78,7 @@ def sample_law(moves, sch: schedule_lib.Schedule, steps: int, grid: str) -> np.n
 
 def main(argv):
   del argv
-  x, p = chain_law()
+  x, p = oracle_chain.chain_law()
   moves = transitions(x, p)
   rows = []
   for schedule_name in ("linear", "cosine"):

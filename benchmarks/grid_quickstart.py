@@ -18,10 +18,9 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from md4 import evaluate
+import oracle_chain
 from md4 import sample_quality
 from md4 import sampler
-from md4 import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py",
                                           "Config to train when --workdir has no checkpoint.")
@@ -33,11 +32,7 @@ STEPS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 def main(argv):
   del argv
-  try:
-    checkpoint = evaluate.restore(_WORKDIR.value)
-  except (ValueError, FileNotFoundError):
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    checkpoint = evaluate.restore(_WORKDIR.value)
+  checkpoint = oracle_chain.quickstart_checkpoint(_CONFIG.value, _WORKDIR.value)
   rows = []
   for grid in sampler.GRIDS:
     for steps in STEPS:

@@ -47,7 +47,7 @@ SAMPLERS = (
     ("maskgit", "maskgit", {}),
     ("llada", "llada", {}),
     ("llada, threshold 0.9", "llada", {"threshold": 0.9}),
-    ("blocks of 16, llada", "blocks", {"block_size": 16}),
+    ("blocks of 16, llada", "blocks", {"block_size": 16, "order": "confidence"}),
     ("remdm cap 0.04", "remdm", {"strategy": "cap", "eta": 0.04}),
     ("remdm loop 0.02", "remdm", {"strategy": "loop", "eta": 0.02}),
     ("first_hitting", "first_hitting", {}),

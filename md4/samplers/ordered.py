@@ -141,7 +141,8 @@ def run(start: engine.Start, rng: Array, *, order: str, temperature: float,
   return start.finish(final)
 
 
-# maskgit and llada are one block in a fixed order (llada's ranking has no noise to scale).
+# maskgit and llada are one block in a fixed order (llada's ranking has no noise to scale);
+# every default is measured (docs/sampling.md, "Default sampler options").
 MASKGIT = samplers.register(samplers.Sampler(
     "maskgit", functools.partial(run, order="maskgit", block_size=0),
     {"temperature": 1.0, "choice_temperature": 4.5, "threshold": 0.0}))
@@ -149,5 +150,5 @@ LLADA = samplers.register(samplers.Sampler(
     "llada", functools.partial(run, order="confidence", choice_temperature=0.0, block_size=0),
     {"temperature": 1.0, "threshold": 0.0}))
 BLOCKS = samplers.register(samplers.Sampler(
-    "blocks", run, {"block_size": 16, "order": "confidence", "temperature": 1.0,
+    "blocks", run, {"block_size": 32, "order": "maskgit", "temperature": 1.0,
                     "choice_temperature": 4.5, "threshold": 0.0}))

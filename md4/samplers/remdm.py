@@ -112,6 +112,7 @@ def _split(rng: Array) -> tuple[Array, Array, Array]:
   return rng_value, rng_reveal, rng_remask
 
 
+# Defaults by measurement (docs/sampling.md, "Default sampler options").
 SAMPLER = samplers.register(samplers.Sampler(
-    "remdm", run, {"strategy": "cap", "eta": 0.04, "t_on": 0.55, "t_off": 0.05, "alpha_on": 0.9},
+    "remdm", run, {"strategy": "rescale", "eta": 0.04, "t_on": 0.55, "t_off": 0.05, "alpha_on": 0.9},
     needs=frozenset({"one_schedule", "remasking"})))
