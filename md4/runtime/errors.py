@@ -13,7 +13,7 @@ import functools
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, Iterator
 
 from absl import app
 from absl import flags
@@ -51,6 +51,22 @@ def _one_line(error: BaseException) -> str:
   except (ValueError, SyntaxError):
     pass
   return " ".join(str(text).split())
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+  """error, then what it was raised from or while handling, innermost last."""
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def reason(error: BaseException) -> str:
+  """The innermost cause's type and first line: one line per failure in the log."""
+  cause = list(causes(error))[-1]
+  line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+  if len(line) > 300:  # Long paths in the middle; what went wrong is at either end.
+    line = f"{line[:120]} ... {line[-180:]}"
+  return f"{type(cause).__name__}: {line}"
 
 
 def loaded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -49,6 +49,7 @@ class Preemption:
     self._notice = threading.Event()
     self._lock = threading.Lock()
     self._exit_sections: list[str] = []
+    self._cannot_save: str | None = None
     self._on_exit: list[Callable[[], None]] = []
     self._previous_handler = None
     self._wakeup = None
@@ -96,8 +97,18 @@ class Preemption:
     logging.warning("Preemption notice (SIGTERM): saving the current step, then exiting")
     self._notice.set()
     with self._lock:
+      if self._cannot_save is not None:
+        self._exit_now(self._cannot_save, nothing_saved=True)
       if self._exit_sections:
         self._exit_now(self._exit_sections[-1])
+
+  def cannot_save(self, why: str | None) -> None:
+    """Marks (why: what stops it) or ends (None) a stretch in which nothing can be saved: a
+    notice then exits at once, without the on_exit callbacks, which would wait for storage."""
+    with self._lock:
+      self._cannot_save = why
+      if why is not None and self._notice.is_set():
+        self._exit_now(why, nothing_saved=True)
 
   def on_exit(self, callback: Callable[[], None]) -> None:
     """Runs callback before an exit from an `exits_at_once` stretch (last added, first run)."""
@@ -116,16 +127,17 @@ class Preemption:
       with self._lock:
         self._exit_sections.pop()
 
-  def _exit_now(self, what: str) -> None:
-    """Runs the on_exit callbacks and ends the process with PREEMPTED_EXIT_CODE."""
-    logging.warning("Preempted while %s, with nothing unsaved: exiting", what)
-    for callback in self._on_exit:
+  def _exit_now(self, what: str, nothing_saved: bool = False) -> None:
+    """Runs the on_exit callbacks (unless nothing_saved) and exits with PREEMPTED_EXIT_CODE."""
+    state = ("; nothing more can be saved, the latest checkpoint saved before is kept"
+             if nothing_saved else ", with nothing unsaved")
+    logging.warning("Preempted while %s%s: exiting", what, state)
+    for callback in [] if nothing_saved else self._on_exit:
       try:
         callback()
       except Exception:  # pylint: disable=broad-except  # Exit all the same, with the reason.
         logging.exception("while exiting on preemption")
-    print(f"md4: {Preempted(f'Preempted while {what}, with nothing unsaved')}", file=sys.stderr,
-          flush=True)
+    print(f"md4: {Preempted(f'Preempted while {what}{state}')}", file=sys.stderr, flush=True)
     logging.flush()
     os._exit(PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
 
