@@ -237,7 +237,7 @@ def test_an_object_store_gone_for_good_ends_the_run_retryably_after_the_budget(t
   assert error.endswith("re-run the same command once it answers, to resume from the latest "
                         "(exit code 75: retryable).")
   warnings = [line for line in stderr.splitlines() if " does not answer (" in line]
-  assert warnings and all("into the outage; retrying until 20 s" in line for line in warnings)
+  assert warnings and all("into the outage, which ends the run at 20 s" in line for line in warnings)
   store.start()
   assert store.committed("gone")  # What was committed before the outage is still there.
   assert not os.listdir(tmp_path / "cwd")

@@ -11,6 +11,10 @@ Restoring checks that the saved arrays have the shapes the config builds
 before reading any, retries errors that do not show damage, and moves a
 checkpoint shown to be damaged to `workdir/checkpoints_damaged/` (nothing
 is deleted). When checkpoints exist and none restores, the run stops.
+
+`Saves` starts the saves of a run and checks them at every step: a failed
+one stops the run naming its step and what is kept (`left_behind`), unless
+the workdir's object store did not answer (`md4.runtime.outage`).
 """
 
 import json
@@ -160,9 +164,9 @@ def _read_with_retries(read: Callable[[], Any], directory: str) -> Any:
         raise DamagedCheckpointError(errors.reason(error)) from error
       if attempt == RESTORE_ATTEMPTS:
         raise CheckpointReadError(
-            f"reading checkpoint {directory} failed {RESTORE_ATTEMPTS} times ({errors.reason(error)}); "
-            "it does not look damaged, so it was left in place. Check the storage (network, "
-            "permissions) and re-run.") from error
+            f"reading checkpoint {directory} failed {RESTORE_ATTEMPTS} times "
+            f"({errors.reason(error)}); it does not look damaged, so it was left in place. "
+            "Check the storage (network, permissions) and re-run.") from error
       logging.warning("Reading checkpoint %s failed (%s); retrying (attempt %d of %d)",
                       directory, errors.reason(error), attempt + 1, RESTORE_ATTEMPTS)
       time.sleep(2.0 ** attempt)
@@ -318,8 +322,8 @@ def left_behind(folder: epath.Path) -> str:
   if checkpoints:
     checkpoints.close()
   if not steps:
-    return (f"{deleted}no checkpoint {'of this run is left' if deleted else 'was finished before it'}"
-            ", so re-running starts from step 0")
+    none = "of this run is left" if deleted else "was finished before it"
+    return f"{deleted}no checkpoint {none}, so re-running starts from step 0"
   return (f"{deleted}the checkpoints of steps {', '.join(map(str, steps))} are kept in {folder}, "
           f"and re-running the same command resumes from step {steps[-1]}")
 

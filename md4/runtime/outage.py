@@ -34,7 +34,7 @@ from md4.runtime import errors
 if TYPE_CHECKING:  # Not imported at run time: storage imports this module, and it needs no JAX.
   from md4.runtime import preemption as preemption_lib
 
-PROBE_SECONDS = 10.0  # How often the store is asked for the lock file, and how long it may take.
+PROBE_SECONDS = 10.0  # How often the store is asked for a file, and how long it may take.
 # Tensorstore's status codes for a request the server did not answer (ABORTED: retries spent).
 _NO_ANSWER_CODES = re.compile(r"^(UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED):")
 _PROBED_KEY = ".md4-probe"  # Never written: the store answers "not found", with no data.
@@ -84,7 +84,7 @@ class Outage:
       self._reason = errors.reason(error)
       lasted = time.monotonic() - self._since
     logging.warning("The object store %s does not answer (%s) while %s: %.0f s into the "
-                    "outage; retrying until %.0f s (config.storage_retry_seconds)",
+                    "outage, which ends the run at %.0f s (config.storage_retry_seconds)",
                     self._store, self._reason, what, lasted, self._budget)
     if first:
       self._preemption.cannot_save(f"the object store {self._store} does not answer")
@@ -103,11 +103,10 @@ class Outage:
     try:
       self._kvstore.read(_PROBED_KEY).result(timeout=PROBE_SECONDS)
     except Exception as error:  # pylint: disable=broad-except
-      if not does_not_answer(error):
-        raise
-      self.failed("probing it", error, started)
-    else:
-      self.answered()
+      if does_not_answer(error):
+        self.failed("being probed", error, started)
+        return
+    self.answered()  # Any reply is an answer, a refusal too.
 
   def _watch(self) -> None:
     while not self._closed.wait(PROBE_SECONDS):
