@@ -10,16 +10,18 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 
 import orbax.checkpoint as ocp
 import pytest
 
 from md4.runtime.errors import PREEMPTED_EXIT_CODE
 from tests import test_gcs
+from tests.test_gcs import gcs_server  # pylint: disable=unused-import  # A fixture.
 from tests.test_reliability import REPO
 from tests.test_reliability import TINY
 from tests.test_reliability import final_params
@@ -160,58 +162,75 @@ def test_a_read_only_workdir_is_one_line_from_training_and_evaluation(tmp_path):
   assert not os.listdir(tmp_path / "cwd")
 
 
-class Store:
-  """A GCS emulator on 127.0.0.1 keeping its bucket on disk, to stop and start again."""
+class Gate:
+  """A TCP forwarder to the GCS server: `close` makes the store go away (connections refused,
+  open ones cut), `open` brings it back."""
 
-  def __init__(self, folder: pathlib.Path):
-    self.port, self.folder = free_port(), folder
+  def __init__(self, server_url: str):
+    self._server_port = int(server_url.rsplit(":", 1)[1])
+    self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    self._server = None
+    self._lock = threading.Lock()
+    self._sockets: list[socket.socket] = []
+    self.open()
 
-  def start(self) -> None:
-    server = test_gcs.SERVER.replace("in_memory=True", "in_memory=False, data_dir=sys.argv[3]")
-    self._log = (self.folder.parent / "server.log").open("a")
-    self._server = subprocess.Popen([sys.executable, "-c", server, str(self.port),
-                                     test_gcs.BUCKET, str(self.folder)],
-                                    stdout=self._log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
+  def open(self) -> None:
+    self._listener = socket.create_server(("127.0.0.1", self.port))
+    threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+  def close(self) -> None:
+    with self._lock:
+      for each in [self._listener, *self._sockets]:
+        try:
+          each.shutdown(socket.SHUT_RDWR)  # Wakes the threads blocked on it.
+        except OSError:
+          pass
+        each.close()
+      self._sockets.clear()
+
+  def _accept(self, listener: socket.socket) -> None:
     while True:
       try:
-        urllib.request.urlopen(self.url, timeout=1).read()
+        client, _ = listener.accept()
+      except OSError:  # Closed.
         return
-      except OSError:
-        assert self._server.poll() is None and time.time() < deadline, "no GCS server"
-        time.sleep(0.2)
+      server = socket.create_connection(("127.0.0.1", self._server_port))
+      with self._lock:
+        self._sockets += [client, server]
+      for source, destination in ((client, server), (server, client)):
+        threading.Thread(target=self._forward, args=(source, destination), daemon=True).start()
 
-  def stop(self) -> None:
-    self._server.kill()
-    self._server.wait(timeout=30)
-    self._log.close()
+  @staticmethod
+  def _forward(source: socket.socket, destination: socket.socket) -> None:
+    try:
+      while data := source.recv(1 << 16):
+        destination.sendall(data)
+      destination.shutdown(socket.SHUT_WR)
+    except OSError:  # Cut by close.
+      pass
 
-  def committed(self, run: str) -> list[int]:
-    """Steps of the checkpoints of gs://BUCKET/<run> whose commit finished."""
-    return sorted(int(name.split("/")[2]) for name in test_gcs.objects(self.url, f"{run}/")
-                  if name.endswith("/commit_success.txt"))
+
+def committed(server_url: str, run: str) -> list[int]:
+  """Steps of the checkpoints of gs://BUCKET/<run> whose commit finished."""
+  return sorted(int(name.split("/")[2]) for name in test_gcs.objects(server_url, f"{run}/")
+                if name.endswith("/commit_success.txt"))
 
 
 @pytest.fixture
-def store(tmp_path):
-  (tmp_path / "bucket").mkdir()
-  emulator = Store(tmp_path / "bucket")
-  emulator.start()
-  yield emulator
-  if emulator._server.poll() is None:  # pylint: disable=protected-access
-    emulator.stop()
+def gate(gcs_server):
+  forwarder = Gate(gcs_server)
+  yield forwarder
+  forwarder.close()
 
 
-def start_training(tmp_path: pathlib.Path, store: Store, run: str, budget: int):
+def start_training(tmp_path: pathlib.Path, gate: Gate, run: str, budget: int):
   (tmp_path / "cwd").mkdir()
   log = tmp_path / f"{run}.stderr"
   process = subprocess.Popen(
       train(f"gs://{test_gcs.BUCKET}/{run}", "--config.num_train_steps=1000000",
             "--config.checkpoint_every_steps=20", "--config.log_every_steps=10",
             f"--config.storage_retry_seconds={budget}"),
-      cwd=tmp_path / "cwd", env=environment(STORAGE_EMULATOR_HOST=store.url),
+      cwd=tmp_path / "cwd", env=environment(STORAGE_EMULATOR_HOST=gate.url),
       stdout=subprocess.DEVNULL, stderr=log.open("w"))
   return process, log
 
@@ -224,10 +243,12 @@ def wait_for(condition, process: subprocess.Popen, log: pathlib.Path, what: str)
     time.sleep(0.2)
 
 
-def test_an_object_store_gone_for_good_ends_the_run_retryably_after_the_budget(tmp_path, store):
-  process, log = start_training(tmp_path, store, "gone", budget=20)
-  wait_for(lambda: store.committed("gone"), process, log, "no checkpoint")
-  store.stop()
+def test_an_object_store_gone_for_good_ends_the_run_retryably_after_the_budget(tmp_path, gate,
+                                                                              gcs_server):
+  process, log = start_training(tmp_path, gate, "gone", budget=20)
+  wait_for(lambda: committed(gcs_server, "gone"), process, log, "no checkpoint")
+  kept = committed(gcs_server, "gone")
+  gate.close()
   assert process.wait(timeout=300) == PREEMPTED_EXIT_CODE
   stderr = log.read_text()
   error = error_line(stderr)
@@ -237,25 +258,26 @@ def test_an_object_store_gone_for_good_ends_the_run_retryably_after_the_budget(t
   assert error.endswith("re-run the same command once it answers, to resume from the latest "
                         "(exit code 75: retryable).")
   warnings = [line for line in stderr.splitlines() if " does not answer (" in line]
-  assert warnings and all("into the outage, which ends the run at 20 s" in line for line in warnings)
-  store.start()
-  assert store.committed("gone")  # What was committed before the outage is still there.
+  assert warnings and all("into the outage, which ends the run at 20 s" in line
+                          for line in warnings)
+  assert set(kept) <= set(committed(gcs_server, "gone"))  # Nothing committed was lost.
   assert not os.listdir(tmp_path / "cwd")
 
 
-def test_a_short_outage_is_logged_and_survived_and_sigterm_in_one_exits_75(tmp_path, store):
-  process, log = start_training(tmp_path, store, "short", budget=600)
-  wait_for(lambda: store.committed("short"), process, log, "no checkpoint")
-  before_outage = store.committed("short")[-1]
-  store.stop()
+def test_a_short_outage_is_logged_and_survived_and_sigterm_in_one_exits_75(tmp_path, gate,
+                                                                           gcs_server):
+  process, log = start_training(tmp_path, gate, "short", budget=600)
+  wait_for(lambda: committed(gcs_server, "short"), process, log, "no checkpoint")
+  before_outage = committed(gcs_server, "short")[-1]
+  gate.close()
   wait_for(lambda: " does not answer (" in log.read_text(), process, log, "no warning")
-  store.start()
+  gate.open()
   wait_for(lambda: " answers again, after an outage of " in log.read_text(), process, log,
            "no end of the outage")
-  wait_for(lambda: store.committed("short")[-1] > before_outage, process, log,
+  wait_for(lambda: committed(gcs_server, "short")[-1] > before_outage, process, log,
            "no checkpoint after the outage")
 
-  store.stop()
+  gate.close()
   lines = len(log.read_text().splitlines())
   wait_for(lambda: " does not answer (" in "".join(log.read_text().splitlines()[lines:]),
            process, log, "no warning in the second outage")
