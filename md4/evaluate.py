@@ -347,10 +347,12 @@ def run(options: Options) -> dict[str, Any]:
     raise ValueError(f"split={options.split!r}; valid: {SPLITS}")
   if not options.nelbo and not options.sample:
     raise ValueError("nothing to do: nelbo and sample are both off")
+  workdir = epath.Path(options.workdir).expanduser()
   out_dir = (epath.Path(options.output_dir).expanduser() if options.output_dir
-             else epath.Path(options.workdir).expanduser() / RESULTS_DIR)
-  storage.check_writable(out_dir, "the results folder", "pass --output_dir=DIR to write the "
-                         "results elsewhere")
+             else workdir / RESULTS_DIR)
+  if options.output_dir or workdir.is_dir():  # A workdir that is not one is restore's to report.
+    storage.check_writable(out_dir, "the results folder", "pass --output_dir=DIR to write the "
+                           "results elsewhere")
   checkpoint = restore(options.workdir, options.step, options.batch_size, options.dtype)
   config, dataset = checkpoint.config, checkpoint.dataset
   results = {"workdir": str(checkpoint.workdir), "step": checkpoint.step,
