@@ -399,6 +399,15 @@ class Saves:
       self.retry_due = True
       return
     folder = self._checkpoints.directory
+    if not (folder.parent / "config.json").exists() or any(
+        isinstance(cause, FileNotFoundError) or str(cause).startswith("NOT_FOUND:")
+        for cause in errors.causes(error)):
+      # Deleted under the run, maybe still being deleted: which checkpoints are left is unknown.
+      raise CheckpointSaveError(
+          f"saving checkpoint {step} in {folder} failed ({errors.reason(error)}): files of the "
+          f"run were deleted while it was written. If workdir {folder.parent} is gone, nothing "
+          "of the run is left and re-running starts from step 0; else re-running the same "
+          f"command resumes from the latest checkpoint left in {folder}.") from error
     raise CheckpointSaveError(
         f"saving checkpoint {step} in {folder} failed ({errors.reason(error)}"
         f"{_free_space(folder)}). Free disk space or fix the path; "

@@ -7,7 +7,9 @@ Everywhere else (restoring, compiling, evaluating, sampling, waiting for a
 save) the current step is already saved, and the run marks those stretches
 with `exits_at_once`: a notice there ends the process at once from a watcher
 thread, after the `on_exit` callbacks (finish the pending save, close files),
-even while the main thread is inside a long XLA call.
+even while the main thread is inside a long XLA call. While nothing can be
+saved (`cannot_save`: the workdir's object store does not answer), a notice
+exits at once without them.
 
 One process: a SIGTERM handler, and a watcher woken through the signal
 wakeup fd. Several processes: JAX's preemption service (started by
@@ -93,12 +95,12 @@ class Preemption:
       return
 
   def _noticed(self) -> None:
-    """The watcher's part: exits at once where nothing is unsaved."""
-    logging.warning("Preemption notice (SIGTERM): saving the current step, then exiting")
+    """The watcher's part: exits at once where nothing is unsaved, or nothing can be saved."""
     self._notice.set()
     with self._lock:
       if self._cannot_save is not None:
         self._exit_now(self._cannot_save, nothing_saved=True)
+      logging.warning("Preemption notice (SIGTERM): saving the current step, then exiting")
       if self._exit_sections:
         self._exit_now(self._exit_sections[-1])
 
