@@ -290,3 +290,16 @@ def test_a_short_outage_is_logged_and_survived_and_sigterm_in_one_exits_75(tmp_p
          "same command to resume." in stderr
   assert "Traceback" not in stderr and "md4: error" not in stderr
   assert not os.listdir(tmp_path / "cwd")
+
+
+def test_a_start_while_the_object_store_does_not_answer_ends_retryably(tmp_path, gate):
+  gate.close()
+  process, log = start_training(tmp_path, gate, "unreachable", budget=600)
+  assert process.wait(timeout=300) == PREEMPTED_EXIT_CODE
+  error = error_line(log.read_text())
+  assert error.startswith(f"md4: error: the object store gs://{test_gcs.BUCKET} does not "
+                          "answer ("), error
+  assert error.endswith("this step cannot wait for it: re-run the same command once it "
+                        "answers, to resume from the latest checkpoint it holds (exit code 75: "
+                        "retryable)."), error
+  assert not os.listdir(tmp_path / "cwd")

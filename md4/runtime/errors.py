@@ -5,7 +5,7 @@ do) is printed as one line, `md4: error: <message>`, and the command exits
 with 1; --verbosity=1 shows the traceback instead. Errors raised elsewhere
 (bugs) keep their traceback. A bad command-line flag is reported on one line
 too. A preemption exits with PREEMPTED_EXIT_CODE, which the launch scripts
-take as "re-run me". Light to import: no JAX here, so that --help stays fast.
+take as "re-run me", and so does a `RetryableError`, printed as one line. Light to import: no JAX here, so that --help stays fast.
 """
 
 import ast
@@ -34,6 +34,11 @@ class Preempted(SystemExit):
 
   def __init__(self, message: str):
     super().__init__(f"{message}; re-run the same command to resume.")
+
+
+class RetryableError(RuntimeError):
+  """An error that re-running the same command later may not meet (a store that does not
+  answer): one `md4: error:` line, and PREEMPTED_EXIT_CODE, which the launch scripts re-run."""
 
 
 def raised_by_md4(error: BaseException) -> bool:
@@ -87,6 +92,10 @@ def _reporting(main: Callable[[list[str]], None], started: list[bool]
       main(argv)
     except Preempted as preempted:
       print(f"md4: {preempted}", file=sys.stderr, flush=True)
+      sys.exit(PREEMPTED_EXIT_CODE)
+    except RetryableError as error:
+      logging.flush()
+      print(f"md4: error: {_one_line(error)}", file=sys.stderr, flush=True)
       sys.exit(PREEMPTED_EXIT_CODE)
     except Exception as error:  # pylint: disable=broad-except
       if logging.get_verbosity() >= 1 or not raised_by_md4(error):

@@ -14,7 +14,9 @@ limit on an asynchronous save), the run ends, within another
 2 * PROBE_SECONDS, with one `md4: error:` line and PREEMPTED_EXIT_CODE (75,
 "try again later"): the checkpoints the store holds are whole (Orbax commits
 each at once), so re-running the same command once it answers resumes from
-the latest. A preemption notice during an outage exits at once, with 75:
+the latest. A request that cannot wait (taking the workdir at the start,
+writing samples) and fails for want of an answer ends the run at once, the
+same way. A preemption notice during an outage exits at once, with 75:
 nothing can be saved then.
 """
 
@@ -62,7 +64,7 @@ class Outage:
     import tensorstore as ts  # pylint: disable=g-import-not-at-top
     scheme, _, path = workdir.partition("://")
     bucket, _, prefix = path.partition("/")
-    self._store = f"{scheme}://{bucket}"
+    self.store = f"{scheme}://{bucket}"
     driver = _KVSTORE_DRIVERS[scheme]
     # No retries: one probe is one request, and each failed one is logged.
     self._kvstore = ts.KvStore.open({
@@ -85,9 +87,9 @@ class Outage:
       lasted = time.monotonic() - self._since
     logging.warning("The object store %s does not answer (%s) while %s: %.0f s into the "
                     "outage, which ends the run at %.0f s (config.storage_retry_seconds)",
-                    self._store, self._reason, what, lasted, self._budget)
+                    self.store, self._reason, what, lasted, self._budget)
     if first:
-      self._preemption.cannot_save(f"the object store {self._store} does not answer")
+      self._preemption.cannot_save(f"the object store {self.store} does not answer")
 
   def answered(self) -> None:
     """A request succeeded: an outage in progress is over."""
@@ -95,7 +97,7 @@ class Outage:
       since, self._since = self._since, None
     if since is not None:
       logging.warning("The object store %s answers again, after an outage of %.0f s",
-                      self._store, time.monotonic() - since)
+                      self.store, time.monotonic() - since)
       self._preemption.cannot_save(None)
 
   def _probe(self) -> None:
@@ -119,7 +121,7 @@ class Outage:
   def _give_up(self, lasted: float) -> None:
     """Ends the process with one error line and PREEMPTED_EXIT_CODE; nothing more can be saved."""
     logging.flush()
-    print(f"md4: error: the object store {self._store} has not answered for {lasted:.0f} s "
+    print(f"md4: error: the object store {self.store} has not answered for {lasted:.0f} s "
           f"(config.storage_retry_seconds={self._budget:g}; last: {self._reason}). The "
           "checkpoints it holds are whole: re-run the same command once it answers, to resume "
           "from the latest (exit code 75: retryable).", file=sys.stderr, flush=True)
@@ -165,6 +167,13 @@ def watching(workdir: os.PathLike, budget_seconds: float,
     watch(Outage(os.fspath(workdir), budget_seconds, preemption))
   try:
     yield
+  except Exception as error:  # pylint: disable=broad-except
+    if _running is None or not does_not_answer(error):
+      raise
+    raise errors.RetryableError(
+        f"the object store {_running.store} does not answer ({errors.reason(error)}), and this "
+        "step cannot wait for it: re-run the same command once it answers, to resume from the "
+        "latest checkpoint it holds (exit code 75: retryable).") from error
   finally:
     if _running is not None:
       _running.close()
