@@ -528,7 +528,7 @@ def test_full_disk_fails_the_save_clearly_and_keeps_older_checkpoints(tmp_path, 
                 str(tmp_path)])
   assert result.returncode == 0, result.stderr[-3000:]
   assert "ERROR: saving checkpoint 4 in " in result.stdout
-  assert "the checkpoints of steps 2 are kept in " in result.stdout
+  assert "the checkpoint of step 2 is kept in " in result.stdout
   last_logged = int(result.stdout.split("LAST LOGGED STEP ")[1])
   if asynchronous:  # The background write fails within a second; steps take milliseconds.
     assert 4 <= last_logged < 300, last_logged

@@ -81,7 +81,7 @@ def test_a_full_disk_names_the_failed_save_before_the_next_and_keeps_the_last(tm
   assert error.startswith(f"md4: error: saving checkpoint 10 in {workdir}/checkpoints failed "
                           "(ValueError: OUT_OF_RANGE: "), error
   assert "File too large" in error and "GB free on its disk" in error, error
-  assert error.endswith(f"the checkpoints of steps 5 are kept in {workdir}/checkpoints, and "
+  assert error.endswith(f"the checkpoint of step 5 is kept in {workdir}/checkpoints, and "
                         "re-running the same command resumes from step 5."), error
   # Raised before the save of step 15 started, and so before the evaluation after it.
   assert sorted(path.name for path in (workdir / "checkpoints").iterdir()) == [

@@ -324,8 +324,10 @@ def left_behind(folder: epath.Path) -> str:
   if not steps:
     none = "of this run is left" if deleted else "was finished before it"
     return f"{deleted}no checkpoint {none}, so re-running starts from step 0"
-  return (f"{deleted}the checkpoints of steps {', '.join(map(str, steps))} are kept in {folder}, "
-          f"and re-running the same command resumes from step {steps[-1]}")
+  kept = (f"the checkpoint of step {steps[0]} is" if len(steps) == 1
+          else f"the checkpoints of steps {', '.join(map(str, steps))} are")
+  return (f"{deleted}{kept} kept in {folder}, and re-running the same command resumes from "
+          f"step {steps[-1]}")
 
 
 def _free_space(folder: epath.Path) -> str:

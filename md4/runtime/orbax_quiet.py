@@ -10,7 +10,8 @@ touched; after a failed read it leaves its two filters (which drop nothing but
 such reads) for the rest of the process, since the abandoned reads fail later.
 A failed save leaves writes in flight that fail the same way, at once and in
 the background: `silence_abandoned_writes`, called before a run's first save,
-drops them for the rest of the process. `tests/test_reliability.py: test_orbax_quiet_still_has_reads_to_silence`
+drops them for the rest of the process.
+`tests/test_reliability.py: test_orbax_quiet_still_has_reads_to_silence`
 fails when Orbax stops leaving such reads behind (then this module can go).
 """
 
@@ -65,7 +66,7 @@ _ABANDONED_AFTER_SAVES: list[BaseException] = []
 
 def silence_abandoned_writes() -> None:
   """For the rest of the process, drops the failures of the writes a failed save leaves in
-  flight (as of reads, below): each says "Event loop is closed", after the save's own error."""
+  flight: each says "Event loop is closed", after the save's own error said what failed."""
   if not any(isinstance(f, _AbandonedReads) and f.silenced is _ABANDONED_AFTER_SAVES
              for f in python_logging.getLogger("asyncio").filters):
     python_logging.getLogger("asyncio").addFilter(_AbandonedReads(_ABANDONED_AFTER_SAVES))

@@ -131,7 +131,8 @@ class AppendFile:
 
   On an object store the bytes are kept here and uploaded by `flush`, which
   `write` calls when the last upload is UPLOAD_SECONDS old; `close` uploads
-  what is left.
+  what is left. An upload the store does not answer is reported to
+  `md4.runtime.outage`, and the next one carries its bytes.
   """
 
   def __init__(self, path: epath.Path, content: bytes):
