@@ -5,7 +5,8 @@ do) is printed as one line, `md4: error: <message>`, and the command exits
 with 1; --verbosity=1 shows the traceback instead. Errors raised elsewhere
 (bugs) keep their traceback. A bad command-line flag is reported on one line
 too. A preemption exits with PREEMPTED_EXIT_CODE, which the launch scripts
-take as "re-run me", and so does a `RetryableError`, printed as one line. Light to import: no JAX here, so that --help stays fast.
+take as "re-run me", and so does a `RetryableError`, printed as one line.
+Light to import: no JAX here, so that --help stays fast.
 """
 
 import ast
