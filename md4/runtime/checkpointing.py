@@ -359,6 +359,10 @@ class Saves:
     """Starts saving state, its checksums, the data position and the config at state.step."""
     self.wait()  # Orbax would wait for the previous save too, and raise its error as this one's.
     step, started = int(state.step), time.monotonic()
+    written_at_start = self._checkpoints.directory.parent / "config.json"
+    # Orbax would make the deleted folders again; a request each on a store, so only on disks.
+    if not storage.is_object_store(written_at_start) and not written_at_start.exists():
+      raise self._deleted(step, f"{written_at_start} is gone")
     self.retry_due = False
     try:
       self._checkpoints.save(step, args=ocp.args.Composite(
@@ -404,13 +408,18 @@ class Saves:
     if not (folder.parent / "config.json").exists() or any(
         isinstance(cause, FileNotFoundError) or str(cause).startswith("NOT_FOUND:")
         for cause in errors.causes(error)):
-      # Deleted under the run, maybe still being deleted: which checkpoints are left is unknown.
-      raise CheckpointSaveError(
-          f"saving checkpoint {step} in {folder} failed ({errors.reason(error)}): files of the "
-          f"run were deleted while it was written. If workdir {folder.parent} is gone, nothing "
-          "of the run is left and re-running starts from step 0; else re-running the same "
-          f"command resumes from the latest checkpoint left in {folder}.") from error
+      raise self._deleted(step, errors.reason(error)) from error
     raise CheckpointSaveError(
         f"saving checkpoint {step} in {folder} failed ({errors.reason(error)}"
         f"{_free_space(folder)}). Free disk space or fix the path; "
         f"{left_behind(folder)}.") from error
+
+  def _deleted(self, step: int, reason: str) -> CheckpointSaveError:
+    """The error of a save that found files of the run deleted, maybe still being deleted:
+    which checkpoints are left is unknown."""
+    folder = self._checkpoints.directory
+    return CheckpointSaveError(
+        f"saving checkpoint {step} in {folder} failed ({reason}): files of the run were deleted "
+        f"while it ran. If workdir {folder.parent} is gone, nothing of the run is left and "
+        "re-running starts from step 0; else re-running the same command resumes from the "
+        f"latest checkpoint left in {folder}.")

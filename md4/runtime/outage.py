@@ -174,11 +174,13 @@ def watching(workdir: os.PathLike, budget_seconds: float,
         f"the object store {_running.store} does not answer ({errors.reason(error)}), and this "
         "step cannot wait for it: re-run the same command once it answers, to resume from the "
         "latest checkpoint it holds (exit code 75: retryable).") from error
+  else:
+    # Only after a clean end: what a failure leaves in flight fails later, also kept out.
+    handler.removeFilter(tracebacks)
   finally:
     if _running is not None:
       _running.close()
     watch(None)
-    handler.removeFilter(tracebacks)
 
 
 class LibraryTracebacks(python_logging.Filter):
