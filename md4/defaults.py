@@ -106,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.async_checkpointing = True
+  # A gs:// workdir whose store answers no request for this long ends the run with one error
+  # line and exit code 75, retryable (md4/runtime/outage.py): Orbax's limit on an async save.
+  config.storage_retry_seconds = 1200.0
   config.sample_every_steps = 500
   config.num_samples = 4
   config.sample_steps = 256

@@ -407,10 +407,14 @@ def run(options: Options) -> dict[str, Any]:
   samples. Results are merged into OUT/results_step_<N>.json.
   """
   check_options(options)
+  workdir = epath.Path(options.workdir).expanduser()
+  out_dir = (epath.Path(options.output_dir).expanduser() if options.output_dir
+             else workdir / RESULTS_DIR)
+  if options.output_dir or workdir.is_dir():  # A workdir that is not one is restore's to report.
+    storage.check_writable(out_dir, "the results folder", "pass --output_dir=DIR to write the "
+                           "results elsewhere")
   checkpoint = restore(options.workdir, options.step, options.batch_size, options.dtype)
   config, dataset = checkpoint.config, checkpoint.dataset
-  out_dir = (epath.Path(options.output_dir).expanduser() if options.output_dir
-             else checkpoint.workdir / RESULTS_DIR)
   results = {"workdir": str(checkpoint.workdir), "step": checkpoint.step,
              "model_type": config.model_type, "dataset": config.dataset, "nelbo": {}}
   if options.nelbo and options.zero_shot:

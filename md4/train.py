@@ -31,6 +31,7 @@ from md4.runtime import compilation_cache
 from md4.runtime import errors
 from md4.runtime import lock
 from md4.runtime import metric_writers
+from md4.runtime import outage
 from md4.runtime import preemption as preemption_lib
 from md4.runtime import profiler as profiler_lib
 from md4.runtime import progress as progress_lib
@@ -165,16 +166,15 @@ def summary_line(eval_metrics: dict[str, float]) -> str:
   return line
 
 
-def check_finite(history: list[tuple[int, Metrics]]) -> None:
+def check_finite(history: list[tuple[int, Metrics]], saves: checkpointing.Saves) -> None:
   """Raises FloatingPointError at the first step whose metrics are not finite."""
   for step, metrics in history:
     for name in sorted(metrics, key=lambda name: name != "loss"):  # Loss is the likeliest culprit.
       value = metrics[name]
       if not np.isfinite(np.asarray(value)).all():
         raise FloatingPointError(
-            f"step {step}: {name} is {value}; stopping (config.check_nans). The last "
-            "checkpoint saved before it is intact: lower the learning rate or fix the data "
-            "and re-run to resume from it.")
+            f"step {step}: {name} is {value}; stopping (config.check_nans). Lower the learning "
+            f"rate or fix the data; {saves.left_behind()}.")
 
 
 def format_duration(seconds: float) -> str:
@@ -281,6 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   preemption = preemption_lib.Preemption()
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(preemption.close)
+    cleanup.enter_context(outage.watching(workdir, config.storage_retry_seconds, preemption))
     with preemption.exits_at_once("starting"):
       workdir.mkdir(parents=True, exist_ok=True)
       workdir_lock = lock_workdir(workdir)
@@ -302,12 +303,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     cleanup.callback(writer.close)
     preemption.on_exit(writer.close)
 
-    def wait_for_saves():
-      with checkpointing.saving_errors(checkpoints, step):
-        checkpoints.wait_until_finished()
-
-    cleanup.callback(wait_for_saves)
-    preemption.on_exit(wait_for_saves)
+    saves = checkpointing.Saves(checkpoints, dataset.train, config)
+    cleanup.callback(saves.wait)
+    preemption.on_exit(saves.wait)
     saved_step = step  # Restored, or the start: nothing to save.
 
     def save_trained_steps():
@@ -318,9 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       """
       if saved_step != step:
         writer.flush()
-        checkpointing.save(checkpoints, state, dataset.train, config)
+        saves.start(state)
 
-    preemption.on_exit(save_trained_steps)  # Runs before wait_for_saves.
+    preemption.on_exit(save_trained_steps)  # Runs before saves.wait.
     logging.info("Training %s on %s from step %d to %d on mesh %s", config.model_type,
                  config.dataset, step, config.num_train_steps, dict(trainer.mesh.shape))
 
@@ -348,12 +346,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         compiled = True
       step += 1
       history.append((step, metrics))
+      saves.check()
       last = step == config.num_train_steps
       if step % config.log_every_steps == 0 or last:
         history = jax.device_get(history)
         if config.check_nans:
-          check_finite(history)
-        checkpointing.check_saves(checkpoints, step)
+          check_finite(history, saves)
         steps_per_sec = progress.steps_per_sec(step)
         means = {k: float(np.mean([m[k] for _, m in history])) for k in history[0][1]}
         writer.write_scalars(step, {**means, "steps_per_sec": steps_per_sec})
@@ -367,16 +365,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       preempted = preemption.reached(step)
       # Saved before evaluating or sampling, so that a notice during either loses nothing.
       if (step % config.checkpoint_every_steps == 0 or last or evaluating or sampling
-          or preempted):
+          or preempted or saves.retry_due):
         if config.check_nans and history:
-          check_finite(jax.device_get(history))
+          check_finite(jax.device_get(history), saves)
         with progress.apart():
           writer.flush()
-          checkpointing.save(checkpoints, state, dataset.train, config)
+          saves.start(state)
         saved_step = step
       if preempted:
         with progress.apart():
-          wait_for_saves()
+          saves.wait()
         if jax.process_count() > 1:  # None exits before the checkpoint is committed.
           multihost_utils.sync_global_devices("preempted")
         raise errors.Preempted(
@@ -394,5 +392,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if is_main:
       writer.write_curves(step, f"{config.model_type} on {config.dataset}")
     with preemption.exits_at_once("finishing the last save"):
-      wait_for_saves()
+      saves.wait()
   return eval_metrics

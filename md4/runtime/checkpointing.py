@@ -11,14 +11,18 @@ Restoring checks that the saved arrays have the shapes the config builds
 before reading any, retries errors that do not show damage, and moves a
 checkpoint shown to be damaged to `workdir/checkpoints_damaged/` (nothing
 is deleted). When checkpoints exist and none restores, the run stops.
+
+`Saves` starts the saves of a run and checks them at every step: a failed
+one stops the run naming its step and what is kept (`left_behind`), unless
+the workdir's object store did not answer (`md4.runtime.outage`).
 """
 
-import contextlib
 import json
 import re
 import secrets
+import shutil
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from absl import logging
 from etils import epath
@@ -29,7 +33,9 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from md4.runtime import errors
 from md4.runtime import orbax_quiet
+from md4.runtime import outage
 from md4.runtime import storage
 
 Array = jnp.ndarray
@@ -139,23 +145,10 @@ def verify_checksums(tree: Any, saved: dict[str, int], directory: str, prefix: s
         f"in {directory} changed after they were saved (checksum mismatch)")
 
 
-def _causes(error: BaseException) -> Iterator[BaseException]:
-  while error is not None:
-    yield error
-    error = error.__cause__ or error.__context__
-
-
 def _shows_damage(error: BaseException) -> bool:
   """Whether error says a checkpoint's files are missing, cut short or not what was written."""
   return any(isinstance(cause, (DamagedCheckpointError, json.JSONDecodeError, FileNotFoundError))
-             or _DAMAGE_CODES.match(str(cause)) for cause in _causes(error))
-
-
-def _reason(error: BaseException) -> str:
-  """The innermost cause's first line: one line per failed checkpoint in the log."""
-  cause = list(_causes(error))[-1]
-  line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-  return f"{type(cause).__name__}: {line[:300]}"
+             or _DAMAGE_CODES.match(str(cause)) for cause in errors.causes(error))
 
 
 def _read_with_retries(read: Callable[[], Any], directory: str) -> Any:
@@ -168,14 +161,14 @@ def _read_with_retries(read: Callable[[], Any], directory: str) -> Any:
       raise
     except Exception as error:  # pylint: disable=broad-except
       if _shows_damage(error):
-        raise DamagedCheckpointError(_reason(error)) from error
+        raise DamagedCheckpointError(errors.reason(error)) from error
       if attempt == RESTORE_ATTEMPTS:
         raise CheckpointReadError(
-            f"reading checkpoint {directory} failed {RESTORE_ATTEMPTS} times ({_reason(error)}); "
-            "it does not look damaged, so it was left in place. Check the storage (network, "
-            "permissions) and re-run.") from error
+            f"reading checkpoint {directory} failed {RESTORE_ATTEMPTS} times "
+            f"({errors.reason(error)}); it does not look damaged, so it was left in place. "
+            "Check the storage (network, permissions) and re-run.") from error
       logging.warning("Reading checkpoint %s failed (%s); retrying (attempt %d of %d)",
-                      directory, _reason(error), attempt + 1, RESTORE_ATTEMPTS)
+                      directory, errors.reason(error), attempt + 1, RESTORE_ATTEMPTS)
       time.sleep(2.0 ** attempt)
 
 
@@ -314,32 +307,119 @@ def restore_ema_params(workdir: epath.Path, step: int | None,
   return step, params
 
 
-@contextlib.contextmanager
-def saving_errors(checkpoints: ocp.CheckpointManager, step: int):
-  """Turns a failed (possibly asynchronous) save into an error that says what is kept."""
-  try:
-    yield
-  except Exception as error:  # pylint: disable=broad-except
-    raise OSError(
-        f"saving a checkpoint (at or before step {step}) in {checkpoints.directory} failed: "
-        f"{_reason(error)}. The older checkpoints there are intact; free disk space or fix "
-        "the path, then re-run to resume from the latest of them.") from error
+class CheckpointSaveError(OSError):
+  """A checkpoint save failed for a reason other than an object store's outage."""
 
 
-def check_saves(checkpoints: ocp.CheckpointManager, step: int) -> None:
-  """Raises saving_errors' OSError if an asynchronous save has failed by now (never waits)."""
-  if not checkpoints.is_saving_in_progress():
-    with saving_errors(checkpoints, step):
-      checkpoints.wait_until_finished()  # Returns at once; raises what the save raised.
+def left_behind(folder: epath.Path) -> str:
+  """What a run that stops now leaves in folder (its workdir/checkpoints), ending an error."""
+  workdir = folder.parent
+  # config.json is written when a run starts and never removed: gone, the workdir was deleted.
+  deleted = (f"workdir {workdir} was deleted during the run, and "
+             if not (workdir / "config.json").exists() else "")
+  checkpoints = _read_only(folder) if folder.is_dir() else None
+  steps = sorted(checkpoints.all_steps()) if checkpoints else []
+  if checkpoints:
+    checkpoints.close()
+  if not steps:
+    none = "of this run is left" if deleted else "was finished before it"
+    return f"{deleted}no checkpoint {none}, so re-running starts from step 0"
+  kept = (f"the checkpoint of step {steps[0]} is" if len(steps) == 1
+          else f"the checkpoints of steps {', '.join(map(str, steps))} are")
+  return (f"{deleted}{kept} kept in {folder}, and re-running the same command resumes from "
+          f"step {steps[-1]}")
 
 
-def save(checkpoints: ocp.CheckpointManager, state: TrainState,
-         train_iterator: grain.DatasetIterator, config: ml_collections.ConfigDict) -> None:
-  """Starts saving state, its checksums, the data position and the config at state.step."""
-  step = int(state.step)
-  with saving_errors(checkpoints, step):
-    checkpoints.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(train_iterator.get_state()),
-        checksums=ocp.args.JsonSave(checksums(state)),
-        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+def _free_space(folder: epath.Path) -> str:
+  """", N GB free on its disk" for a local folder, else ""."""
+  if storage.is_object_store(folder) or not folder.exists():
+    return ""
+  return f", {shutil.disk_usage(folder).free / 1e9:.1f} GB free on its disk"
+
+
+class Saves:
+  """The run's checkpoint saves; a failed one surfaces at the next step boundary, naming its step.
+
+  A save that fails because the workdir's object store does not answer is
+  reported to `md4.runtime.outage` and started again, with the state of the
+  moment, at the next step (`retry_due`); any other failure raises
+  CheckpointSaveError naming the step, the folder and the checkpoints kept.
+  """
+
+  def __init__(self, checkpoints: ocp.CheckpointManager, train_iterator: grain.DatasetIterator,
+               config: ml_collections.ConfigDict):
+    self._checkpoints = checkpoints
+    self._train_iterator = train_iterator
+    self._config = config
+    self._pending: tuple[int, float] | None = None  # (step, time.monotonic() at its start).
+    self.retry_due = False
+    orbax_quiet.silence_abandoned_writes()  # They fail at once, before the error is seen here.
+
+  def start(self, state: TrainState) -> None:
+    """Starts saving state, its checksums, the data position and the config at state.step."""
+    self.wait()  # Orbax would wait for the previous save too, and raise its error as this one's.
+    step, started = int(state.step), time.monotonic()
+    written_at_start = self._checkpoints.directory.parent / "config.json"
+    # Orbax would make the deleted folders again; a request each on a store, so only on disks.
+    if not storage.is_object_store(written_at_start) and not written_at_start.exists():
+      raise self._deleted(step, f"{written_at_start} is gone")
+    self.retry_due = False
+    try:
+      self._checkpoints.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(self._train_iterator.get_state()),
+          checksums=ocp.args.JsonSave(checksums(state)),
+          config=ocp.args.JsonSave(json.loads(self._config.to_json_best_effort()))))
+    except Exception as error:  # pylint: disable=broad-except
+      self._failed(step, started, error)
+      return
+    self._pending = (step, started)
+    if not self._checkpoints.is_saving_in_progress():
+      self.wait()
+
+  def check(self) -> None:
+    """Raises the error of a save that has failed by now (never waits)."""
+    if self._pending is not None and not self._checkpoints.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in flight; raises its error."""
+    if self._pending is None:
+      return
+    step, started = self._pending
+    self._pending = None
+    try:
+      self._checkpoints.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      self._failed(step, started, error)
+    else:
+      outage.answered()
+
+  def left_behind(self) -> str:
+    """`left_behind` of the run's checkpoints, once the save in flight is finished."""
+    self.wait()
+    return left_behind(self._checkpoints.directory)
+
+  def _failed(self, step: int, started: float, error: BaseException) -> None:
+    if outage.tolerated(f"saving checkpoint {step}", error, started):
+      self.retry_due = True
+      return
+    folder = self._checkpoints.directory
+    if not (folder.parent / "config.json").exists() or any(
+        isinstance(cause, FileNotFoundError) or str(cause).startswith("NOT_FOUND:")
+        for cause in errors.causes(error)):
+      raise self._deleted(step, errors.reason(error)) from error
+    raise CheckpointSaveError(
+        f"saving checkpoint {step} in {folder} failed ({errors.reason(error)}"
+        f"{_free_space(folder)}). Free disk space or fix the path; "
+        f"{left_behind(folder)}.") from error
+
+  def _deleted(self, step: int, reason: str) -> CheckpointSaveError:
+    """The error of a save that found files of the run deleted, maybe still being deleted:
+    which checkpoints are left is unknown."""
+    folder = self._checkpoints.directory
+    return CheckpointSaveError(
+        f"saving checkpoint {step} in {folder} failed ({reason}): files of the run were deleted "
+        f"while it ran. If workdir {folder.parent} is gone, nothing of the run is left and "
+        "re-running starts from step 0; else re-running the same command resumes from the "
+        f"latest checkpoint left in {folder}.")

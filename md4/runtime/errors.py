@@ -5,7 +5,8 @@ do) is printed as one line, `md4: error: <message>`, and the command exits
 with 1; --verbosity=1 shows the traceback instead. Errors raised elsewhere
 (bugs) keep their traceback. A bad command-line flag is reported on one line
 too. A preemption exits with PREEMPTED_EXIT_CODE, which the launch scripts
-take as "re-run me". Light to import: no JAX here, so that --help stays fast.
+take as "re-run me", and so does a `RetryableError`, printed as one line.
+Light to import: no JAX here, so that --help stays fast.
 """
 
 import ast
@@ -13,7 +14,7 @@ import functools
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, Iterator
 
 from absl import app
 from absl import flags
@@ -36,6 +37,11 @@ class Preempted(SystemExit):
     super().__init__(f"{message}; re-run the same command to resume.")
 
 
+class RetryableError(RuntimeError):
+  """An error that re-running the same command later may not meet (a store that does not
+  answer): one `md4: error:` line, and PREEMPTED_EXIT_CODE, which the launch scripts re-run."""
+
+
 def raised_by_md4(error: BaseException) -> bool:
   """Whether a raise statement of md4's own code raised error (not a bug's AttributeError)."""
   frames = traceback.extract_tb(error.__traceback__)
@@ -51,6 +57,22 @@ def _one_line(error: BaseException) -> str:
   except (ValueError, SyntaxError):
     pass
   return " ".join(str(text).split())
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+  """error, then what it was raised from or while handling, innermost last."""
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def reason(error: BaseException) -> str:
+  """The innermost cause's type and first line: one line per failure in the log."""
+  cause = list(causes(error))[-1]
+  line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+  if len(line) > 300:  # Long paths in the middle; what went wrong is at either end.
+    line = f"{line[:120]} ... {line[-180:]}"
+  return f"{type(cause).__name__}: {line}"
 
 
 def loaded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -71,6 +93,10 @@ def _reporting(main: Callable[[list[str]], None], started: list[bool]
       main(argv)
     except Preempted as preempted:
       print(f"md4: {preempted}", file=sys.stderr, flush=True)
+      sys.exit(PREEMPTED_EXIT_CODE)
+    except RetryableError as error:
+      logging.flush()
+      print(f"md4: error: {_one_line(error)}", file=sys.stderr, flush=True)
       sys.exit(PREEMPTED_EXIT_CODE)
     except Exception as error:  # pylint: disable=broad-except
       if logging.get_verbosity() >= 1 or not raised_by_md4(error):

@@ -18,6 +18,7 @@ import time
 from absl import logging
 from etils import epath
 
+from md4.runtime import outage
 from md4.runtime import storage
 
 LOCK_FILE = "md4.lock"
@@ -111,11 +112,18 @@ class WorkdirLock:
 
   def _refresh(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):
-      if not self._holds():
-        logging.error("The lock %s was taken by another run; this run no longer holds it",
-                      self.path)
-        return
-      storage.write_whole(self.path, self._record())
+      started = time.monotonic()
+      try:
+        if not self._holds():
+          logging.error("The lock %s %s; this run no longer holds it", self.path,
+                        "was taken by another run" if self.path.exists() else "was deleted")
+          return
+        storage.write_whole(self.path, self._record())
+      except Exception as error:  # pylint: disable=broad-except
+        if not outage.tolerated("refreshing the workdir lock", error, started):
+          raise
+      else:
+        outage.answered()
 
   def release(self) -> None:
     """Gives the lock up (if this run still holds it)."""

@@ -7,7 +7,9 @@ Everywhere else (restoring, compiling, evaluating, sampling, waiting for a
 save) the current step is already saved, and the run marks those stretches
 with `exits_at_once`: a notice there ends the process at once from a watcher
 thread, after the `on_exit` callbacks (finish the pending save, close files),
-even while the main thread is inside a long XLA call.
+even while the main thread is inside a long XLA call. While nothing can be
+saved (`cannot_save`: the workdir's object store does not answer), a notice
+exits at once without them.
 
 One process: a SIGTERM handler, and a watcher woken through the signal
 wakeup fd. Several processes: JAX's preemption service (started by
@@ -50,6 +52,7 @@ class Preemption:
     self._notice = threading.Event()
     self._lock = threading.Lock()
     self._exit_sections: list[str] = []
+    self._cannot_save: str | None = None
     self._on_exit: list[Callable[[], None]] = []
     self._previous_handler = None
     self._wakeup = None
@@ -93,12 +96,22 @@ class Preemption:
       return
 
   def _noticed(self) -> None:
-    """The watcher's part: exits at once where nothing is unsaved."""
-    logging.warning("Preemption notice (SIGTERM): saving the current step, then exiting")
+    """The watcher's part: exits at once where nothing is unsaved, or nothing can be saved."""
     self._notice.set()
     with self._lock:
+      if self._cannot_save is not None:
+        self._exit_now(self._cannot_save, nothing_saved=True)
+      logging.warning("Preemption notice (SIGTERM): saving the current step, then exiting")
       if self._exit_sections:
         self._exit_now(self._exit_sections[-1])
+
+  def cannot_save(self, why: str | None) -> None:
+    """Marks (why: what stops it) or ends (None) a stretch in which nothing can be saved: a
+    notice then exits at once, without the on_exit callbacks, which would wait for storage."""
+    with self._lock:
+      self._cannot_save = why
+      if why is not None and self._notice.is_set():
+        self._exit_now(why, nothing_saved=True)
 
   def on_exit(self, callback: Callable[[], None]) -> None:
     """Runs callback before an exit from an `exits_at_once` stretch (last added, first run)."""
@@ -117,16 +130,17 @@ class Preemption:
       with self._lock:
         self._exit_sections.pop()
 
-  def _exit_now(self, what: str) -> None:
-    """Runs the on_exit callbacks and ends the process with PREEMPTED_EXIT_CODE."""
-    logging.warning("Preempted while %s, with nothing unsaved: exiting", what)
-    for callback in self._on_exit:
+  def _exit_now(self, what: str, nothing_saved: bool = False) -> None:
+    """Runs the on_exit callbacks (unless nothing_saved) and exits with PREEMPTED_EXIT_CODE."""
+    state = ("; nothing more can be saved, the latest checkpoint saved before is kept"
+             if nothing_saved else ", with nothing unsaved")
+    logging.warning("Preempted while %s%s: exiting", what, state)
+    for callback in [] if nothing_saved else self._on_exit:
       try:
         callback()
       except Exception:  # pylint: disable=broad-except  # Exit all the same, with the reason.
         logging.exception("while exiting on preemption")
-    print(f"md4: {Preempted(f'Preempted while {what}, with nothing unsaved')}", file=sys.stderr,
-          flush=True)
+    print(f"md4: {Preempted(f'Preempted while {what}{state}')}", file=sys.stderr, flush=True)
     logging.flush()
     os._exit(PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
 

@@ -11,9 +11,12 @@ STORAGE_EMULATOR_HOST, the variable Google's client libraries read.
 """
 
 import os
+import pathlib
 import time
 
 from etils import epath
+
+from md4.runtime import outage
 
 OBJECT_STORE_SCHEMES = ("gs://", "s3://")
 EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
@@ -44,6 +47,19 @@ def is_object_store(path: epath.PathLike) -> bool:
   return os.fspath(path).startswith(OBJECT_STORE_SCHEMES)
 
 
+def check_writable(path: epath.Path, what: str, instead: str) -> None:
+  """Raises ValueError, naming what and the way out (instead), when the local folder path
+  (or, if it does not exist yet, the folder it would be made in) cannot be written."""
+  if is_object_store(path):
+    return  # Known at the first write: a store says so only then.
+  existing = pathlib.Path(path)
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"{what} {path} cannot be written ({existing} is read-only for this user): "
+                     f"{instead}")
+
+
 def workdir_path(workdir: epath.PathLike) -> epath.Path:
   """The workdir, absolute (Orbax takes only absolute paths); an object store's as given.
 
@@ -59,6 +75,7 @@ def workdir_path(workdir: epath.PathLike) -> epath.Path:
   if path.exists() and not path.is_dir():
     raise ValueError(f"--workdir={text} is a file, not a directory: name a new directory or a "
                      "run's workdir")
+  check_writable(path, "--workdir", "make it writable, or name another --workdir")
   return path
 
 
@@ -114,7 +131,8 @@ class AppendFile:
 
   On an object store the bytes are kept here and uploaded by `flush`, which
   `write` calls when the last upload is UPLOAD_SECONDS old; `close` uploads
-  what is left.
+  what is left. An upload the store does not answer is reported to
+  `md4.runtime.outage`, and the next one carries its bytes.
   """
 
   def __init__(self, path: epath.Path, content: bytes):
@@ -138,11 +156,18 @@ class AppendFile:
       self.flush()
 
   def flush(self) -> None:
-    """Makes everything written so far visible in the store."""
+    """Makes everything written so far visible in the store (if it answers: else at the next)."""
     if self._file is not None:
       self._file.flush()
       return
-    self.path.write_bytes(bytes(self._content))
+    started = time.monotonic()
+    try:
+      self.path.write_bytes(bytes(self._content))
+    except Exception as error:  # pylint: disable=broad-except
+      if not outage.tolerated(f"uploading {self.path.name}", error, started):
+        raise
+    else:
+      outage.answered()
     self._uploaded_at = time.monotonic()
 
   def close(self) -> None:
