@@ -3,7 +3,7 @@
 python benchmarks/vs_reference.py --reference=/path/to/google-deepmind/md4 --seeds=8 \
     --source=markov --output=benchmarks/results/vs_reference_markov.json
 
-For each seed, md4 (its own train step: `md4.train.build_trainer`, the
+For each seed, md4 (its own train step: `md4.trainer.compile_steps`, the
 defaults of md4/defaults.py plus the matched settings below) and the
 reference's MD4 (its transformer, adaLN-zero, swiglu, depth_scaled_init,
 linear schedule, continuous time, antithetic times; trained as its train.py
@@ -17,7 +17,10 @@ sequence (u + k / K mod 1) and the same masks.
 
 --md4 adds md4 variants, each a comma-separated list of config overrides
 ("model.embed_init=reference,optimizer.grad_clip_norm=1e9"; "defaults" is
-none), one factor at a time against the same reference run. The
+none), one factor at a time against the same reference run. An item
+"code.NAME" swaps a piece of md4's code for the reference's while that
+variant traces (CODE_VARIANTS: "code.sinusoid", the reference's time
+frequencies; "code.layer_norm_epsilon", its LayerNorm epsilon 1e-5). The
 implementations train in alternating chunks of --eval_every steps, each
 chunk timed: tokens per second are measured alternately in one process, and
 the curves carry wall seconds, from which the bits per token each reaches at
@@ -30,6 +33,7 @@ md4) is imported beside this one.
 """
 
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -41,6 +45,7 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,8 +57,10 @@ from md4 import defaults
 from md4 import diffusion
 from md4 import models
 from md4 import schedule as schedule_lib
-from md4 import sharding
-from md4 import train
+from md4 import trainer as trainer_lib
+from md4.networks import layers
+from md4.networks import transformer
+from md4.runtime import sharding
 
 _REFERENCE = flags.DEFINE_string("reference", None, "A checkout of google-deepmind/md4.",
                                  required=True)
@@ -141,7 +148,7 @@ def md4_config(source: str, seed: int, overrides: str) -> ml_collections.ConfigD
   config.optimizer.update(learning_rate=LEARNING_RATE, warmup_steps=WARMUP_STEPS, b2=B2)
   config.ema_rate = EMA_RATE
   if overrides != "defaults":
-    for item in overrides.split(","):
+    for item in [i for i in overrides.split(",") if not i.startswith("code.")]:
       key, value = item.split("=")
       *parents, leaf = key.split(".")
       node = config
@@ -156,22 +163,73 @@ def md4_config(source: str, seed: int, overrides: str) -> ml_collections.ConfigD
 Array = jnp.ndarray
 
 
+def reference_timestep_embedding(t: Array, dim: int, scale: float = 1000.0,
+                                 max_period: float = 10_000.0) -> Array:
+  """The reference's get_timestep_embedding [B, dim]: frequencies over half - 1, not half."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  angles = scale * t.astype(jnp.float32)[:, None] * freqs[None, :]
+  features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return jnp.pad(features, ((0, 0), (0, dim - 2 * half)))
+
+
+# Pieces of md4's code swapped for the reference's ("code.NAME" in a --md4 variant) while
+# that variant runs: name -> (module, attribute, the reference's version).
+CODE_VARIANTS = {
+    "sinusoid": (layers, "timestep_embedding", reference_timestep_embedding),
+    "layer_norm_epsilon": (nn, "LayerNorm", functools.partial(nn.LayerNorm, epsilon=1e-5)),
+}
+
+
+@contextlib.contextmanager
+def code_swapped(names: list[str]):
+  """CODE_VARIANTS[name] for each name in place; the originals back afterwards."""
+  originals = [(module, attribute, getattr(module, attribute))
+               for module, attribute, _ in (CODE_VARIANTS[n] for n in names)]
+  for name in names:
+    module, attribute, replacement = CODE_VARIANTS[name]
+    setattr(module, attribute, replacement)
+  try:
+    yield
+  finally:
+    for module, attribute, original in originals:
+      setattr(module, attribute, original)
+
+
 class Implementation:
   """One network and its training: init(seed) -> state, a compiled step, and a compiled scorer.
 
-  step(state, batch, seed) -> state; score(state, x [n, L], rng) -> bits per token [n].
+  step(state, batch, seed) -> state; score(state, x [n, L], rng) -> bits per token [n]; each
+  runs with the code of CODE_VARIANTS[name] for name in code swapped in.
   """
 
-  def __init__(self, init: Callable, step: Callable, predict: Callable, vocab_size: int):
-    self.init, self.step = init, step
-    self.score = jax.jit(lambda state, x, rng: held_out_bits(predict(state), x, rng,
-                                                             vocab_size, _EVAL_TIMES.value))
+  def __init__(self, init: Callable, step: Callable, predict: Callable, vocab_size: int,
+               code: tuple[str, ...] = ()):
+    self._init, self._step, self.code = init, step, list(code)
+    self._score = jax.jit(lambda state, x, rng: held_out_bits(predict(state), x, rng,
+                                                              vocab_size, _EVAL_TIMES.value))
+
+  def init(self, seed: int) -> Any:
+    with code_swapped(self.code):
+      return self._init(seed)
+
+  def step(self, state: Any, batch: dict[str, np.ndarray], seed: int) -> Any:
+    with code_swapped(self.code):
+      return self._step(state, batch, seed)
+
+  def score(self, state: Any, x: Array, rng: Array) -> Array:
+    with code_swapped(self.code):
+      return self._score(state, x, rng)
 
 
-def md4_implementation(config: ml_collections.ConfigDict, vocab_size: int) -> Implementation:
-  """md4's own train step; the seed picks the init and the time and mask draws as train.py does."""
+def md4_implementation(config: ml_collections.ConfigDict, vocab_size: int,
+                       code: tuple[str, ...] = ()) -> Implementation:
+  """md4's own train step; the seed picks the init and the time and mask draws as train.py does.
+
+  code: names in CODE_VARIANTS, swapped in whenever the step or the scorer runs.
+  """
   model = models.create(config, vocab_size, (config.seq_len,))
-  trainer = train.build_trainer(config, model, sharding.make_mesh(config))
+  trainer = trainer_lib.compile_steps(config, model, sharding.make_mesh(config))
 
   def step(state, batch, seed):
     rng_train = jax.random.split(jax.random.PRNGKey(seed), 3)[1]
@@ -182,7 +240,7 @@ def md4_implementation(config: ml_collections.ConfigDict, vocab_size: int) -> Im
     return trainer.init(jax.random.split(jax.random.PRNGKey(seed), 3)[0])
 
   return Implementation(init, step, lambda state: model.predict_fn(state.ema_params),
-                        vocab_size)
+                        vocab_size, code)
 
 
 def reference_learning_rate(step: Array) -> Array:
@@ -342,9 +400,11 @@ def main(argv):
   reference_module = load_reference(_REFERENCE.value)
   config = md4_config(_SOURCE.value, 0, "defaults")
   dataset = data_lib.create(config)
-  implementations = {("md4" if v == "defaults" else f"md4 {v}"):
-                     md4_implementation(md4_config(_SOURCE.value, 0, v), dataset.vocab_size)
-                     for v in _MD4.value}
+  implementations = {
+      ("md4" if v == "defaults" else f"md4 {v}"):
+      md4_implementation(md4_config(_SOURCE.value, 0, v), dataset.vocab_size,
+                         tuple(i[len("code."):] for i in v.split(",") if i.startswith("code.")))
+      for v in _MD4.value}
   implementations["reference"] = reference_implementation(reference_module, dataset.vocab_size)
   runs = []
   for seed in range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value):
@@ -374,7 +434,7 @@ def main(argv):
 def settings() -> dict[str, Any]:
   return {"width": _WIDTH.value, "num_layers": _NUM_LAYERS.value, "num_heads": _NUM_HEADS.value,
           "cond_dim": _WIDTH.value // _NUM_HEADS.value,
-          "mlp_hidden": models.transformer.mlp_hidden_dim(_WIDTH.value, 8 / 3, 32),
+          "mlp_hidden": transformer.mlp_hidden_dim(_WIDTH.value, 8 / 3, 32),
           "batch_size": _BATCH_SIZE.value, "seq_len": _SEQ_LEN.value, "steps": _STEPS.value,
           "learning_rate": LEARNING_RATE, "warmup_steps": WARMUP_STEPS, "b2": B2,
           "ema_rate": EMA_RATE, "eval_sequences": _EVAL_SEQUENCES.value,

@@ -13,8 +13,9 @@ learning rate 1e-3, b2 0.999, 100 warmup steps, 1300 steps: 0.21, 0.87,
 fan-in initialisation of the blocks (0.84 at 800 steps of the second, seed
 0), time_conditioning="none", sequences of 32 in batches of 64, 8 heads and
 the poly2 schedule. All of these with md4's block kernels
-(`model.kernel_init="md4"`), which this file keeps: the reference's, the
-default since benchmarks/vs_reference.py, are not yet measured on its seeds.
+(`model.kernel_init="md4"`), which this file keeps: with the reference's,
+the default since benchmarks/vs_reference.py, seeds 0 and 1 end 0.42 and
+0.44 bits above the entropy (0.13 and 0.26 with md4's).
 """
 
 from md4 import defaults
