@@ -14,7 +14,7 @@ import functools
 import os
 import sys
 import traceback
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NoReturn
 
 from absl import app
 from absl import flags
@@ -95,17 +95,22 @@ def _reporting(main: Callable[[list[str]], None], started: list[bool]
       print(f"md4: {preempted}", file=sys.stderr, flush=True)
       sys.exit(PREEMPTED_EXIT_CODE)
     except RetryableError as error:
-      logging.flush()
-      print(f"md4: error: {_one_line(error)}", file=sys.stderr, flush=True)
-      sys.exit(PREEMPTED_EXIT_CODE)
+      _exit_with(error, PREEMPTED_EXIT_CODE)
     except Exception as error:  # pylint: disable=broad-except
       if logging.get_verbosity() >= 1 or not raised_by_md4(error):
         raise
-      logging.flush()
-      print(f"md4: error: {_one_line(error)}", file=sys.stderr, flush=True)
-      sys.exit(1)
+      _exit_with(error, 1)
 
   return wrapped
+
+
+def _exit_with(error: BaseException, code: int) -> NoReturn:
+  """Prints md4's one line for error and exits at once: the run's own cleanup has run, and
+  the threads of a failed Orbax save can hold a normal exit for minutes."""
+  logging.flush()
+  print(f"md4: error: {_one_line(error)}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _list_flags_in_help(module: str) -> None:
