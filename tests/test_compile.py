@@ -1,6 +1,8 @@
 """md4.compile: programs compiled for a TPU slice on this machine (libtpu, md4's tpu extra)."""
 
+import importlib
 import json
+import re
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import pytest
 
 from configs import text8
 from md4 import compile as compile_lib
+from tests import test_paper_configs
 
 V5E_2X2 = "v5e:2x2"
 
@@ -96,3 +99,16 @@ def test_a_program_that_does_not_fit_is_one_error_line():
   assert done.returncode == 1
   errors = [line for line in done.stderr.splitlines() if line.startswith("md4: error:")]
   assert len(errors) == 1 and "does not fit" in errors[0] and "remat_policy" in errors[0]
+
+
+@pytest.mark.parametrize("name", sorted(
+    {path.stem for path in test_paper_configs.CONFIG_DIR.glob("*.py")}
+    - test_paper_configs.NOT_PAPER_CONFIGS))
+def test_each_paper_config_names_its_slice_and_what_md4_compile_measured(name):
+  doc = importlib.import_module(f"configs.{name}").__doc__
+  slice_paragraph = " ".join(doc[doc.index("Slice:"):].split())
+  assert f"md4-compile --config=configs/{name}.py --topology=" in slice_paragraph
+  assert re.search(r"peaks? at \d+\.\d+ GiB per chip of \d+ GiB \(\d+% to spare\)",
+                   slice_paragraph), name
+  assert re.search(r"estimated \d+\.\d+ s per step \(\w+-bound roofline, MFU 0\.\d+\)",
+                   slice_paragraph), name
