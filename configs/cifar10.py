@@ -12,6 +12,11 @@ cosine decay over 2M steps, EMA 0.9999, continuous time. Chosen here:
 gradient clipping at norm 1 (the reference has none), random horizontal
 flips (the reference has none). Class-conditional variant:
 cifar10_conditional.py.
+
+Slice: a v5litepod-8 (8 v5e chips, data parallel), checked without a TPU by
+`md4-compile --config=configs/cifar10.py --topology=v5litepod-8`: the train
+step peaks at 4.72 GiB per chip of 16 GiB (70% to spare), the eval step at
+2.47 GiB; estimated 0.11 s per step (HBM-bound roofline, MFU 0.25).
 """
 
 from md4 import defaults

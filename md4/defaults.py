@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.cont_time = True
   config.timesteps = 1000
   config.antithetic_time_sampling = True
-  # Positions per chunk of the MD4 loss's logits (0: all at once): with a chunk of C the
+  # Positions per chunk of the loss's logits (0: all at once): with a chunk of C the
   # loss holds float32 logits [B, C, V], not [B, L, V], forward and backward (transformer).
   config.loss_chunk_size = 0
 

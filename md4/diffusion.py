@@ -17,7 +17,7 @@ wherever that exceeds L log V / 2. With T steps, t = i/T (i uniform in
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,8 +86,8 @@ class Factored:
   """A predict_fn split before its output layer, so that a loss can make logits a chunk at a time.
 
   Calling it is head(features(z, t)): it serves wherever a predict_fn does.
-  `loss_given_state` instead runs features once and the head over chunk_size
-  positions at a time (`chunked_token_log_prob`), so that the logits
+  The losses (`map_logits`) instead run features once and the head over
+  chunk_size positions at a time (`chunked_map`), so that the logits
   [B, L, V] are never held whole, neither forward nor backward.
 
   Attributes:
@@ -104,33 +104,52 @@ class Factored:
     return self.head(self.features(z, t))
 
 
-def chunked_token_log_prob(features: Array, head: Callable[[Array], Array], x: Array,
-                           chunk_size: int) -> Array:
-  """token_log_prob(head(features), x) float32 [B, L], chunk_size positions at a time.
+def chunked_map(fn: Callable[..., Any], features: Array, head: Callable[[Array], Array],
+                inputs: tuple[Array, ...], chunk_size: int) -> Any:
+  """fn(head(features), *inputs) over [B, L], chunk_size positions at a time.
 
-  features [B, L, D], x [B, L]. Each chunk is rematerialised: the backward pass
-  recomputes its logits [B, chunk_size, V] rather than keep them, so the
-  gradient equals the unchunked one with a chunk's logits live at a time.
+  features [B, L, D]; inputs arrays [B, L, ...]; fn maps the logits [B, C, V]
+  of a chunk of C positions and the inputs' chunks [B, C, ...] to a pytree of
+  [B, C, ...] arrays, position by position; the result is that pytree over
+  [B, L, ...]. Each chunk is rematerialised: the backward pass recomputes its
+  logits rather than keep them, so the gradient equals the unchunked one with
+  one chunk's logits [B, C, V] live at a time.
   """
-  batch_size, length = x.shape
+  batch_size, length = features.shape[:2]
   chunk_size = min(chunk_size, length)  # A chunk as long as the sequence is all of it.
   if length % chunk_size:
     raise ValueError(f"chunk_size={chunk_size} must divide the sequence length {length}")
   num_chunks = length // chunk_size
-  chunks = (features.reshape(batch_size, num_chunks, chunk_size, -1).swapaxes(0, 1),
-            x.reshape(batch_size, num_chunks, chunk_size).swapaxes(0, 1))
-  chunk_log_prob = jax.checkpoint(lambda h, x_chunk: token_log_prob(head(h), x_chunk))
-  log_prob = jax.lax.map(lambda chunk: chunk_log_prob(*chunk), chunks)  # [n, B, chunk_size]
-  return log_prob.swapaxes(0, 1).reshape(batch_size, length)
+
+  def split(array: Array) -> Array:  # [B, L, ...] -> [n, B, C, ...]
+    return array.reshape(batch_size, num_chunks, chunk_size, *array.shape[2:]).swapaxes(0, 1)
+
+  def join(array: Array) -> Array:  # [n, B, C, ...] -> [B, L, ...]
+    return array.swapaxes(0, 1).reshape(batch_size, length, *array.shape[3:])
+
+  chunk_fn = jax.checkpoint(lambda h, *chunk_inputs: fn(head(h), *chunk_inputs))
+  outputs = jax.lax.map(lambda chunk: chunk_fn(*chunk), tuple(map(split, (features, *inputs))))
+  return jax.tree.map(join, outputs)
+
+
+def map_logits(fn: Callable[..., Any], predict_fn: checks.PredictFn, z: Array, t: Array,
+               logits_shape: tuple[int, ...], *inputs: Array) -> Any:
+  """fn(predict_fn(z, t), *inputs) for logits of logits_shape, checked.
+
+  Where predict_fn is `Factored` and the logits are [B, L, V], `chunked_map`
+  makes them a chunk of positions at a time: fn must then work position by
+  position on inputs [B, L, ...].
+  """
+  if isinstance(predict_fn, Factored) and len(logits_shape) == 3:
+    return chunked_map(fn, predict_fn.features(z, t), predict_fn.head, inputs,
+                       predict_fn.chunk_size)
+  return fn(checks.logits(predict_fn(z, t), logits_shape), *inputs)
 
 
 def target_log_prob(predict_fn: checks.PredictFn, z: Array, t: Array, x: Array,
                     vocab_size: int) -> Array:
   """log mu(z, t)[x] float32 [B, L, ...]: chunked where predict_fn is `Factored` over [B, L]."""
-  if isinstance(predict_fn, Factored) and x.ndim == 2:
-    return chunked_token_log_prob(predict_fn.features(z, t), predict_fn.head, x,
-                                  predict_fn.chunk_size)
-  return token_log_prob(checks.logits(predict_fn(z, t), x.shape + (vocab_size,)), x)
+  return map_logits(token_log_prob, predict_fn, z, t, x.shape + (vocab_size,), x)
 
 
 def time_weight(sch: schedule_lib.Schedule, t: Array, cont_time: bool,

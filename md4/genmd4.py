@@ -87,15 +87,15 @@ def log_q(z: Array, x: Array, t: Array, power: Array, eps: float,
   return per_token.reshape(x.shape[0], -1).sum(axis=-1)
 
 
-def integrand(logits: Array, x: Array, z: Array, t: Array, power: Array,
-              vocab_size: int) -> Array:
-  """sum over masked i of (1/t)[sum_v w_v mu_i[v] - w_x (log mu_i[x] + 1)] [B]."""
+def integrand(logits: Array, x: Array, z: Array, power: Array, vocab_size: int) -> Array:
+  """t times the integrand per position [B, ...]: sum_v w_v mu[v] - w_x (log mu[x] + 1)
+  where z is masked, 0 elsewhere; logits [B, ..., V]. Position by position, so that
+  `diffusion.map_logits` can make the logits a chunk at a time."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   log_prob_x = jnp.take_along_axis(log_probs, x[..., None], axis=-1)[..., 0]
   expected_power = jnp.einsum("...v,v->...", jnp.exp(log_probs), power)
   per_token = expected_power - power[x] * (log_prob_x + 1.0)
-  per_token = jnp.where(z == vocab_size, per_token, 0.0)
-  return per_token.reshape(x.shape[0], -1).sum(axis=-1) / t
+  return jnp.where(z == vocab_size, per_token, 0.0)
 
 
 def reconstruction(x: Array, power: Array, t1: float, eps: float) -> Array:
@@ -138,22 +138,27 @@ def diffusion_loss(predict_fn: checks.PredictFn,
   rng_1, rng_2 = jax.random.split(rng)
   z_1 = mask_tokens(rng_1, x, t, power, eps, vocab_size)
   z_2 = mask_tokens(rng_2, x, t, power, eps, vocab_size)
-  logits_1 = checks.logits(predict_fn(z_1, t), x.shape + (vocab_size,))
-  logits_2 = checks.logits(predict_fn(z_2, t), x.shape + (vocab_size,))
-  if single_sample:
-    logits_2 = jax.lax.stop_gradient(logits_2)
-  loss_1 = integrand(logits_1, x, z_1, t, power, vocab_size)
-  loss_2 = integrand(logits_2, x, z_2, t, power, vocab_size)
+
+  def integrand_1(logits: Array, x: Array, z: Array) -> Array:
+    if single_sample:
+      # Same value, twice the network gradient: with the 1/2 below, grad L^1 in all.
+      logits = 2.0 * logits - jax.lax.stop_gradient(logits)
+    return integrand(logits, x, z, power, vocab_size)
+
+  def integrand_2(logits: Array, x: Array, z: Array) -> Array:
+    if single_sample:
+      logits = jax.lax.stop_gradient(logits)
+    return integrand(logits, x, z, power, vocab_size)
+
+  logits_shape = x.shape + (vocab_size,)
+  losses = [diffusion.map_logits(fn, predict_fn, z, t, logits_shape, x, z)
+            for fn, z in ((integrand_1, z_1), (integrand_2, z_2))]
+  loss_1, loss_2 = (loss.reshape(x.shape[0], -1).sum(axis=-1) / t for loss in losses)
   estimate = 0.5 * (loss_1 + loss_2)
   reinforce = 0.5 * jax.lax.stop_gradient(loss_1 - loss_2) * (
       log_q(z_1, x, t, power, eps, vocab_size)
       - log_q(z_2, x, t, power, eps, vocab_size))
   surrogate = estimate + reinforce - jax.lax.stop_gradient(reinforce)
-  if single_sample:
-    # Value 0, network gradient 1/2 grad L^1: with the 1/2 above, grad L^1 in all.
-    loss_1_net = integrand(logits_1, x, z_1, t, jax.lax.stop_gradient(power),
-                           vocab_size)
-    surrogate = surrogate + 0.5 * (loss_1_net - jax.lax.stop_gradient(loss_1_net))
   masked_fraction = 0.5 * ((z_1 == vocab_size).mean() + (z_2 == vocab_size).mean())
   return surrogate, estimate, masked_fraction
 

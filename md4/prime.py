@@ -261,10 +261,17 @@ def loss_given_state(predict_fn: checks.PredictFn,
   batch_size = x.shape[0]
   num_tokens = math.prod(x.shape[1:])
   y_0 = codec.encode(x)
-  logits = checks.logits(predict_fn(y_t, t), x.shape + (codec.num_classes,))
   is_masked = y_t == codec.mask_id
-  log_mu = sub_token_log_prob(logits, y_t, y_0, codec)
-  masked_nll = -jnp.where(is_masked, log_mu, 0.0).reshape(batch_size, -1).sum(axis=-1)
+
+  def position_terms(logits: Array, x: Array, y_t: Array, y_0: Array) -> dict[str, Array]:
+    terms = {"log_mu": sub_token_log_prob(logits, y_t, y_0, codec)}
+    if objective == "joint":
+      terms["token_log_prob"] = diffusion.token_log_prob(carry_over(logits, y_t, codec), x)
+    return terms
+
+  terms = diffusion.map_logits(position_terms, predict_fn, y_t, t,
+                               x.shape + (codec.num_classes,), x, y_t, y_0)
+  masked_nll = -jnp.where(is_masked, terms["log_mu"], 0.0).reshape(batch_size, -1).sum(axis=-1)
   weight = diffusion.time_weight(schedule, t, cont_time, timesteps)
   loss_diffusion = weight * masked_nll
   num_sub_tokens = num_tokens * codec.length
@@ -281,9 +288,8 @@ def loss_given_state(predict_fn: checks.PredictFn,
   }
   if objective == "nelbo":
     return nelbo, aux
-  token_log_prob = diffusion.token_log_prob(carry_over(logits, y_t, codec), x)
   # Tokens with a masked sub-token; a fully revealed one has log p = 0 anyway.
-  token_nll = -jnp.where(is_masked.any(axis=-1), token_log_prob, 0.0)
+  token_nll = -jnp.where(is_masked.any(axis=-1), terms["token_log_prob"], 0.0)
   surrogate = (weight * token_nll.reshape(batch_size, -1).sum(axis=-1)
                + loss_recon + loss_prior)
   aux["loss_surrogate"] = surrogate.mean()

@@ -13,9 +13,11 @@ from md4 import models
 from md4 import schedule
 
 
-def _model(seq_len: int = 32, **model_options) -> tuple[models.Model, dict]:
+def _model(seq_len: int = 32, config_options: dict | None = None,
+           **model_options) -> tuple[models.Model, dict]:
   config = defaults.get_config()
   config.seq_len = seq_len
+  config.update_from_flattened_dict(config_options or {})
   config.model.update(model_options)
   model = models.create(config, 27, (seq_len,))
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0)))
@@ -37,21 +39,28 @@ def _assert_close(tree_a, tree_b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
 
 
-def test_chunked_log_prob_and_gradient_equal_the_whole_one():
+def test_chunked_map_and_its_gradient_equal_the_whole_one():
   features = jax.random.normal(jax.random.PRNGKey(0), (3, 12, 5))
   weights = jax.random.normal(jax.random.PRNGKey(1), (5, 7))
   x = jax.random.randint(jax.random.PRNGKey(2), (3, 12), 0, 7)
+  y = jax.random.normal(jax.random.PRNGKey(3), (3, 12, 2))
+
+  def terms(logits, x, y):  # A pytree of per-position outputs of two inputs.
+    return {"log_prob": diffusion.token_log_prob(logits, x), "scaled": logits[..., :2] * y}
+
+  def total(outputs):
+    return outputs["log_prob"].sum() + outputs["scaled"].sum()
 
   def whole(h, w):
-    return diffusion.token_log_prob(h @ w, x).sum()
+    return total(terms(h @ w, x, y))
 
   def chunked(h, w):
-    return diffusion.chunked_token_log_prob(h, lambda part: part @ w, x, 4).sum()
+    return total(diffusion.chunked_map(terms, h, lambda part: part @ w, (x, y), 4))
 
   _assert_close(jax.value_and_grad(whole, argnums=(0, 1))(features, weights),
                 jax.value_and_grad(chunked, argnums=(0, 1))(features, weights))
   with pytest.raises(ValueError, match="must divide"):
-    diffusion.chunked_token_log_prob(features, lambda part: part @ weights, x, 5)
+    diffusion.chunked_map(terms, features, lambda part: part @ weights, (x, y), 5)
 
 
 def test_factored_predict_fn_gives_the_plain_nelbo_and_gradient():
@@ -75,6 +84,24 @@ def test_the_public_loss_takes_a_factored_predict_fn():
   chunked, _ = diffusion.loss(diffusion.Factored(features, head, 4), x, jax.random.PRNGKey(2),
                               **args)
   np.testing.assert_allclose(plain, chunked, rtol=1e-6)
+
+
+@pytest.mark.parametrize("options", [
+    {"model_type": "genmd4"},
+    {"model_type": "genmd4", "genmd4.single_sample": True},
+    {"model_type": "prime"},
+    {"model_type": "prime", "prime.objective": "joint"},
+    {"model_type": "prime", "prime.binary": True},
+])
+def test_chunked_genmd4_and_prime_losses_equal_the_plain_ones(options):
+  model, params = _model(config_options=options)
+  assert isinstance(_factored(model, params), diffusion.Factored)
+  _assert_close(_loss_and_grads(model, params), _loss_and_grads(model, params, loss_chunk_size=8))
+
+
+def _factored(model: models.Model, params: dict):
+  model.config.loss_chunk_size = 8
+  return model.loss_predict_fn(params, {}, jax.random.PRNGKey(0), False)[0]
 
 
 @pytest.mark.slow
