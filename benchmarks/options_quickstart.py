@@ -21,7 +21,7 @@ from ml_collections import config_flags
 import numpy as np
 
 import oracle_chain
-from md4 import evaluate
+from md4 import restored
 from md4 import sample_quality
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py",
@@ -32,7 +32,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Also writes the JSON there.")
 STEPS = (8, 32)
 
 
-def scores(checkpoint: evaluate.Checkpoint, sampler: str, options: dict, steps: int) -> dict:
+def scores(checkpoint: restored.Checkpoint, sampler: str, options: dict, steps: int) -> dict:
   """The scores of the checkpoint's samples by sampler with options in steps."""
   drawn = checkpoint.model.sample(checkpoint.params, jax.random.PRNGKey(0), _NUM_SAMPLES.value,
                                   steps=steps, grid="uniform", sampler=sampler, **options)

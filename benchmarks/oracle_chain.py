@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from scipy import sparse
 
-from md4 import evaluate
+from md4 import restored
 from md4 import samplers
 from md4 import schedule as schedule_lib
 from md4 import train
@@ -321,10 +321,10 @@ def report(rows: list[dict], cell: Callable[[dict], str], output: str | None, **
                  "rows": rows}, f, indent=1)
 
 
-def quickstart_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> evaluate.Checkpoint:
+def quickstart_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> restored.Checkpoint:
   """The checkpoint in workdir, trained there from config first if there is none."""
   try:
-    return evaluate.restore(workdir)
+    return restored.restore(workdir)
   except (ValueError, FileNotFoundError):
     train.train_and_evaluate(config, workdir)
-    return evaluate.restore(workdir)
+    return restored.restore(workdir)

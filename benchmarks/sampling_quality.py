@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from md4 import evaluate
+from md4 import restored
 from md4 import sample_quality
 from md4 import train
 
@@ -56,16 +56,16 @@ COLUMNS = ("sampler", "steps", "nfe", "seconds", "log_likelihood", "entropy_rate
            "sample_entropy")
 
 
-def checkpoint_from(workdir: str) -> evaluate.Checkpoint:
+def checkpoint_from(workdir: str) -> restored.Checkpoint:
   """The workdir's latest checkpoint, training config there first if it has none."""
   try:
-    return evaluate.restore(workdir)
+    return restored.restore(workdir)
   except (ValueError, FileNotFoundError):
     train.train_and_evaluate(_CONFIG.value, workdir)
-    return evaluate.restore(workdir)
+    return restored.restore(workdir)
 
 
-def draw_and_score(checkpoint: evaluate.Checkpoint, name: str, options: dict,
+def draw_and_score(checkpoint: restored.Checkpoint, name: str, options: dict,
                    steps: int) -> dict:
   """One row: scores, NFE and the seconds of a compiled call."""
   model, config = checkpoint.model, checkpoint.config
@@ -81,7 +81,7 @@ def draw_and_score(checkpoint: evaluate.Checkpoint, name: str, options: dict,
   return {"steps": steps, "nfe": int(drawn.nfe), "seconds": seconds, **scores}
 
 
-def source_row(checkpoint: evaluate.Checkpoint) -> dict:
+def source_row(checkpoint: restored.Checkpoint) -> dict:
   """The scores of --num_samples held-out sequences of the source."""
   tokens = []
   for batch in checkpoint.dataset.eval_batches():

@@ -36,43 +36,30 @@ import json
 import math
 import os
 import typing
-from typing import Any, Iterator
+from typing import Any
 
 from absl import app
 from absl import flags
 from etils import epath
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from md4 import data as data_lib
-from md4 import defaults
 from md4 import eval_results
 from md4 import judge as judge_lib
 from md4 import likelihood
 from md4 import models
+from md4 import restored
 from md4 import sample_quality
 from md4 import samplers
 from md4 import samples as samples_lib
-from md4 import trainer as trainer_lib
-from md4.data import alphabet
 from md4.data import pipeline
 from md4.data import tokens
 from md4.data import zero_shot
-from md4.runtime import checkpointing
-from md4.runtime import compilation_cache
 from md4.runtime import errors
 from md4.runtime import preemption as preemption_lib
-from md4.runtime import progress
 from md4.runtime import sharding as sharding_lib
 from md4.runtime import storage
 
-Batch = dict[str, np.ndarray]
-
-SPLITS = ("eval", "train")
-DTYPES = ("float32", "bfloat16")
-INFILL_BLANK = "_"
 RESULTS_DIR = "eval"
 
 
@@ -105,231 +92,6 @@ class Options:
   output_dir: str | None = None      # None: WORKDIR/eval.
 
 
-@dataclasses.dataclass
-class Checkpoint:
-  """A trained model restored from a workdir.
-
-  Attributes:
-    workdir: the training workdir.
-    step: the checkpoint's training step.
-    config: the workdir's config (batch_size and model.dtype possibly overridden).
-    dataset: the config's data, for shapes, text encoding and the held-out split.
-    model: the config's model.
-    mesh: the devices, as the config lays them out.
-    params_sharding: how params are sharded.
-    params: the EMA parameters.
-  """
-
-  workdir: epath.Path
-  step: int
-  config: ml_collections.ConfigDict
-  dataset: data_lib.Dataset
-  model: models.Model
-  mesh: jax.sharding.Mesh
-  params_sharding: Any
-  params: Any
-
-
-def load_config(workdir: str | os.PathLike,
-                step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
-  """(step, the config checkpoint `step` (default: the latest) of workdir was trained with)."""
-  storage.use_emulator_if_set()
-  workdir = epath.Path(workdir).expanduser()
-  if not workdir.is_dir():
-    raise ValueError(f"workdir={str(workdir)!r} is not a directory")
-  path = workdir / "config.json"
-  if not path.exists():
-    raise ValueError(f"{path} not found: workdir={str(workdir)!r} holds no training run "
-                     "(train.train_and_evaluate writes config.json there)")
-  step, config = checkpointing.read_config(workdir, step)
-  return step, defaults.validate(config)
-
-
-def check_overrides(batch_size: int | None, dtype: str | None) -> None:
-  """Raises ValueError naming a bad batch_size or dtype of `restore` (None: the config's)."""
-  if batch_size is not None and batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if dtype is not None and dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
-
-
-def restore(workdir: str | os.PathLike, step: int | None = None,
-            batch_size: int | None = None, dtype: str | None = None) -> Checkpoint:
-  """The EMA parameters of checkpoint `step` (default: the latest) of workdir.
-
-  batch_size overrides config.batch_size (sequences per evaluation batch,
-  before tiling by num_t); dtype overrides the compute precision
-  config.model.dtype ("float32", "bfloat16").
-  """
-  workdir = epath.Path(workdir).expanduser()
-  step, config = load_config(workdir, step)
-  compilation_cache.enable(config)
-  check_overrides(batch_size, dtype)
-  if batch_size is not None:
-    config.batch_size = batch_size
-  if dtype is not None:
-    config.model.dtype = dtype
-  # Training's antithetic times over the tiled batch are what stratify the times.
-  config.antithetic_time_sampling = True
-  config.grad_accum_steps = 1  # Evaluation has no micro-batches.
-  dataset, trainer = trainer_lib.build(config)
-  step, params = checkpointing.restore_ema_params(workdir, step, trainer.init,
-                                                  trainer.state_sharding)
-  return Checkpoint(workdir, step, config, dataset, trainer.model, trainer.mesh,
-                    trainer.state_sharding.ema_params, params)
-
-
-def nelbo_per_sequence(checkpoint: Checkpoint, batches: Iterator[Batch], *, num_t: int = 8,
-                       num_batches: int = -1, seed: int = 0) -> np.ndarray:
-  """Stratified NELBO estimates float64 [N], nats per sequence (`md4.likelihood`)."""
-  step = likelihood.compile_eval_step(checkpoint.config, checkpoint.model, checkpoint.mesh,
-                                      checkpoint.params_sharding, num_t)
-  return likelihood.nelbo_per_sequence(step, checkpoint.params, batches,
-                                       sharding_lib.batch_sharding(checkpoint.mesh),
-                                       num_batches=num_batches, seed=seed)
-
-
-def check_split(split: str, num_batches: int) -> None:
-  """Raises ValueError unless split is one of SPLITS (with num_batches >= 1 for "train")."""
-  if split not in SPLITS:
-    raise ValueError(f"split={split!r}; valid: {SPLITS}")
-  if split == "train" and num_batches < 1:
-    raise ValueError("split='train' is endless: give num_eval_batches >= 1")
-
-
-def split_batches(checkpoint: Checkpoint, split: str, num_batches: int) -> Iterator[Batch]:
-  """Batches of the config's dataset: its held-out split, or (num_batches of) training data."""
-  check_split(split, num_batches)
-  if split == "eval":
-    return checkpoint.dataset.eval_batches()
-  return (next(checkpoint.dataset.train) for _ in range(num_batches))
-
-
-def text_file_batches(checkpoint: Checkpoint, path: str) -> Iterator[Batch]:
-  """The text at path, in the model's vocabulary (`Dataset.read_text`), in chunks of seq_len."""
-  dataset, config = checkpoint.dataset, checkpoint.config
-  if dataset.read_text is None:
-    raise ValueError(f"text_file needs a model of text; this one was trained on "
-                     f"{config.dataset!r} ({dataset.modality})")
-  try:
-    ids = dataset.read_text(path)
-  except (OSError, ValueError) as error:
-    raise ValueError(f"text_file={path!r}: {error}") from error
-  source = pipeline.ChunkSource(ids, config.seq_len)
-  if len(source) < config.batch_size:
-    raise ValueError(f"text_file={path!r} makes {len(source)} sequences of "
-                     f"seq_len={config.seq_len}, fewer than one batch of {config.batch_size}: "
-                     "give more text or a smaller batch_size")
-  return pipeline.eval_iterator_fn(source, config.batch_size)()
-
-
-def encode(checkpoint: Checkpoint, text: str, what: str, offset: int = 0) -> np.ndarray:
-  """Token ids int32 [n] of prompt text; `what` names the flag in errors.
-
-  offset: where text starts in the flag's value, so that an error names the
-  character's offset in what the user gave.
-  """
-  if checkpoint.dataset.encode is None:
-    raise ValueError(f"{what} takes text; this model was trained on "
-                     f"{checkpoint.config.dataset!r} ({checkpoint.dataset.modality})")
-  try:
-    return checkpoint.dataset.encode(text)
-  except alphabet.OutsideAlphabetError as error:
-    raise ValueError(f"{what}: {error.moved(offset)}") from error
-  except ValueError as error:
-    raise ValueError(f"{what}: {error}") from error
-
-
-def infill_template(checkpoint: Checkpoint, template: str) -> tuple[np.ndarray, np.ndarray]:
-  """(ids int32 [L], given bool [L]) from a template where '_' marks a position to generate.
-
-  Each '_' is one position; the text between blanks is encoded on its own
-  (a character model gives each character its position). Positions after
-  the template are generated.
-  """
-  length = checkpoint.model.num_tokens
-  ids, given = [], []
-  offset = 0  # Of the piece in template.
-  for index, piece in enumerate(template.split(INFILL_BLANK)):
-    if index > 0:
-      ids.append(0)
-      given.append(False)
-      offset += len(INFILL_BLANK)
-    if piece:
-      piece_ids = encode(checkpoint, piece, "infill", offset)
-      ids.extend(piece_ids.tolist())
-      given.extend([True] * len(piece_ids))
-    offset += len(piece)
-  if len(ids) > length:
-    raise ValueError(f"infill template makes {len(ids)} positions, more than the model's "
-                     f"{length}")
-  padding = length - len(ids)
-  return (np.asarray(ids + [0] * padding, np.int32),
-          np.asarray(given + [False] * padding, np.bool_))
-
-
-def check_sampling(num_samples: int | None, steps: int | None, grid: str | None,
-                   top_p: float | None) -> None:
-  """Raises ValueError naming a bad sampling setting; None (the config's value) passes."""
-  if num_samples is not None and num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  if steps is not None or grid is not None:  # time_grid raises naming a bad steps or grid.
-    samplers.engine.time_grid(1 if steps is None else steps,
-                              samplers.engine.DEFAULT_GRID if grid is None else grid)
-  if top_p is not None and not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def sample_settings(config: ml_collections.ConfigDict, num_samples: int | None = None,
-                    steps: int | None = None, grid: str | None = None,
-                    top_p: float | None = None) -> dict[str, Any]:
-  """{"num_samples", "steps", "grid", "top_p"}: each value given, else the config's."""
-  configured = {"num_samples": config.num_samples, "steps": config.sample_steps,
-                "grid": config.sample_grid, "top_p": config.sample_top_p}
-  given = {"num_samples": num_samples, "steps": steps, "grid": grid, "top_p": top_p}
-  return {key: configured[key] if given[key] is None else given[key] for key in configured}
-
-
-def generate(checkpoint: Checkpoint, rng: jax.Array, *, num_samples: int | None = None,
-             steps: int | None = None, grid: str | None = None, top_p: float | None = None,
-             prefix: str | None = None, infill: str | None = None, sampler: str | None = None,
-             sampler_options: dict[str, Any] | None = None) -> models.Samples:
-  """Samples with the EMA parameters; prefix, infill and the sampler as in `Options`.
-
-  num_samples, steps, grid and top_p default to the checkpoint's config (`sample_settings`).
-  """
-  settings = sample_settings(checkpoint.config, num_samples, steps, grid, top_p)
-  check_sampling(**settings)
-  num_samples, steps, grid, top_p = (settings["num_samples"], settings["steps"],
-                                     settings["grid"], settings["top_p"])
-  conditions = {}
-  if prefix is not None:
-    prefix_ids = encode(checkpoint, prefix, "prefix")
-    if len(prefix_ids) > checkpoint.model.num_tokens:
-      raise ValueError(f"prefix makes {len(prefix_ids)} positions, more than the model's "
-                       f"{checkpoint.model.num_tokens}")
-    conditions["prefix"] = jnp.asarray(np.tile(prefix_ids, (num_samples, 1)))
-  if infill is not None:
-    template, given = infill_template(checkpoint, infill)
-    conditions["infill"] = (jnp.asarray(np.tile(template, (num_samples, 1))),
-                            jnp.asarray(np.tile(given, (num_samples, 1))))
-  model, config = checkpoint.model, checkpoint.config
-  name, options = models.configured_sampler(config, sampler, sampler_options)
-
-  def draw(params: Any, rng: jax.Array) -> models.Samples:
-    return model.sample(params, rng, num_samples, steps=steps, grid=grid,
-                        top_p=None if top_p >= 1.0 else top_p,
-                        guidance_scale=config.guidance_scale, sampler=name, **conditions,
-                        **options)
-
-  replicated = sharding_lib.replicated(checkpoint.mesh)
-  draw = jax.jit(sharding_lib.traced_with_rules(config, checkpoint.mesh, draw),
-                 in_shardings=(checkpoint.params_sharding, replicated),
-                 out_shardings=replicated)
-  with progress.bar(model.network_calls(name, steps), f"sampling {num_samples}", "call"):
-    return jax.device_get(draw(checkpoint.params, rng))
-
-
 def parse_sampler_options(text: str | None) -> dict[str, Any]:
   """The JSON object of --sampler_options, e.g. '{"block_size": 8}'; {} for None."""
   if text is None:
@@ -344,7 +106,7 @@ def parse_sampler_options(text: str | None) -> dict[str, Any]:
   return parsed
 
 
-def zero_shot_sections(checkpoint: Checkpoint, spec: str, *, num_t: int = 8,
+def zero_shot_sections(checkpoint: restored.Checkpoint, spec: str, *, num_t: int = 8,
                        seed: int = 0) -> dict[str, dict[str, Any]]:
   """NELBOs of the zero-shot sets spec names ("NAME:PATH,..."): {"zero_shot:NAME": section}.
 
@@ -371,7 +133,8 @@ def zero_shot_sections(checkpoint: Checkpoint, spec: str, *, num_t: int = 8,
     filled = np.concatenate([chunks, np.resize(chunks, (-len(chunks) % batch_size, length))])
     batches = pipeline.eval_iterator_fn(pipeline.ChunkSource(filled.reshape(-1), length),
                                         batch_size)()
-    nats = nelbo_per_sequence(checkpoint, batches, num_t=num_t, seed=seed)[:len(chunks)]
+    nats = restored.nelbo_per_sequence(checkpoint, batches, num_t=num_t,
+                                       seed=seed)[:len(chunks)]
     section = likelihood.summarise(nats, length, word_pieces=True)
     # Delta method: perplexity = exp(ln 2 * bits), so its standard error is ln 2 * ppl * se.
     section["perplexity_stderr"] = (math.log(2) * section["perplexity"]
@@ -384,7 +147,7 @@ def zero_shot_sections(checkpoint: Checkpoint, spec: str, *, num_t: int = 8,
 
 def check_options(options: Options) -> None:
   """Raises ValueError naming a bad option that needs no checkpoint: run checks before restoring."""
-  check_split(options.split, options.num_eval_batches)
+  restored.check_split(options.split, options.num_eval_batches)
   if not options.nelbo and not options.sample:
     raise ValueError("nothing to do: nelbo and sample are both off")
   if options.text_file and options.zero_shot:
@@ -392,8 +155,8 @@ def check_options(options: Options) -> None:
   if options.zero_shot:
     zero_shot.parse(options.zero_shot)
   likelihood.check_num_t(options.num_t)
-  check_overrides(options.batch_size, options.dtype)
-  check_sampling(options.num_samples, options.steps, options.grid, options.top_p)
+  restored.check_overrides(options.batch_size, options.dtype)
+  restored.check_sampling(options.num_samples, options.steps, options.grid, options.top_p)
   sampler_options = parse_sampler_options(options.sampler_options)
   if options.sampler is not None:
     samplers.options(options.sampler, sampler_options)
@@ -413,7 +176,8 @@ def run(options: Options) -> dict[str, Any]:
   if options.output_dir or workdir.is_dir():  # A workdir that is not one is restore's to report.
     storage.check_writable(out_dir, "the results folder", "pass --output_dir=DIR to write the "
                            "results elsewhere")
-  checkpoint = restore(options.workdir, options.step, options.batch_size, options.dtype)
+  checkpoint = restored.restore(options.workdir, options.step, options.batch_size,
+                                options.dtype)
   config, dataset = checkpoint.config, checkpoint.dataset
   results = {"workdir": str(checkpoint.workdir), "step": checkpoint.step,
              "model_type": config.model_type, "dataset": config.dataset, "nelbo": {}}
@@ -423,11 +187,11 @@ def run(options: Options) -> dict[str, Any]:
   elif options.nelbo:
     if options.text_file:
       name = f"text_file:{os.path.abspath(options.text_file)}"
-      batches = text_file_batches(checkpoint, options.text_file)
+      batches = restored.text_file_batches(checkpoint, options.text_file)
     else:
       name = options.split
-      batches = split_batches(checkpoint, options.split, options.num_eval_batches)
-    nats = nelbo_per_sequence(checkpoint, batches, num_t=options.num_t,
+      batches = restored.split_batches(checkpoint, options.split, options.num_eval_batches)
+    nats = restored.nelbo_per_sequence(checkpoint, batches, num_t=options.num_t,
                               num_batches=options.num_eval_batches, seed=options.seed)
     section = likelihood.summarise(nats, checkpoint.model.num_tokens,
                                    unit="dim" if dataset.modality == "image" else "token",
@@ -437,13 +201,13 @@ def run(options: Options) -> dict[str, Any]:
       section["data_entropy_bits_per_token"] = dataset.entropy_bits_per_token
     results["nelbo"][name] = section
   if options.sample:
-    settings = sample_settings(config, options.num_samples, options.steps, options.grid,
-                               options.top_p)
+    settings = restored.sample_settings(config, options.num_samples, options.steps,
+                                        options.grid, options.top_p)
     rng = jax.random.fold_in(jax.random.PRNGKey(options.seed), checkpoint.step)
     sampler_name, sampler_options = models.configured_sampler(
         config, options.sampler, parse_sampler_options(options.sampler_options))
-    drawn = generate(checkpoint, rng, prefix=options.prefix, infill=options.infill,
-                     sampler=sampler_name, sampler_options=sampler_options, **settings)
+    drawn = restored.generate(checkpoint, rng, prefix=options.prefix, infill=options.infill,
+                              sampler=sampler_name, sampler_options=sampler_options, **settings)
     files = []
     if jax.process_index() == 0:
       files = samples_lib.write(out_dir, samples_lib.unused_name(

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from md4 import evaluate
+from md4 import restored
 
 
 @contextlib.contextmanager
@@ -43,11 +43,11 @@ class TrainedModel:
   """A workdir's EMA parameters with the config, data and model it was trained with.
 
   Attributes:
-    checkpoint: what `md4.evaluate.restore` returns (params, model, dataset, mesh).
+    checkpoint: what `md4.restored.restore` returns (params, model, dataset, mesh).
     verbose: whether Orbax's and md4's logs are shown.
   """
 
-  checkpoint: evaluate.Checkpoint
+  checkpoint: restored.Checkpoint
   verbose: bool = False
 
   @property
@@ -67,11 +67,11 @@ class TrainedModel:
     """Token ids int32 [num_samples, *example_shape] (text: [N, L]; images: [N, H, W, 3]).
 
     prefix: text every sample starts with; infill: a template whose "_" marks
-    the positions to generate (`md4.evaluate.infill_template`). Same seed,
+    the positions to generate (`md4.restored.infill_template`). Same seed,
     same samples.
     """
     with _logs(self.verbose):
-      drawn = evaluate.generate(
+      drawn = restored.generate(
           self.checkpoint, jax.random.PRNGKey(seed), num_samples=num_samples, steps=steps,
           grid=grid, top_p=top_p, prefix=prefix, infill=infill, sampler=sampler,
           sampler_options=sampler_options)
@@ -102,7 +102,7 @@ class TrainedModel:
     rows = np.concatenate([windows, np.repeat(windows[:1], padded, axis=0)])
     batches = ({"x": rows[start:start + batch_size]} for start in range(0, len(rows), batch_size))
     with _logs(self.verbose):
-      nats = evaluate.nelbo_per_sequence(self.checkpoint, batches, num_t=num_t,
+      nats = restored.nelbo_per_sequence(self.checkpoint, batches, num_t=num_t,
                                          seed=seed)[:len(windows)]
     num_tokens = math.prod(self.checkpoint.dataset.example_shape)
     totals = np.bincount(owners, weights=nats)
@@ -127,7 +127,7 @@ class TrainedModel:
     length = example_shape[0]
     windows, owners = [], []
     for index, text in enumerate(texts):
-      ids = evaluate.encode(self.checkpoint, text, f"text {index}")
+      ids = restored.encode(self.checkpoint, text, f"text {index}")
       if len(ids) < length:
         raise ValueError(f"text {index} makes {len(ids)} tokens, fewer than the model's "
                          f"seq_len={length}: give at least one whole window")
@@ -146,5 +146,5 @@ def load(workdir: str | os.PathLike, step: int | None = None, *, batch_size: int
   Orbax's and md4's logs.
   """
   with _logs(verbose):
-    checkpoint = evaluate.restore(workdir, step, batch_size, dtype)
+    checkpoint = restored.restore(workdir, step, batch_size, dtype)
   return TrainedModel(checkpoint, verbose)

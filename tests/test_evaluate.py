@@ -19,6 +19,7 @@ from md4 import diffusion
 from md4 import evaluate
 from md4 import likelihood
 from md4 import models
+from md4 import restored
 from md4 import train
 from md4.data import alphabet
 from md4.data import tokens
@@ -61,8 +62,8 @@ def workdir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir) -> evaluate.Checkpoint:
-  return evaluate.restore(workdir)
+def checkpoint(workdir) -> restored.Checkpoint:
+  return restored.restore(workdir)
 
 
 def _training_eval(workdir: pathlib.Path, step: int) -> dict:
@@ -96,9 +97,9 @@ def test_nelbo_matches_the_training_eval_within_standard_errors(workdir):
 
 def test_standard_error_shrinks_as_one_over_sqrt_of_the_sequences(checkpoint):
   num_batches = NUM_EVAL_EXAMPLES // BATCH_SIZE
-  small = evaluate.nelbo_per_sequence(checkpoint, checkpoint.dataset.eval_batches(),
+  small = restored.nelbo_per_sequence(checkpoint, checkpoint.dataset.eval_batches(),
                                       num_t=2, num_batches=num_batches // 4, seed=1)
-  large = evaluate.nelbo_per_sequence(checkpoint, checkpoint.dataset.eval_batches(),
+  large = restored.nelbo_per_sequence(checkpoint, checkpoint.dataset.eval_batches(),
                                       num_t=2, num_batches=num_batches, seed=1)
   # Same seed and batches: the first quarter is the same estimates.
   np.testing.assert_array_equal(small, large[:len(small)])
@@ -201,7 +202,7 @@ def test_cli_on_eight_devices_samples_with_a_prefix_and_matches_one_device(
   assert written["samples"]["prefix"] == prefix and written["samples"]["top_p"] == 0.9
   # The batch split over 8 devices (2 rows each, tiled to 8) gives the one-device numbers.
   one_device = likelihood.summarise(
-      evaluate.nelbo_per_sequence(checkpoint, checkpoint.dataset.eval_batches(), num_t=4,
+      restored.nelbo_per_sequence(checkpoint, checkpoint.dataset.eval_batches(), num_t=4,
                                   num_batches=2, seed=0), SEQ_LEN)
   eight_devices = written["nelbo"]["eval"]
   assert eight_devices["num_sequences"] == one_device["num_sequences"] == 2 * BATCH_SIZE
@@ -286,7 +287,7 @@ def test_a_feature_the_model_lacks_is_a_clear_error(checkpoint):
     draw(guidance_scale=2.0)
   with pytest.raises(ValueError, match="remdm: the GenMD4 sampler"):
     draw(sampler="remdm")
-  generate = lambda **kwargs: evaluate.generate(checkpoint, jax.random.PRNGKey(0),
+  generate = lambda **kwargs: restored.generate(checkpoint, jax.random.PRNGKey(0),
                                                 num_samples=2, steps=4, grid="cosine",
                                                 top_p=1.0, **kwargs)
   with pytest.raises(ValueError, match="prefix: character 'T' at offset 0"):

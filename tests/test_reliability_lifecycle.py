@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from md4 import defaults
-from md4 import evaluate
 from md4 import memory
+from md4 import restored
 from md4.data import alphabet
 from md4.runtime.errors import PREEMPTED_EXIT_CODE
 from tests import helpers
@@ -191,8 +191,8 @@ def test_an_infill_character_is_named_at_its_offset_in_the_template():
       dataset=types.SimpleNamespace(encode=alphabet.encode_prompt),
       model=types.SimpleNamespace(num_tokens=16), config=None)
   with pytest.raises(ValueError, match=r"^infill: character 'é' at offset 6 is not"):
-    evaluate.infill_template(checkpoint, "the __é")
-  ids, given = evaluate.infill_template(checkpoint, "a_b")
+    restored.infill_template(checkpoint, "the __é")
+  ids, given = restored.infill_template(checkpoint, "a_b")
   assert ids[:3].tolist() == [0, 0, 1] and given[:4].tolist() == [True, False, True, False]
 
 

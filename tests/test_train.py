@@ -17,8 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from md4 import defaults
-from md4 import evaluate
 from md4 import models
+from md4 import restored
 from md4 import train
 from md4.networks import kernels
 
@@ -265,9 +265,9 @@ def test_quickstart_bound_is_above_the_entropy_and_close_to_it(tmp_path):
   # same bound as f32, within the paired noise (and a hundredth of a bit).
   bits = {}
   for dtype in ("float32", "bfloat16"):
-    checkpoint = evaluate.restore(tmp_path, dtype=dtype)
-    nats = evaluate.nelbo_per_sequence(
-        checkpoint, evaluate.split_batches(checkpoint, "eval", 8), num_t=4, seed=0)
+    checkpoint = restored.restore(tmp_path, dtype=dtype)
+    nats = restored.nelbo_per_sequence(
+        checkpoint, restored.split_batches(checkpoint, "eval", 8), num_t=4, seed=0)
     bits[dtype] = nats / (checkpoint.model.num_tokens * math.log(2))
   difference = bits["bfloat16"] - bits["float32"]
   paired_error = difference.std(ddof=1) / math.sqrt(len(difference))
