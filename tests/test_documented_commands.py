@@ -56,6 +56,7 @@ EXTERNAL = ("cd", "gcloud", "git", "pip", "sbatch", "srun", "tensorboard", "uv",
 
 TINY_MODEL = ("--config.model.width=32", "--config.model.num_layers=1",
               "--config.model.num_heads=2", "--config.model.dtype=float32",
+              "--config.model.unet_channels=32", "--config.model.unet_num_res_blocks=1",
               "--config.seq_len=32", "--config.batch_size=8")
 # Token corpora: CORPUS is one document per line; GPT-2's tokenizer is a small local one.
 LOCAL_DATA = ("--config.data_dir={data_dir}", "--config.text8.download=False",
