@@ -95,18 +95,18 @@ def _reporting(main: Callable[[list[str]], None], started: list[bool]
       print(f"md4: {preempted}", file=sys.stderr, flush=True)
       sys.exit(PREEMPTED_EXIT_CODE)
     except RetryableError as error:
-      _exit_with(error, PREEMPTED_EXIT_CODE)
+      exit_with(error, PREEMPTED_EXIT_CODE)
     except Exception as error:  # pylint: disable=broad-except
       if logging.get_verbosity() >= 1 or not raised_by_md4(error):
         raise
-      _exit_with(error, 1)
+      exit_with(error, 1)
 
   return wrapped
 
 
-def _exit_with(error: BaseException, code: int) -> NoReturn:
-  """Prints md4's one line for error and exits at once: the run's own cleanup has run, and
-  the threads of a failed Orbax save can hold a normal exit for minutes."""
+def exit_with(error: BaseException, code: int) -> NoReturn:
+  """Prints md4's one line for error and exits at once: the caller's cleanup has run (or
+  cannot), and the threads of a failed Orbax save can hold a normal exit for minutes."""
   logging.flush()
   print(f"md4: error: {_one_line(error)}", file=sys.stderr, flush=True)
   sys.stdout.flush()

@@ -24,7 +24,6 @@ import contextlib
 import logging as python_logging
 import os
 import re
-import sys
 import threading
 import time
 from typing import Iterator, TYPE_CHECKING
@@ -120,12 +119,11 @@ class Outage:
 
   def _give_up(self, lasted: float) -> None:
     """Ends the process with one error line and PREEMPTED_EXIT_CODE; nothing more can be saved."""
-    logging.flush()
-    print(f"md4: error: the object store {self.store} has not answered for {lasted:.0f} s "
-          f"(config.storage_retry_seconds={self._budget:g}; last: {self._reason}). The "
-          "checkpoints it holds are whole: re-run the same command once it answers, to resume "
-          "from the latest (exit code 75: retryable).", file=sys.stderr, flush=True)
-    os._exit(errors.PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
+    errors.exit_with(errors.RetryableError(
+        f"the object store {self.store} has not answered for {lasted:.0f} s "
+        f"(config.storage_retry_seconds={self._budget:g}; last: {self._reason}). The "
+        "checkpoints it holds are whole: re-run the same command once it answers, to resume "
+        "from the latest (exit code 75: retryable)."), errors.PREEMPTED_EXIT_CODE)
 
   def close(self) -> None:
     self._closed.set()
