@@ -8,10 +8,8 @@
     python -m md4.evaluate --workdir=DIR --nonelbo --sample --num_samples=1024 \
         --sampler=blocks --sampler_options='{"block_size": 16}'
 
-The model, data and mesh are rebuilt from the config the checkpoint was
-trained with (stored in it; DIR/config.json may have changed since); the EMA
-parameters of the checkpoint (what training's evaluation uses) are restored,
-alone, and checked against their checksums. A preemption notice (SIGTERM)
+The checkpoint's EMA parameters are restored with the config they were
+trained with (`md4.restored`). A preemption notice (SIGTERM)
 ends the command within seconds with md4.runtime.errors.PREEMPTED_EXIT_CODE. The
 NELBO estimate and its standard error are `md4.likelihood`'s. --text_file
 reads any text for a text model, mapped to the vocabulary as the training
